@@ -1,0 +1,35 @@
+# One-command set-up: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test lint bench demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet -e '.[cpu,legacy,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check influenciae tests benchmarks
+	$(BIN)/ruff format --check influenciae tests benchmarks
+	$(BIN)/mypy influenciae
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_benchmarks.py --output docs/benchmarks.md
+
+demo: $(STAMP)
+	$(BIN)/python -m influenciae.cli demo --output runs/demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
