@@ -1,1 +1,28 @@
-"""influenciae."""
+"""influenciae: influence functions and training-data attribution for TensorFlow/Keras.
+
+The public API; heavy optional pieces (plots, faiss, benchmarks) are imported lazily where they are used.
+"""
+
+from influenciae.hessian import (
+    ArnoldiIHVP,
+    ConjugateGradientDescentIHVP,
+    ExactIHVP,
+    InverseHessianVectorProduct,
+    LissaIHVP,
+)
+from influenciae.model import InfluenceModel
+from influenciae.types import CACHE, ORDER
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CACHE",
+    "ORDER",
+    "ArnoldiIHVP",
+    "ConjugateGradientDescentIHVP",
+    "ExactIHVP",
+    "InfluenceModel",
+    "InverseHessianVectorProduct",
+    "LissaIHVP",
+    "__version__",
+]

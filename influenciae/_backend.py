@@ -1,0 +1,64 @@
+"""Import TensorFlow and tell Keras 3 objects from legacy ``tf_keras`` ones.
+
+This is the only place that imports TensorFlow at module level with a user-facing error message, and the only place
+that knows how the two Keras flavours differ. ``model.py`` builds on it; nothing else needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import tensorflow as tf
+except ImportError as error:  # pragma: no cover - exercised only without TensorFlow
+    raise ImportError(
+        "influenciae needs TensorFlow >= 2.16, which is not installed. Install it with one of:\n"
+        "  pip install 'influenciae[cpu]'       # tensorflow-cpu\n"
+        "  pip install 'influenciae[and-cuda]'  # tensorflow with CUDA\n"
+        "or install the TensorFlow distribution of your choice first."
+    ) from error
+
+import keras
+
+__all__ = ["tf", "keras", "is_keras3_object", "is_legacy_keras_object", "keras_module_of", "variable_tensor"]
+
+
+def is_keras3_object(obj: Any) -> bool:
+    """Whether ``obj`` is a Keras 3 model, layer, loss or variable."""
+    return type(obj).__module__.startswith("keras") or isinstance(obj, keras.Variable)
+
+
+def is_legacy_keras_object(obj: Any) -> bool:
+    """Whether ``obj`` comes from legacy Keras 2 (``tf_keras`` or ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``)."""
+    module = type(obj).__module__
+    return module.startswith("tf_keras") or module.startswith("tensorflow.python.keras")
+
+
+def keras_module_of(obj: Any) -> Any:
+    """The Keras package (``keras`` or ``tf_keras``) that ``obj`` belongs to."""
+    if is_legacy_keras_object(obj):
+        import tf_keras
+
+        return tf_keras
+    return keras
+
+
+def variable_tensor(variable: Any) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras 3 or legacy Keras variable.
+
+    Keras 3 variables are not ``tf.Variable``: the tensor a model reads is ``variable.value``, and that is what a
+    ``GradientTape`` or ``ForwardAccumulator`` has to watch.
+    """
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    if isinstance(variable, tf.Variable):
+        return variable
+    raise TypeError(
+        f"Expected a Keras or tf.Variable weight, got {type(variable).__name__}. Pass the model's own weights "
+        "(e.g. `model.layers[-1].kernel`) in weights_to_watch."
+    )
+
+
+def variable_name(variable: Any) -> str:
+    """A readable, unique name for a weight: Keras 3's ``.path`` or the legacy ``.name``."""
+    return str(getattr(variable, "path", None) or variable.name)

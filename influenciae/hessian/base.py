@@ -1,0 +1,161 @@
+"""The inverse-Hessian-vector-product interface and the registry every solver joins.
+
+A solver sees a symmetric operator and vectors, nothing else: the constructor turns ``(model, dataset)`` into a
+:class:`~influenciae.hessian.operator.HessianOperator` once, at the boundary, and the solver's private hook
+``_solve`` only ever calls ``self.operator.matmul_rows``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import numpy as np
+
+from influenciae._backend import tf
+from influenciae.hessian.operator import HessianOperator, RowOperator, as_row_operator, damped
+from influenciae.model import InfluenceModel
+
+__all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers"]
+
+
+class InverseHessianVectorProduct(abc.ABC):
+    """Base class of the inverse-HVP solvers: ``solve(V) = (H + damping·I)⁻¹ V`` row by row.
+
+    Args:
+        model: The wrapped model whose training objective defines H.
+        dataset: Batched dataset over which H is averaged (the training set, or a sample of it).
+        damping: Non-negative λ added to the diagonal, ``H + λI``.
+        operator: Use this symmetric operator (a ``RowOperator``, a ``tf.linalg.LinearOperator`` or a dense
+            matrix) instead of the Hessian of ``model`` over ``dataset``; ``model``/``dataset`` may then be None.
+
+    Subclasses register under a name (``class CG(InverseHessianVectorProduct, name="cg")``) and implement
+    ``_solve(vectors [n, P]) -> [n, P]`` using only ``self.operator``.
+    """
+
+    name: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type[InverseHessianVectorProduct]]] = {}
+
+    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+            InverseHessianVectorProduct._registry[name] = cls
+
+    def __init__(
+        self,
+        model: InfluenceModel | None,
+        dataset: tf.data.Dataset | None = None,
+        *,
+        damping: float = 0.0,
+        operator: Any | None = None,
+    ) -> None:
+        if operator is None:
+            if model is None or dataset is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs a model and a dataset to build the Hessian "
+                    "(or an explicit operator=...)."
+                )
+            base = HessianOperator(model, dataset)
+        else:
+            base = as_row_operator(operator)
+        self.model = model
+        self.damping = damping
+        self.hessian: RowOperator = base
+        self.operator: RowOperator = damped(base, damping)
+
+    @property
+    def nb_params(self) -> int:
+        """P, the number of parameters the vectors live in."""
+        return self.operator.num_params
+
+    @property
+    def dtype(self) -> tf.DType:
+        """The dtype solutions are computed in (that of the watched weights)."""
+        return self.operator.dtype
+
+    def solve(self, vectors: Any) -> tf.Tensor:
+        """``(H + λI)⁻¹ v`` for each row ``v``.
+
+        Args:
+            vectors: ``[n, P]`` (a single ``[P]`` vector is accepted and returned as ``[1, P]``).
+
+        Returns:
+            Tensor ``[n, P]``.
+
+        Raises:
+            ValueError: On a shape mismatch, or when the solver produced a non-finite result.
+        """
+        vectors = self._check_vectors(vectors)
+        solution = self._solve(vectors)
+        if not bool(tf.reduce_all(tf.math.is_finite(solution))):
+            raise ValueError(
+                f"{type(self).__name__} produced non-finite values: the Hessian is probably singular or "
+                "indefinite here. Add damping (e.g. damping=1e-3) or use another solver."
+            )
+        return solution
+
+    def hvp(self, vectors: Any) -> tf.Tensor:
+        """``(H + λI) v`` for each row ``v``: ``[n, P] -> [n, P]``."""
+        return self.operator.matmul_rows(self._check_vectors(vectors))
+
+    @abc.abstractmethod
+    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        """Solve for validated rows ``[n, P]`` in ``self.dtype``."""
+
+    def _check_vectors(self, vectors: Any) -> tf.Tensor:
+        vectors = tf.convert_to_tensor(vectors)
+        if vectors.shape.rank == 1:
+            vectors = vectors[None]
+        if vectors.shape.rank != 2 or vectors.shape[-1] != self.nb_params:
+            raise ValueError(
+                f"vectors must have shape [n, {self.nb_params}] (one vector per row), got {vectors.shape}."
+            )
+        if not vectors.dtype.is_floating:
+            raise TypeError(f"vectors must be floating point, got {vectors.dtype.name}.")
+        return tf.cast(vectors, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(nb_params={self.nb_params}, damping={self.damping})"
+
+
+def registered_solvers() -> list[str]:
+    """Names accepted by :func:`get_ihvp`."""
+    return sorted(InverseHessianVectorProduct._registry)
+
+
+def get_ihvp(
+    spec: str | InverseHessianVectorProduct,
+    model: InfluenceModel,
+    dataset: tf.data.Dataset | None,
+    **kwargs: Any,
+) -> InverseHessianVectorProduct:
+    """Resolve a solver given by name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``) or instance.
+
+    Args:
+        spec: A registered name or an already built solver (returned as is).
+        model: The wrapped model.
+        dataset: The Hessian dataset.
+        **kwargs: Options for the solver's constructor (e.g. ``damping``).
+
+    Raises:
+        ValueError: For an unknown name.
+        TypeError: For anything else.
+    """
+    if isinstance(spec, InverseHessianVectorProduct):
+        if kwargs:
+            raise ValueError(f"Solver options {sorted(kwargs)} cannot be applied to an already built solver.")
+        return spec
+    if isinstance(spec, str):
+        if spec not in InverseHessianVectorProduct._registry:
+            raise ValueError(f"Unknown inverse-HVP solver {spec!r}; choose one of {registered_solvers()}.")
+        return InverseHessianVectorProduct._registry[spec](model, dataset, **kwargs)
+    raise TypeError(
+        f"ihvp_calculator must be a solver name {registered_solvers()} or an InverseHessianVectorProduct, "
+        f"got {type(spec).__name__}."
+    )
+
+
+def relative_tolerance(dtype: tf.DType) -> float:
+    """A size-aware threshold below which an eigenvalue counts as zero for ``dtype``."""
+    return float(np.finfo(dtype.as_numpy_dtype).eps)

@@ -1,0 +1,161 @@
+"""LiSSA: inverse-HVPs through a truncated Neumann series (Agarwal et al., 2017)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from influenciae._backend import tf
+from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.conjugate_gradient import ConvergenceInfo
+from influenciae.hessian.operator import HessianOperator
+from influenciae.model import InfluenceModel
+
+__all__ = ["LissaIHVP", "largest_eigenvalue"]
+
+
+class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
+    """Neumann-series recursion ``h ← v + (I - (H + λI)/s) h``, whose fixed point is ``s (H + λI)⁻¹ v``.
+
+    The series converges when the scale ``s`` exceeds the largest eigenvalue of ``H + λI`` and the matrix is
+    positive definite. By default ``s`` is estimated by power iteration and each step uses the whole Hessian dataset
+    (a deterministic series, accurate to ``tolerance``); ``batches_per_step=k`` switches to the original stochastic
+    LiSSA, each step using the next ``k`` batches of the dataset (cheaper steps, noisier answer; average with
+    ``num_repeats``).
+
+    Args:
+        model: The wrapped model.
+        dataset: The Hessian dataset.
+        damping: λ ≥ 0.
+        scale: ``s``; ``None`` estimates ``1.1 · λ_max(H + λI)`` with ``power_iterations`` products.
+        depth: Most recursion steps.
+        tolerance: Stop when a step changes the estimate by less than ``tolerance`` (relative).
+        batches_per_step: ``None`` for full-dataset steps, or an int for stochastic steps.
+        num_repeats: Independent stochastic runs averaged (ignored for full-dataset steps).
+        power_iterations: Products used to estimate the scale.
+        seed: Seed of the power iteration's start vector.
+        operator: See :class:`InverseHessianVectorProduct` (stochastic steps need the Hessian operator).
+
+    Raises:
+        ValueError: From :meth:`solve`, when the series diverges (scale too small or an indefinite Hessian).
+
+    Example:
+        >>> ihvp = LissaIHVP(im, train_ds, damping=1e-2)
+        >>> x = ihvp.solve(v)
+    """
+
+    def __init__(
+        self,
+        model: InfluenceModel | None,
+        dataset: tf.data.Dataset | None = None,
+        *,
+        damping: float = 0.0,
+        scale: float | None = None,
+        depth: int = 5000,
+        tolerance: float = 1e-7,
+        batches_per_step: int | None = None,
+        num_repeats: int = 1,
+        power_iterations: int = 30,
+        seed: int = 0,
+        operator: Any | None = None,
+    ) -> None:
+        super().__init__(model, dataset, damping=damping, operator=operator)
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale!r}.")
+        for argument, value in (("depth", depth), ("num_repeats", num_repeats), ("power_iterations", power_iterations)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{argument} must be a positive integer, got {value!r}.")
+        if batches_per_step is not None:
+            if not isinstance(batches_per_step, int) or batches_per_step <= 0:
+                raise ValueError(f"batches_per_step must be a positive integer or None, got {batches_per_step!r}.")
+            if not isinstance(self.hessian, HessianOperator):
+                raise ValueError("Stochastic LiSSA (batches_per_step) needs the Hessian of a model over a dataset.")
+        self._scale = scale
+        self.depth = depth
+        self.tolerance = float(tolerance)
+        self.batches_per_step = batches_per_step
+        self.num_repeats = num_repeats
+        self.power_iterations = power_iterations
+        self.seed = seed
+        self.info: ConvergenceInfo | None = None
+
+    @property
+    def scale(self) -> float:
+        """The scale ``s`` (estimated on first use when not given)."""
+        if self._scale is None:
+            self._scale = 1.1 * largest_eigenvalue(self.operator, self.power_iterations, seed=self.seed)
+        return self._scale
+
+    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        if self.batches_per_step is None:
+            return self._recursion(vectors, self.operator.matmul_rows)
+        estimates = [self._recursion(vectors, self._stochastic_product()) for _ in range(self.num_repeats)]
+        return tf.add_n(estimates) / float(self.num_repeats)
+
+    def _stochastic_product(self) -> Any:
+        hessian = self.hessian
+        if not isinstance(hessian, HessianOperator):  # pragma: no cover - guarded in __init__
+            raise TypeError("Stochastic LiSSA needs a HessianOperator.")
+        model = hessian.model
+        batches = iter(hessian.dataset.shuffle(256, seed=self.seed).repeat())
+        damping = tf.cast(self.damping, self.dtype)
+
+        def product(rows: tf.Tensor) -> tf.Tensor:
+            total, count = tf.zeros_like(rows), 0
+            for _ in range(self.batches_per_step or 1):
+                batch = next(batches)
+                total += model.batch_hvp_sum(batch, rows)
+                count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
+            return total / float(count) + model.regularization_hvp(rows) + damping * rows
+
+        return product
+
+    def _recursion(self, vectors: tf.Tensor, product: Any) -> tf.Tensor:
+        scale = tf.cast(self.scale, self.dtype)
+        estimate = vectors
+        start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
+        change = np.inf
+        step = 0
+        for step in range(1, self.depth + 1):  # noqa: B007 - the last step is reported in info
+            updated = vectors + estimate - product(estimate) / scale
+            norm = float(tf.reduce_max(tf.norm(updated, axis=1)))
+            if not np.isfinite(norm) or norm > 1e8 * start_norm * max(1.0, self.scale):
+                raise ValueError(
+                    f"LiSSA diverged after {step} steps (scale {self.scale:.3e}, damping {self.damping}): the scale "
+                    "must exceed the largest eigenvalue of H + damping·I, and H + damping·I must be positive "
+                    "definite. Raise scale, add damping, or use 'cg'."
+                )
+            change = float(tf.reduce_max(tf.norm(updated - estimate, axis=1))) / max(norm, 1e-300)
+            estimate = updated
+            if self.batches_per_step is None and change < self.tolerance:
+                break
+        converged = np.full([int(vectors.shape[0])], change < self.tolerance)
+        self.info = ConvergenceInfo(step, np.full([int(vectors.shape[0])], change), converged)
+        return estimate / scale
+
+
+def largest_eigenvalue(operator: Any, num_iterations: int = 30, *, seed: int = 0) -> float:
+    """Largest-magnitude eigenvalue of a symmetric row operator by power iteration.
+
+    Args:
+        operator: A :class:`~influenciae.hessian.operator.RowOperator`.
+        num_iterations: Operator products.
+        seed: Seed of the random start vector.
+
+    Returns:
+        The Rayleigh quotient after ``num_iterations`` steps (a lower bound of ``|λ|_max`` up to convergence).
+    """
+    rng = np.random.default_rng(seed)
+    vector = tf.constant(rng.standard_normal((1, operator.num_params)), dtype=operator.dtype)
+    vector /= tf.norm(vector)
+    value = 0.0
+    for _ in range(num_iterations):
+        product = operator.matmul_rows(vector)
+        value = float(tf.reduce_sum(product * vector))
+        norm = tf.norm(product)
+        if float(norm) == 0.0:
+            return 0.0
+        vector = product / norm
+    return abs(value)
+

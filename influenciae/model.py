@@ -1,0 +1,523 @@
+"""InfluenceModel: per-sample losses, per-sample gradients and Hessian-vector products of a Keras model.
+
+This is the only module that touches Keras objects. Everything downstream (solvers, calculators) sees flat parameter
+vectors θ of length ``nb_params``, in the fixed order of the watched weights.
+
+Conventions (``docs/theory.md``): the training objective is ``R(θ) = mean_i w_i ℓ(z_i; θ) + Ω(θ)`` where ``w_i`` is
+the sample weight (1 when absent) and ``Ω`` the sum of the weight regularization losses of the model. Per-sample
+gradients are gradients of ``w_i ℓ(z_i; θ)`` alone; the regularizer enters the Hessian once, through
+:meth:`InfluenceModel.regularization_hvp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from influenciae._backend import (
+    is_keras3_object,
+    is_legacy_keras_object,
+    keras,
+    keras_module_of,
+    tf,
+    variable_name,
+    variable_tensor,
+)
+from influenciae.data import Batch, unpack_batch
+
+__all__ = ["InfluenceModel"]
+
+LossFunction = Callable[[Any, Any], Any]
+
+_DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample gradients
+
+
+class InfluenceModel:
+    """A Keras model seen as a function of its watched weights.
+
+    Args:
+        model: A built Keras 3 model (Sequential, Functional or subclassed) or a legacy ``tf_keras`` model.
+        start_layer: Index or name of the first layer whose trainable weights are watched.
+        last_layer: Index or name of the last layer (inclusive) whose trainable weights are watched.
+        loss_function: Per-example loss ``(y_true, y_pred) -> [batch]``: a Keras loss object with
+            ``reduction="none"`` or a function such as ``keras.losses.sparse_categorical_crossentropy``.
+            ``None`` uses the compiled model's loss, turned into reduction none.
+        weights_to_watch: Explicit list of the model's weights to watch (exclusive with the layer range).
+        max_chunk_size: Largest number of examples whose per-sample gradients are computed at once. ``None``
+            derives it from ``memory_budget``.
+        memory_budget: Bytes allowed for one chunk of per-sample gradients (``chunk × nb_params`` values).
+        hvp_chunk_size: Number of vectors pushed through one vectorized Hessian-vector product.
+
+    Example:
+        >>> im = InfluenceModel(model, loss_function=keras.losses.SparseCategoricalCrossentropy(
+        ...     from_logits=True, reduction="none"))
+        >>> grads = im.batch_jacobian_tensor((x, y))  # [batch, im.nb_params]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        start_layer: int | str | None = None,
+        last_layer: int | str | None = None,
+        loss_function: LossFunction | str | None = None,
+        weights_to_watch: Sequence[Any] | None = None,
+        *,
+        max_chunk_size: int | None = None,
+        memory_budget: int = _DEFAULT_MEMORY_BUDGET,
+        hvp_chunk_size: int = 16,
+    ) -> None:
+        _check_model(model)
+        self.model = model
+        self.weights = _resolve_weights(model, start_layer, last_layer, weights_to_watch)
+        self._watched = [variable_tensor(weight) for weight in self.weights]
+        self.dtype = tf.as_dtype(self._watched[0].dtype)
+        self.weight_shapes = [tuple(int(d) for d in weight.shape) for weight in self._watched]
+        self._sizes = [int(np.prod(shape)) for shape in self.weight_shapes]
+        self.nb_params = int(sum(self._sizes))
+        self.loss_function = _resolve_loss(model, loss_function)
+        if max_chunk_size is not None and (not isinstance(max_chunk_size, int) or max_chunk_size <= 0):
+            raise ValueError(f"max_chunk_size must be a positive integer or None, got {max_chunk_size!r}.")
+        if not isinstance(hvp_chunk_size, int) or hvp_chunk_size <= 0:
+            raise ValueError(f"hvp_chunk_size must be a positive integer, got {hvp_chunk_size!r}.")
+        budget_rows = max(1, memory_budget // (self.nb_params * self.dtype.size))
+        self.chunk_size = max_chunk_size or budget_rows
+        self.hvp_chunk_size = hvp_chunk_size
+        self._checked_signatures: set[str] = set()
+        self._loss_fn = tf.function(self._per_example_loss, reduce_retracing=True)
+        self._jacobian_fn = tf.function(self._jacobian, reduce_retracing=True)
+        self._gradient_fn = tf.function(self._gradient_sum, reduce_retracing=True)
+        self._hvp_fn = tf.function(self._hvp_sum, reduce_retracing=True)
+        self._regularization_hvp_fn = tf.function(self._regularization_hvp, reduce_retracing=True)
+        self._regularization_gradient_fn = tf.function(self._regularization_gradient, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ flat parameter vectors
+
+    @property
+    def weight_names(self) -> list[str]:
+        """Names of the watched weights, in the order they are flattened."""
+        return [variable_name(weight) for weight in self.weights]
+
+    def get_weights_vector(self) -> tf.Tensor:
+        """The current watched weights as one flat vector θ ``[nb_params]``."""
+        return self.flatten(self._watched)
+
+    def flatten(self, tensors: Sequence[Any]) -> tf.Tensor:
+        """Concatenate one tensor per watched weight into a flat vector ``[nb_params]``."""
+        return tf.concat([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors], axis=0)
+
+    def unflatten(self, vector: tf.Tensor) -> list[tf.Tensor]:
+        """Split a flat vector ``[nb_params]`` into one tensor per watched weight."""
+        parts = tf.split(vector, self._sizes, axis=-1)
+        return [tf.reshape(part, shape) for part, shape in zip(parts, self.weight_shapes, strict=True)]
+
+    # ------------------------------------------------------------------ public batch methods
+
+    def batch_loss(self, batch: Any) -> tf.Tensor:
+        """Per-example losses ``w_i ℓ(z_i)`` of a batch.
+
+        Args:
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)`` with ``batch`` examples.
+
+        Returns:
+            Tensor ``[batch]``.
+        """
+        parts = self._prepare(batch)
+        return self._loss_fn(*parts)
+
+    def batch_jacobian_tensor(self, batch: Any) -> tf.Tensor:
+        """Per-sample gradients ``∇_θ w_i ℓ(z_i; θ)`` of a batch, vectorized and chunked.
+
+        Computed with one ``GradientTape`` per example inside ``tf.vectorized_map``, ``chunk_size`` examples at a
+        time so memory stays ``O(chunk_size × nb_params)``.
+
+        Args:
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)`` with ``batch`` examples.
+
+        Returns:
+            Tensor ``[batch, nb_params]``.
+        """
+        inputs, targets, weights = self._prepare(batch)
+        if tf.inside_function():
+            return self._jacobian(inputs, targets, weights)
+        size = int(tf.shape(weights)[0])
+        if size <= self.chunk_size:
+            return self._jacobian_fn(inputs, targets, weights)
+        chunks = []
+        for start in range(0, size, self.chunk_size):
+            part = _slice((inputs, targets, weights), start, start + self.chunk_size)
+            chunks.append(self._jacobian_fn(*part))
+        return tf.concat(chunks, axis=0)
+
+    def batch_gradient(self, batch: Any) -> tf.Tensor:
+        """Gradient of the batch's mean loss ``(1/B) Σ_i ∇_θ w_i ℓ(z_i; θ)`` (no regularization term).
+
+        Args:
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)``.
+
+        Returns:
+            Tensor ``[nb_params]``.
+        """
+        inputs, targets, weights = self._prepare(batch)
+        total = self._gradient_fn(inputs, targets, weights)
+        return total / tf.cast(tf.shape(weights)[0], self.dtype)
+
+    def batch_hvp_sum(self, batch: Any, vectors: tf.Tensor) -> tf.Tensor:
+        """Sum over a batch of per-example Hessian-vector products ``Σ_i ∇²_θ (w_i ℓ(z_i)) v`` for each row ``v``.
+
+        Forward-over-backward (a ``ForwardAccumulator`` around a ``GradientTape``), vectorized over the rows of
+        ``vectors``; ``docs/benchmarks.md`` records why it beats back-over-back here.
+
+        Args:
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)``.
+            vectors: Tensor ``[n, nb_params]``.
+
+        Returns:
+            Tensor ``[n, nb_params]``.
+        """
+        inputs, targets, weights = self._prepare(batch)
+        vectors = self._check_vectors(vectors)
+        return self._map_vector_chunks(lambda block: self._hvp_fn(inputs, targets, weights, block), vectors)
+
+    def regularization_loss(self) -> tf.Tensor:
+        """The regularization term Ω(θ): the sum of the model's weight regularization losses (0 if none)."""
+        return self._regularization_loss()
+
+    def regularization_gradient(self) -> tf.Tensor:
+        """``∇_θ Ω(θ)`` as a flat vector ``[nb_params]``."""
+        return self._regularization_gradient_fn()
+
+    def regularization_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``∇²_θ Ω(θ) v`` for each row of ``vectors`` ``[n, nb_params]``; returns ``[n, nb_params]``."""
+        vectors = self._check_vectors(vectors)
+        if not self._has_regularization():
+            return tf.zeros_like(vectors)
+        return self._map_vector_chunks(self._regularization_hvp_fn, vectors)
+
+    # ------------------------------------------------------------------ graph-side implementations
+
+    def _per_example_loss(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        predictions = self.model(inputs, training=False)
+        losses = tf.cast(tf.convert_to_tensor(self.loss_function(targets, predictions)), self.dtype)
+        rank = losses.shape.rank
+        if rank is not None and rank > 1:  # e.g. per-pixel losses: mean over the non-batch axes, like Keras
+            losses = tf.reduce_mean(losses, axis=list(range(1, rank)))
+        return losses * weights
+
+    def _jacobian(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        def one_example(example: tuple[Any, Any, tf.Tensor]) -> tf.Tensor:
+            single = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), example)
+            with tf.GradientTape() as tape:
+                tape.watch(self._watched)
+                loss = tf.reduce_sum(self._per_example_loss(*single))
+            gradients = tape.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return self.flatten(gradients)
+
+        return tf.vectorized_map(one_example, (inputs, targets, weights))
+
+    def _gradient_sum(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(self._watched)
+            loss = tf.reduce_sum(self._per_example_loss(inputs, targets, weights))
+        gradients = tape.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.flatten(gradients)
+
+    def _forward_over_backward(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+        def one_vector(vector: tf.Tensor) -> tf.Tensor:
+            with tf.autodiff.ForwardAccumulator(self._watched, self.unflatten(vector)) as accumulator:
+                with tf.GradientTape() as tape:
+                    tape.watch(self._watched)
+                    value = objective()
+                gradients = tape.gradient(value, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            tangents = accumulator.jvp(gradients, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return self.flatten(tangents)
+
+        return tf.vectorized_map(one_vector, vectors)
+
+    def _hvp_sum(self, inputs: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+        return self._forward_over_backward(
+            lambda: tf.reduce_sum(self._per_example_loss(inputs, targets, weights)), vectors
+        )
+
+    def _regularization_loss(self) -> tf.Tensor:
+        terms = [tf.cast(term, self.dtype) for term in _regularization_terms(self.model)]
+        return tf.add_n(terms) if terms else tf.zeros([], self.dtype)
+
+    def _regularization_gradient(self) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(self._watched)
+            value = self._regularization_loss()
+        gradients = tape.gradient(value, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.flatten(gradients)
+
+    def _regularization_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self._forward_over_backward(self._regularization_loss, vectors)
+
+    def _has_regularization(self) -> bool:
+        return bool(_regularization_terms(self.model))
+
+    # ------------------------------------------------------------------ validation at the boundary
+
+    def _check_vectors(self, vectors: Any) -> tf.Tensor:
+        vectors = tf.convert_to_tensor(vectors)
+        if vectors.shape.rank != 2 or vectors.shape[-1] != self.nb_params:
+            raise ValueError(
+                f"vectors must have shape [n, nb_params] = [n, {self.nb_params}], got {vectors.shape}. "
+                "Stack single vectors with tf.stack or add a leading axis with v[None]."
+            )
+        if not vectors.dtype.is_floating:
+            raise TypeError(f"vectors must be floating point, got {vectors.dtype.name}.")
+        return tf.cast(vectors, self.dtype)
+
+    def _map_vector_chunks(self, function: Callable[[tf.Tensor], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+        count = vectors.shape[0]
+        if tf.inside_function() or count is None or count <= self.hvp_chunk_size:
+            return function(vectors)
+        parts = [function(vectors[s : s + self.hvp_chunk_size]) for s in range(0, count, self.hvp_chunk_size)]
+        return tf.concat(parts, axis=0)
+
+    def _prepare(self, batch: Any) -> tuple[Any, Any, tf.Tensor]:
+        structure = unpack_batch(batch)
+        inputs = tf.nest.map_structure(tf.convert_to_tensor, structure.inputs)
+        targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
+        if any(t.shape.rank == 0 for t in tf.nest.flatten(targets)):
+            raise ValueError(
+                "The targets are scalars, so the batch has no batch dimension: the dataset looks unbatched. "
+                "Call `dataset.batch(batch_size)` (or pass arrays with a leading batch axis)."
+            )
+        size = tf.shape(tf.nest.flatten(targets)[0])[0]
+        if structure.sample_weight is None:
+            weights = tf.ones([size], self.dtype)
+        else:
+            weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), self.dtype)
+        if not tf.inside_function():
+            self._check_batch(Batch(inputs, targets, weights))
+        return inputs, targets, weights
+
+    def _check_batch(self, batch: Batch) -> None:
+        """Validate a batch once per input signature, eagerly, with error messages that name the fix."""
+        signature = repr(
+            [(t.dtype.name, tuple(t.shape[1:])) for t in tf.nest.flatten((batch.inputs, batch.targets))]
+        )
+        if signature in self._checked_signatures:
+            return
+        _check_batch_dimensions(self.model, batch)
+        probe = _slice(tuple(batch), 0, 2)
+        losses = self._check_loss(probe)
+        if not np.all(np.isfinite(losses.numpy())):
+            raise ValueError(
+                f"The loss is not finite on the first examples ({losses.numpy()}). Check that the labels are in "
+                "range and that `from_logits` matches the model's last activation."
+            )
+        self._check_connected(probe)
+        self._checked_signatures.add(signature)
+
+    def _check_loss(self, probe: tuple[Any, Any, tf.Tensor]) -> tf.Tensor:
+        inputs, targets, weights = probe
+        size = int(tf.shape(weights)[0])
+        try:
+            predictions = self.model(inputs, training=False)
+            losses = tf.convert_to_tensor(self.loss_function(targets, predictions))
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            shapes = tf.nest.map_structure(lambda t: tuple(t.shape), (inputs, targets))
+            raise ValueError(
+                f"The model or its loss failed on a batch with (inputs, targets) shapes {shapes}: "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Check that the targets fit "
+                "the model outputs and the loss (sparse integer labels for sparse losses, one-hot for categorical)."
+            ) from error
+        output_shapes = [tuple(t.shape) for t in tf.nest.flatten(predictions)]
+        target_shapes = [tuple(t.shape) for t in tf.nest.flatten(targets)]
+        if losses.shape.rank == 0 or losses.shape[0] != size:
+            raise ValueError(
+                f"The loss returned shape {tuple(losses.shape)} for a batch of {size}: it must return one value per "
+                "example. Use a loss with reduction='none', e.g. "
+                "keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='none')."
+            )
+        batched = self._per_example_loss(inputs, targets, weights)
+        for index in range(size):
+            alone = self._per_example_loss(*_slice(probe, index, index + 1))
+            if not np.allclose(alone.numpy()[0], batched.numpy()[index], rtol=1e-3, atol=1e-6):
+                raise ValueError(
+                    f"Targets of shape {target_shapes} do not fit model outputs of shape {output_shapes}: the loss "
+                    "of an example changes with the other examples of its batch (broadcasting across the batch). "
+                    "Reshape the targets to match the outputs, e.g. y[:, None] for a single-output regression."
+                )
+        return batched
+
+    def _check_connected(self, probe: tuple[Any, Any, tf.Tensor]) -> None:
+        with tf.GradientTape() as tape:
+            tape.watch(self._watched)
+            loss = tf.reduce_sum(self._per_example_loss(*probe))
+        gradients = tape.gradient(loss, self._watched)
+        missing = [name for name, g in zip(self.weight_names, gradients, strict=True) if g is None]
+        if missing:
+            raise ValueError(
+                f"No gradient flows from the loss to the watched weights {missing}: the path from these weights to "
+                "the loss is not differentiable (or they are not used by the model). Leave them out with "
+                "weights_to_watch or start_layer/last_layer, or make the path differentiable."
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _slice(structure: Any, start: int, stop: int) -> Any:
+    return tf.nest.map_structure(lambda t: t[start:stop], structure)
+
+
+def _check_model(model: Any) -> None:
+    if not (is_keras3_object(model) or is_legacy_keras_object(model)) or not hasattr(model, "trainable_weights"):
+        raise TypeError(
+            f"InfluenceModel wraps a Keras model (Keras 3 or tf_keras), got {type(model).__name__}. "
+            "Build your model with keras.Sequential, the functional API or by subclassing keras.Model."
+        )
+    if not model.built or not model.weights:
+        raise ValueError(
+            "The model is not built, so it has no weights yet. Call `model.build(input_shape)` or call the model "
+            "once on a batch (`model(x[:1])`) before wrapping it."
+        )
+
+
+def _layer_index(model: Any, layer: int | str, argument: str) -> int:
+    layers = list(model.layers)
+    if isinstance(layer, str):
+        names = [candidate.name for candidate in layers]
+        if layer not in names:
+            raise ValueError(f"{argument}={layer!r} is not a layer of the model. Layers are: {names}.")
+        return names.index(layer)
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"{argument}={layer} is out of range for a model with {len(layers)} layers.")
+        return int(layer) % len(layers)
+    raise TypeError(f"{argument} must be a layer index or name, got {type(layer).__name__}.")
+
+
+def _resolve_weights(
+    model: Any,
+    start_layer: int | str | None,
+    last_layer: int | str | None,
+    weights_to_watch: Sequence[Any] | None,
+) -> list[Any]:
+    if weights_to_watch is not None:
+        if start_layer is not None or last_layer is not None:
+            raise ValueError("Pass either weights_to_watch or start_layer/last_layer, not both.")
+        candidates = list(weights_to_watch)
+        owned = {id(variable_tensor(weight)) for weight in model.weights}
+        foreign = [variable_name(w) for w in candidates if id(variable_tensor(w)) not in owned]
+        if foreign:
+            raise ValueError(f"weights_to_watch contains weights that are not the model's: {foreign}.")
+    elif start_layer is None and last_layer is None:
+        candidates = list(model.trainable_weights)
+    else:
+        layers = list(model.layers)
+        first = 0 if start_layer is None else _layer_index(model, start_layer, "start_layer")
+        last = len(layers) - 1 if last_layer is None else _layer_index(model, last_layer, "last_layer")
+        if first > last:
+            raise ValueError(f"start_layer ({first}) comes after last_layer ({last}).")
+        candidates = [weight for layer in layers[first : last + 1] for weight in layer.trainable_weights]
+    unique: dict[int, Any] = {}
+    for weight in candidates:
+        unique.setdefault(id(variable_tensor(weight)), weight)
+    weights = list(unique.values())
+    if not weights:
+        raise ValueError(
+            "There are no weights to watch: the chosen layers have no trainable weights. Pick other layers with "
+            "start_layer/last_layer or pass weights_to_watch explicitly."
+        )
+    dtypes = set()
+    for weight in weights:
+        dtype = tf.as_dtype(variable_tensor(weight).dtype)
+        if not dtype.is_floating:
+            raise TypeError(
+                f"Weight {variable_name(weight)} has dtype {dtype.name}; influence needs floating-point weights. "
+                "Leave it out of weights_to_watch."
+            )
+        dtypes.add(dtype.name)
+    if len(dtypes) > 1:
+        raise TypeError(f"The watched weights mix dtypes {sorted(dtypes)}; watch weights of one dtype.")
+    return weights
+
+
+def _resolve_loss(model: Any, loss_function: Any) -> LossFunction:
+    keras_module = keras_module_of(model)
+    explicit = loss_function is not None
+    if loss_function is None:
+        loss_function = getattr(model, "loss", None)
+        if loss_function is None:
+            raise ValueError(
+                "The model is not compiled with a loss and no loss_function was given. Pass a per-example loss, "
+                "e.g. loss_function=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='none')."
+            )
+    if isinstance(loss_function, (dict, list, tuple)):
+        raise ValueError(
+            "Models with several losses (one per output) are not supported directly: pass one per-example "
+            "loss_function(y_true, y_pred) -> [batch] that combines them."
+        )
+    if isinstance(loss_function, str):
+        loss_function = keras_module.losses.get(loss_function)
+    loss_classes = tuple(cls for cls in (keras.losses.Loss, _legacy_loss_class()) if cls is not None)
+    if isinstance(loss_function, loss_classes):
+        reduction = getattr(loss_function, "reduction", None)
+        if reduction not in (None, "none"):
+            if explicit:
+                raise ValueError(
+                    f"loss_function has reduction={reduction!r}, but influence needs one loss per example. "
+                    f"Create it with reduction='none', e.g. {type(loss_function).__name__}(..., reduction='none')."
+                )
+            config = dict(loss_function.get_config())
+            config["reduction"] = "none"
+            loss_function = type(loss_function).from_config(config)
+    if not callable(loss_function):
+        raise TypeError(f"loss_function must be callable (y_true, y_pred) -> [batch], got {type(loss_function)}.")
+    return loss_function  # type: ignore[no-any-return]
+
+
+def _legacy_loss_class() -> type | None:
+    try:
+        import tf_keras
+    except ImportError:
+        return None
+    return tf_keras.losses.Loss  # type: ignore[no-any-return]
+
+
+def _regularization_terms(model: Any) -> list[tf.Tensor]:
+    """The weight regularization losses of a model, recomputed from the current weights.
+
+    ``model.losses`` may also hold activity-regularization tensors from the last call (possibly of another graph),
+    so the terms are recomputed from the weights' regularizers instead.
+    """
+    if is_keras3_object(model):
+        return [
+            weight.regularizer(weight)
+            for weight in model.trainable_weights
+            if getattr(weight, "regularizer", None) is not None
+        ]
+    terms = []
+    for layer in [model, *model.submodules]:
+        terms.extend(loss() for loss in getattr(layer, "_callable_losses", []))
+    return terms
+
+
+def _check_batch_dimensions(model: Any, batch: Batch) -> None:
+    inputs = tf.nest.flatten(batch.inputs)
+    targets = tf.nest.flatten(batch.targets)
+    expected = getattr(model, "inputs", None) or []
+    try:
+        expected_ranks = [len(tensor.shape) for tensor in tf.nest.flatten(expected)]
+    except (TypeError, ValueError):  # pragma: no cover - symbolic inputs without shapes
+        expected_ranks = []
+    if expected_ranks and len(expected_ranks) == len(inputs):
+        for tensor, rank in zip(inputs, expected_ranks, strict=True):
+            if tensor.shape.rank == rank - 1:
+                raise ValueError(
+                    f"The inputs have shape {tuple(tensor.shape)} but the model expects rank {rank} with a batch "
+                    "dimension first: the dataset looks unbatched. Call `dataset.batch(batch_size)`."
+                )
+    sizes = {int(t.shape[0]) for t in inputs + targets if t.shape.rank and t.shape[0] is not None}
+    sizes |= {int(batch.sample_weight.shape[0])} if batch.sample_weight.shape[0] is not None else set()
+    if len(sizes) > 1:
+        raise ValueError(
+            f"Inputs, targets and sample weights disagree on the batch size ({sorted(sizes)}). If the dataset is "
+            "unbatched, call `dataset.batch(batch_size)`; otherwise check how the targets are built."
+        )
