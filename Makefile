@@ -11,8 +11,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# tf_keras (legacy Keras 2, tested too) declares a dependency on the full `tensorflow` wheel; --no-deps keeps the
+# environment on tensorflow-cpu alone.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet -e '.[cpu,legacy,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,ann,dev]'
+	$(BIN)/pip install --quiet --no-deps 'tf_keras>=2.16'
 	touch $(STAMP)
 
 install: $(STAMP)

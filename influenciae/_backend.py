@@ -25,13 +25,17 @@ __all__ = ["tf", "keras", "is_keras3_object", "is_legacy_keras_object", "keras_m
 
 def is_keras3_object(obj: Any) -> bool:
     """Whether ``obj`` is a Keras 3 model, layer, loss or variable."""
-    return type(obj).__module__.startswith("keras") or isinstance(obj, keras.Variable)
+    return _defined_in(obj, ("keras.",)) or isinstance(obj, keras.Variable)
 
 
 def is_legacy_keras_object(obj: Any) -> bool:
     """Whether ``obj`` comes from legacy Keras 2 (``tf_keras`` or ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``)."""
-    module = type(obj).__module__
-    return module.startswith("tf_keras") or module.startswith("tensorflow.python.keras")
+    return _defined_in(obj, ("tf_keras.", "tensorflow.python.keras."))
+
+
+def _defined_in(obj: Any, prefixes: tuple[str, ...]) -> bool:
+    """Whether the class of ``obj`` or one of its bases (user subclasses included) comes from these packages."""
+    return any(klass.__module__.startswith(prefixes) for klass in type(obj).__mro__)
 
 
 def keras_module_of(obj: Any) -> Any:

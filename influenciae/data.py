@@ -141,6 +141,7 @@ def with_indices(dataset: tf.data.Dataset) -> tf.data.Dataset:
     Returns:
         A dataset of ``(indices [batch] int64, batch)``: indices count examples from 0 in iteration order.
     """
+
     def attach(start: tf.Tensor, batch: Any) -> tuple[tf.Tensor, tuple[tf.Tensor, Any]]:
         count = tf.cast(batch_size_of(batch), tf.int64)
         return start + count, (tf.range(start, start + count), batch)

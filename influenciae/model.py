@@ -49,6 +49,10 @@ class InfluenceModel:
             derives it from ``memory_budget``.
         memory_budget: Bytes allowed for one chunk of per-sample gradients (``chunk × nb_params`` values).
         hvp_chunk_size: Number of vectors pushed through one vectorized Hessian-vector product.
+        hvp_mode: ``"back_over_back"`` (reverse-mode twice, the outer pass vectorized over vectors with pfor) or
+            ``"forward_over_backward"`` (a ``ForwardAccumulator`` around a ``GradientTape``, vectorized with
+            ``tf.vectorized_map``). Both are exact; ``docs/benchmarks.md`` measures them and back-over-back was
+            as fast or faster on every model measured, so it is the default.
 
     Example:
         >>> im = InfluenceModel(model, loss_function=keras.losses.SparseCategoricalCrossentropy(
@@ -67,6 +71,7 @@ class InfluenceModel:
         max_chunk_size: int | None = None,
         memory_budget: int = _DEFAULT_MEMORY_BUDGET,
         hvp_chunk_size: int = 16,
+        hvp_mode: str = "back_over_back",
     ) -> None:
         _check_model(model)
         self.model = model
@@ -76,9 +81,12 @@ class InfluenceModel:
         self.weight_shapes = [tuple(int(d) for d in weight.shape) for weight in self._watched]
         self._sizes = [int(np.prod(shape)) for shape in self.weight_shapes]
         self.nb_params = int(sum(self._sizes))
-        self.loss_function = _resolve_loss(model, loss_function)
+        self.loss_function = _resolve_loss(model, loss_function, self.dtype)
         if max_chunk_size is not None and (not isinstance(max_chunk_size, int) or max_chunk_size <= 0):
             raise ValueError(f"max_chunk_size must be a positive integer or None, got {max_chunk_size!r}.")
+        if hvp_mode not in ("back_over_back", "forward_over_backward"):
+            raise ValueError(f"hvp_mode must be 'back_over_back' or 'forward_over_backward', got {hvp_mode!r}.")
+        self.hvp_mode = hvp_mode
         if not isinstance(hvp_chunk_size, int) or hvp_chunk_size <= 0:
             raise ValueError(f"hvp_chunk_size must be a positive integer, got {hvp_chunk_size!r}.")
         budget_rows = max(1, memory_budget // (self.nb_params * self.dtype.size))
@@ -113,6 +121,14 @@ class InfluenceModel:
         return [tf.reshape(part, shape) for part, shape in zip(parts, self.weight_shapes, strict=True)]
 
     # ------------------------------------------------------------------ public batch methods
+
+    def validate_batch(self, batch: Any) -> None:
+        """Check a batch against the model and loss once, with errors that name the fix.
+
+        Calculators call this eagerly on the first batch of every dataset before streaming it, so a mistake
+        surfaces as a ``ValueError``/``TypeError`` here rather than deep inside a ``tf.data`` pipeline.
+        """
+        self._prepare(batch)
 
     def batch_loss(self, batch: Any) -> tf.Tensor:
         """Per-example losses ``w_i ℓ(z_i)`` of a batch.
@@ -166,8 +182,8 @@ class InfluenceModel:
     def batch_hvp_sum(self, batch: Any, vectors: tf.Tensor) -> tf.Tensor:
         """Sum over a batch of per-example Hessian-vector products ``Σ_i ∇²_θ (w_i ℓ(z_i)) v`` for each row ``v``.
 
-        Forward-over-backward (a ``ForwardAccumulator`` around a ``GradientTape``), vectorized over the rows of
-        ``vectors``; ``docs/benchmarks.md`` records why it beats back-over-back here.
+        Computed as chosen by ``hvp_mode`` (back-over-back by default), vectorized over the rows of ``vectors``
+        in chunks of ``hvp_chunk_size``.
 
         Args:
             batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)``.
@@ -235,8 +251,25 @@ class InfluenceModel:
 
         return tf.vectorized_map(one_vector, vectors)
 
+    def _back_over_back(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as outer:
+            outer.watch(self._watched)
+            with tf.GradientTape() as inner:
+                inner.watch(self._watched)
+                value = objective()
+            gradients = inner.gradient(value, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            projections = tf.linalg.matvec(vectors, self.flatten(gradients))  # [n] = V · ∇f
+        rows = outer.jacobian(projections, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        count = tf.shape(vectors)[0]
+        return tf.concat([tf.reshape(row, [count, -1]) for row in rows], axis=1)
+
+    def _second_order(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+        if self.hvp_mode == "back_over_back":
+            return self._back_over_back(objective, vectors)
+        return self._forward_over_backward(objective, vectors)
+
     def _hvp_sum(self, inputs: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
-        return self._forward_over_backward(
+        return self._second_order(
             lambda: tf.reduce_sum(self._per_example_loss(inputs, targets, weights)), vectors
         )
 
@@ -252,7 +285,7 @@ class InfluenceModel:
         return self.flatten(gradients)
 
     def _regularization_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
-        return self._forward_over_backward(self._regularization_loss, vectors)
+        return self._second_order(self._regularization_loss, vectors)
 
     def _has_regularization(self) -> bool:
         return bool(_regularization_terms(self.model))
@@ -297,23 +330,16 @@ class InfluenceModel:
 
     def _check_batch(self, batch: Batch) -> None:
         """Validate a batch once per input signature, eagerly, with error messages that name the fix."""
-        signature = repr(
-            [(t.dtype.name, tuple(t.shape[1:])) for t in tf.nest.flatten((batch.inputs, batch.targets))]
-        )
+        signature = repr([(t.dtype.name, tuple(t.shape[1:])) for t in tf.nest.flatten((batch.inputs, batch.targets))])
         if signature in self._checked_signatures:
             return
         _check_batch_dimensions(self.model, batch)
         probe = _slice(tuple(batch), 0, 2)
-        losses = self._check_loss(probe)
-        if not np.all(np.isfinite(losses.numpy())):
-            raise ValueError(
-                f"The loss is not finite on the first examples ({losses.numpy()}). Check that the labels are in "
-                "range and that `from_logits` matches the model's last activation."
-            )
+        self._check_loss(probe)
         self._check_connected(probe)
         self._checked_signatures.add(signature)
 
-    def _check_loss(self, probe: tuple[Any, Any, tf.Tensor]) -> tf.Tensor:
+    def _check_loss(self, probe: tuple[Any, Any, tf.Tensor]) -> None:
         inputs, targets, weights = probe
         size = int(tf.shape(weights)[0])
         try:
@@ -335,6 +361,11 @@ class InfluenceModel:
                 "keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='none')."
             )
         batched = self._per_example_loss(inputs, targets, weights)
+        if not np.all(np.isfinite(batched.numpy())):
+            raise ValueError(
+                f"The loss is not finite on the first examples ({batched.numpy()}). Check the inputs for NaN/inf, "
+                "that the labels are in range and that `from_logits` matches the model's last activation."
+            )
         for index in range(size):
             alone = self._per_example_loss(*_slice(probe, index, index + 1))
             if not np.allclose(alone.numpy()[0], batched.numpy()[index], rtol=1e-3, atol=1e-6):
@@ -343,7 +374,6 @@ class InfluenceModel:
                     "of an example changes with the other examples of its batch (broadcasting across the batch). "
                     "Reshape the targets to match the outputs, e.g. y[:, None] for a single-output regression."
                 )
-        return batched
 
     def _check_connected(self, probe: tuple[Any, Any, tf.Tensor]) -> None:
         with tf.GradientTape() as tape:
@@ -439,7 +469,7 @@ def _resolve_weights(
     return weights
 
 
-def _resolve_loss(model: Any, loss_function: Any) -> LossFunction:
+def _resolve_loss(model: Any, loss_function: Any, dtype: tf.DType) -> LossFunction:
     keras_module = keras_module_of(model)
     explicit = loss_function is not None
     if loss_function is None:
@@ -465,12 +495,23 @@ def _resolve_loss(model: Any, loss_function: Any) -> LossFunction:
                     f"loss_function has reduction={reduction!r}, but influence needs one loss per example. "
                     f"Create it with reduction='none', e.g. {type(loss_function).__name__}(..., reduction='none')."
                 )
-            config = dict(loss_function.get_config())
-            config["reduction"] = "none"
-            loss_function = type(loss_function).from_config(config)
+            loss_function = _rebuild_loss(loss_function, reduction="none")
+        loss_dtype = getattr(loss_function, "dtype", None)
+        if isinstance(loss_function, keras.losses.Loss) and loss_dtype not in (None, dtype.name):
+            # Keras 3 losses cast predictions to their own dtype (floatx by default): a float64 model would
+            # silently get float32 losses and gradients.
+            loss_function = _rebuild_loss(loss_function, dtype=dtype.name)
     if not callable(loss_function):
         raise TypeError(f"loss_function must be callable (y_true, y_pred) -> [batch], got {type(loss_function)}.")
     return loss_function  # type: ignore[no-any-return]
+
+
+def _rebuild_loss(loss_function: Any, **changes: Any) -> Any:
+    config = dict(loss_function.get_config())
+    config.update({"reduction": getattr(loss_function, "reduction", None), **changes})
+    if "dtype" not in changes and isinstance(loss_function, keras.losses.Loss):
+        config["dtype"] = loss_function.dtype
+    return type(loss_function).from_config(config)
 
 
 def _legacy_loss_class() -> type | None:
@@ -493,7 +534,7 @@ def _regularization_terms(model: Any) -> list[tf.Tensor]:
             for weight in model.trainable_weights
             if getattr(weight, "regularizer", None) is not None
         ]
-    terms = []
+    terms: list[tf.Tensor] = []
     for layer in [model, *model.submodules]:
         terms.extend(loss() for loss in getattr(layer, "_callable_losses", []))
     return terms
@@ -515,7 +556,9 @@ def _check_batch_dimensions(model: Any, batch: Batch) -> None:
                     "dimension first: the dataset looks unbatched. Call `dataset.batch(batch_size)`."
                 )
     sizes = {int(t.shape[0]) for t in inputs + targets if t.shape.rank and t.shape[0] is not None}
-    sizes |= {int(batch.sample_weight.shape[0])} if batch.sample_weight.shape[0] is not None else set()
+    weights = batch.sample_weight
+    if weights is not None and weights.shape.rank and weights.shape[0] is not None:
+        sizes.add(int(weights.shape[0]))
     if len(sizes) > 1:
         raise ValueError(
             f"Inputs, targets and sample weights disagree on the batch size ({sorted(sizes)}). If the dataset is "

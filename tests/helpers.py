@@ -39,9 +39,7 @@ def ridge_problem(num_examples: int = 40, num_features: int = 5, regularization:
     model = keras.Sequential(
         [
             keras.Input((num_features,), dtype=FLOAT),
-            keras.layers.Dense(
-                1, use_bias=False, dtype=FLOAT, kernel_regularizer=ExactL2(regularization / 2)
-            ),
+            keras.layers.Dense(1, use_bias=False, dtype=FLOAT, kernel_regularizer=ExactL2(regularization / 2)),
         ]
     )
     model.layers[0].kernel.assign(rng.standard_normal((num_features, 1)))
@@ -109,3 +107,24 @@ def dataset(x, y, batch_size: int = 16, sample_weight=None) -> tf.data.Dataset:
 
 def pearson(a, b) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def fit(model, x, y, loss=None, steps: int = 200, learning_rate: float = 0.05):
+    """Full-batch Adam on ``mean loss + regularization`` (works in float64, where ``model.fit`` mixes dtypes)."""
+    loss = loss or sparse_ce()
+    optimizer = keras.optimizers.Adam(learning_rate)
+    x = tf.convert_to_tensor(x)
+    y = tf.convert_to_tensor(y)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            value = tf.reduce_mean(loss(y, model(x, training=True)))
+            value += tf.add_n([tf.cast(t, value.dtype) for t in model.losses]) if model.losses else 0.0
+        gradients = tape.gradient(value, model.trainable_weights)
+        optimizer.apply(gradients, model.trainable_weights)
+        return value
+
+    for _ in range(steps):
+        value = step()
+    return float(value)

@@ -56,10 +56,13 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         subspace_dim = min(self.nb_params, 200) if subspace_dim is None else subspace_dim
         k_largest_eig_vals = subspace_dim if k_largest_eig_vals is None else k_largest_eig_vals
         if not isinstance(subspace_dim, int) or not 0 < subspace_dim <= self.nb_params:
-            raise ValueError(f"subspace_dim must be an integer in [1, nb_params={self.nb_params}], got {subspace_dim!r}.")
+            raise ValueError(
+                f"subspace_dim must be an integer in [1, nb_params={self.nb_params}], got {subspace_dim!r}."
+            )
         if not isinstance(k_largest_eig_vals, int) or not 0 < k_largest_eig_vals <= subspace_dim:
             raise ValueError(
-                f"k_largest_eig_vals must be an integer in [1, subspace_dim={subspace_dim}], got {k_largest_eig_vals!r}."
+                f"k_largest_eig_vals must be an integer in [1, subspace_dim={subspace_dim}], "
+                f"got {k_largest_eig_vals!r}."
             )
         self.subspace_dim = subspace_dim
         self.k_largest_eig_vals = k_largest_eig_vals

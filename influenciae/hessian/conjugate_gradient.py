@@ -78,7 +78,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         self.info: ConvergenceInfo | None = None
 
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
-        right = vectors.numpy()
+        right = np.array(vectors, copy=True)
         norms = np.linalg.norm(right, axis=1)
         norms[norms == 0] = 1.0
         solution = np.zeros_like(right)
@@ -121,7 +121,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
     def _precondition(self, rows: np.ndarray) -> np.ndarray:
         if self.preconditioner is None:
             return rows.copy()
-        return np.asarray(self.preconditioner(tf.constant(rows, dtype=self.dtype)))
+        return np.array(self.preconditioner(tf.constant(rows, dtype=self.dtype)), copy=True)
 
 
 def _as_row_function(preconditioner: Any | None) -> Callable[[tf.Tensor], Any] | None:

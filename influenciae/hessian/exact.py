@@ -95,7 +95,7 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
     def _raise_not_positive_definite(self, eigenvalues: tf.Tensor) -> None:
         smallest = float(tf.reduce_min(eigenvalues))
         largest = float(tf.reduce_max(tf.abs(eigenvalues)))
-        suggestion = max(-smallest, 0.0) + max(1e-3 * largest, float(np.finfo(np.float32).eps))
+        suggestion = self.damping + max(-smallest, 0.0) + max(1e-3 * largest, float(np.finfo(np.float32).eps))
         raise ValueError(
             f"The Hessian (damping {self.damping}) is not positive definite: smallest eigenvalue {smallest:.3e}, "
             f"largest magnitude {largest:.3e}. It is singular or indefinite (e.g. a model not at a minimum, or "

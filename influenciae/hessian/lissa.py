@@ -52,8 +52,8 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         *,
         damping: float = 0.0,
         scale: float | None = None,
-        depth: int = 5000,
-        tolerance: float = 1e-7,
+        depth: int = 1000,
+        tolerance: float = 1e-5,
         batches_per_step: int | None = None,
         num_repeats: int = 1,
         power_iterations: int = 30,
@@ -99,7 +99,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
             raise TypeError("Stochastic LiSSA needs a HessianOperator.")
         model = hessian.model
         batches = iter(hessian.dataset.shuffle(256, seed=self.seed).repeat())
-        damping = tf.cast(self.damping, self.dtype)
+        damping = tf.constant(self.damping, self.dtype)
 
         def product(rows: tf.Tensor) -> tf.Tensor:
             total, count = tf.zeros_like(rows), 0
@@ -112,7 +112,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         return product
 
     def _recursion(self, vectors: tf.Tensor, product: Any) -> tf.Tensor:
-        scale = tf.cast(self.scale, self.dtype)
+        scale = tf.constant(self.scale, self.dtype)
         estimate = vectors
         start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
         change = np.inf
@@ -158,4 +158,3 @@ def largest_eigenvalue(operator: Any, num_iterations: int = 30, *, seed: int = 0
             return 0.0
         vector = product / norm
     return abs(value)
-

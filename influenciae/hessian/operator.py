@@ -128,7 +128,7 @@ class DampedOperator(RowOperator):
         )
 
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
-        return self.operator.matmul_rows(vectors) + tf.cast(self.damping, self.dtype) * vectors
+        return self.operator.matmul_rows(vectors) + tf.constant(self.damping, self.dtype) * vectors
 
 
 def damped(operator: RowOperator, damping: float) -> RowOperator:
