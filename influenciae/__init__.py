@@ -10,6 +10,12 @@ from influenciae.hessian import (
     InverseHessianVectorProduct,
     LissaIHVP,
 )
+from influenciae.influence import (
+    ArnoldiInfluenceCalculator,
+    BaseInfluenceCalculator,
+    FirstOrderInfluenceCalculator,
+    SecondOrderInfluenceCalculator,
+)
 from influenciae.model import InfluenceModel
 from influenciae.types import CACHE, ORDER
 
@@ -19,10 +25,14 @@ __all__ = [
     "CACHE",
     "ORDER",
     "ArnoldiIHVP",
+    "ArnoldiInfluenceCalculator",
+    "BaseInfluenceCalculator",
+    "FirstOrderInfluenceCalculator",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "InfluenceModel",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "SecondOrderInfluenceCalculator",
     "__version__",
 ]

@@ -97,6 +97,7 @@ class InfluenceModel:
         self._jacobian_fn = tf.function(self._jacobian, reduce_retracing=True)
         self._gradient_fn = tf.function(self._gradient_sum, reduce_retracing=True)
         self._hvp_fn = tf.function(self._hvp_sum, reduce_retracing=True)
+        self._perturbation_fn = tf.function(self._perturbation, reduce_retracing=True)
         self._regularization_hvp_fn = tf.function(self._regularization_hvp, reduce_retracing=True)
         self._regularization_gradient_fn = tf.function(self._regularization_gradient, reduce_retracing=True)
 
@@ -196,6 +197,27 @@ class InfluenceModel:
         vectors = self._check_vectors(vectors)
         return self._map_vector_chunks(lambda block: self._hvp_fn(inputs, targets, weights, block), vectors)
 
+    def batch_perturbation(self, batch: Any, vectors: tf.Tensor) -> tf.Tensor:
+        """Input gradients of the projections ``v · ∇_θ (w_i ℓ(z_i))`` for each vector ``v`` and example ``i``.
+
+        With ``v = H⁻¹∇ℓ(x)`` this is the perturbation influence of each input feature of each training example.
+
+        Args:
+            batch: ``(inputs, targets[, sample_weight])`` with a single floating-point input tensor ``[B, ...]``.
+            vectors: Tensor ``[m, nb_params]``.
+
+        Returns:
+            Tensor ``[m, B, *input_shape]``.
+        """
+        inputs, targets, weights = self._prepare(batch)
+        vectors = self._check_vectors(vectors)
+        if not isinstance(inputs, tf.Tensor) or not inputs.dtype.is_floating:
+            raise ValueError(
+                "Perturbation influence differentiates with respect to the inputs, so it needs one floating-point "
+                "input tensor (not integer tokens or several inputs)."
+            )
+        return self._perturbation_fn(inputs, targets, weights, vectors)
+
     def regularization_loss(self) -> tf.Tensor:
         """The regularization term Ω(θ): the sum of the model's weight regularization losses (0 if none)."""
         return self._regularization_loss()
@@ -269,9 +291,18 @@ class InfluenceModel:
         return self._forward_over_backward(objective, vectors)
 
     def _hvp_sum(self, inputs: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
-        return self._second_order(
-            lambda: tf.reduce_sum(self._per_example_loss(inputs, targets, weights)), vectors
-        )
+        return self._second_order(lambda: tf.reduce_sum(self._per_example_loss(inputs, targets, weights)), vectors)
+
+    def _perturbation(self, inputs: tf.Tensor, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as outer:
+            outer.watch(inputs)
+            with tf.GradientTape() as inner:
+                inner.watch(self._watched)
+                loss = tf.reduce_sum(self._per_example_loss(inputs, targets, weights))
+            gradients = inner.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            projections = tf.linalg.matvec(vectors, self.flatten(gradients))  # [m]
+        # example i's inputs only reach its own loss, so the batch sum separates per example
+        return outer.jacobian(projections, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def _regularization_loss(self) -> tf.Tensor:
         terms = [tf.cast(term, self.dtype) for term in _regularization_terms(self.model)]

@@ -64,6 +64,15 @@ class InverseHessianVectorProduct(abc.ABC):
         self.hessian: RowOperator = base
         self.operator: RowOperator = damped(base, damping)
 
+    def configuration(self) -> dict[str, Any]:
+        """The solver's name and scalar settings (stored in cache manifests so different settings never mix)."""
+        settings = {
+            name: value
+            for name, value in vars(self).items()
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
+        }
+        return {"name": self.name, **settings}
+
     @property
     def nb_params(self) -> int:
         """P, the number of parameters the vectors live in."""
