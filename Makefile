@@ -14,7 +14,7 @@ $(BIN)/python:
 # tf_keras (legacy Keras 2, tested too) declares a dependency on the full `tensorflow` wheel; --no-deps keeps the
 # environment on tensorflow-cpu alone.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet -e '.[cpu,ann,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,ann,plots,dev]'
 	$(BIN)/pip install --quiet --no-deps 'tf_keras>=2.16'
 	touch $(STAMP)
 

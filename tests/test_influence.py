@@ -295,8 +295,8 @@ def test_influence_predicts_leave_one_out_retraining():
     predicted = calculator.influence_matrix(dataset(x_test, y_test), train)[0] / len(x)
 
     def test_loss(parameters):
-        logit = x_test @ parameters[:4] + parameters[4]
-        return float(np.logaddexp(0, logit) - y_test * logit)
+        logit = float(x_test[0] @ parameters[:4] + parameters[4])
+        return float(np.logaddexp(0.0, logit) - y_test[0] * logit)
 
     removed = np.argsort(-np.abs(predicted))[:40]  # the 40 largest predicted effects
     actual = []
