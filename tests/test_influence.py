@@ -327,3 +327,13 @@ def test_bad_arguments_are_refused(logistic):
         FirstOrderInfluenceCalculator(calculator.model, train, ExactIHVP(calculator.model, train), damping=0.1)
     with pytest.raises(ValueError, match="n_samples_for_hessian"):
         FirstOrderInfluenceCalculator(calculator.model, train, n_samples_for_hessian=0)
+
+
+def test_first_order_and_arnoldi_pass_the_shared_engine_checks(logistic):
+    from engine_checks import check_calculator_invariants
+
+    calculator, train, test, expected, *_ = logistic
+    matrix = check_calculator_invariants(calculator, train, test, rtol=1e-10)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-10)
+    arnoldi = ArnoldiInfluenceCalculator(calculator.model, calculator.train_dataset, 5, True, 3)
+    check_calculator_invariants(arnoldi, train, test, rtol=1e-10)
