@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -382,3 +384,36 @@ def test_dataset_helpers_index_examples_in_order():
     indices = np.concatenate([index.numpy() for index, _ in with_indices(ds)])
     np.testing.assert_array_equal(indices, np.arange(11))
     assert ExactL2(0.5).get_config() == {"factor": 0.5}
+
+
+LEGACY_SCRIPT = """
+import os, sys
+import numpy as np
+import tensorflow as tf
+assert tf.keras.__name__.startswith("tf_keras"), tf.keras.__name__
+from influenciae import InfluenceModel, FirstOrderInfluenceCalculator
+from influenciae.data import from_numpy
+tf.keras.utils.set_random_seed(0)
+model = tf.keras.Sequential([tf.keras.layers.Dense(3, activation="tanh", input_shape=(4,)), tf.keras.layers.Dense(2)])
+model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+rng = np.random.default_rng(0)
+x, y = rng.standard_normal((20, 4)).astype("float32"), rng.integers(0, 2, 20)
+im = InfluenceModel(model)
+train = from_numpy(x, y, batch_size=8)
+values = FirstOrderInfluenceCalculator(im, train, damping=1.0).self_influence(train)
+print("ok", values.shape, bool(np.all(values > 0)))
+"""
+
+
+@pytest.mark.slow
+def test_tf_keras_through_the_legacy_environment_variable():
+    pytest.importorskip("tf_keras")
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", LEGACY_SCRIPT], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok (20,) True" in result.stdout
