@@ -14,7 +14,10 @@ from influenciae.influence import (
     ArnoldiInfluenceCalculator,
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    SampleBoundaryCalculator,
     SecondOrderInfluenceCalculator,
+    SimilarityInfluence,
+    WeightsBoundaryCalculator,
 )
 from influenciae.model import InfluenceModel
 from influenciae.types import CACHE, ORDER
@@ -33,6 +36,9 @@ __all__ = [
     "InfluenceModel",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
+    "SimilarityInfluence",
+    "WeightsBoundaryCalculator",
     "__version__",
 ]

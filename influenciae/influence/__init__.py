@@ -3,12 +3,17 @@
 from influenciae.influence.arnoldi import ArnoldiInfluenceCalculator
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.first_order import FirstOrderInfluenceCalculator
+from influenciae.influence.boundary import SampleBoundaryCalculator, WeightsBoundaryCalculator
 from influenciae.influence.group import GroupInfluenceMixin, SecondOrderInfluenceCalculator
+from influenciae.influence.similarity import SimilarityInfluence
 
 __all__ = [
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
     "FirstOrderInfluenceCalculator",
     "GroupInfluenceMixin",
+    "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
+    "SimilarityInfluence",
+    "WeightsBoundaryCalculator",
 ]
