@@ -2,8 +2,8 @@
 
 from influenciae.influence.arnoldi import ArnoldiInfluenceCalculator
 from influenciae.influence.base import BaseInfluenceCalculator
-from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 from influenciae.influence.boundary import SampleBoundaryCalculator, WeightsBoundaryCalculator
+from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin, SecondOrderInfluenceCalculator
 from influenciae.influence.similarity import SimilarityInfluence
 
