@@ -17,6 +17,10 @@ from influenciae.influence import (
     SampleBoundaryCalculator,
     SecondOrderInfluenceCalculator,
     SimilarityInfluence,
+    TracIn,
+    TracInCP,
+    TracInCPFast,
+    TracInCPFastRandProj,
     WeightsBoundaryCalculator,
 )
 from influenciae.model import InfluenceModel
@@ -39,6 +43,10 @@ __all__ = [
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SimilarityInfluence",
+    "TracIn",
+    "TracInCP",
+    "TracInCPFast",
+    "TracInCPFastRandProj",
     "WeightsBoundaryCalculator",
     "__version__",
 ]

@@ -6,6 +6,7 @@ from influenciae.influence.boundary import SampleBoundaryCalculator, WeightsBoun
 from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin, SecondOrderInfluenceCalculator
 from influenciae.influence.similarity import SimilarityInfluence
+from influenciae.influence.tracin import TracIn, TracInCP, TracInCPFast, TracInCPFastRandProj
 
 __all__ = [
     "ArnoldiInfluenceCalculator",
@@ -15,5 +16,9 @@ __all__ = [
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SimilarityInfluence",
+    "TracIn",
+    "TracInCP",
+    "TracInCPFast",
+    "TracInCPFastRandProj",
     "WeightsBoundaryCalculator",
 ]
