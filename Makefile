@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench evaluate demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py --output docs/benchmarks.md
+
+evaluate: $(STAMP)
+	$(BIN)/python -m influenciae.evaluation.report --output docs/evaluation.md
 
 demo: $(STAMP)
 	$(BIN)/python -m influenciae.cli demo --output runs/demo
