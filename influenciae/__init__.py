@@ -14,6 +14,8 @@ from influenciae.influence import (
     ArnoldiInfluenceCalculator,
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    RepresenterPointL2,
+    RepresenterPointLJE,
     SampleBoundaryCalculator,
     SecondOrderInfluenceCalculator,
     SimilarityInfluence,
@@ -21,6 +23,7 @@ from influenciae.influence import (
     TracInCP,
     TracInCPFast,
     TracInCPFastRandProj,
+    TrakCalculator,
     WeightsBoundaryCalculator,
 )
 from influenciae.model import InfluenceModel
@@ -40,6 +43,8 @@ __all__ = [
     "InfluenceModel",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "RepresenterPointL2",
+    "RepresenterPointLJE",
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SimilarityInfluence",
@@ -47,6 +52,7 @@ __all__ = [
     "TracInCP",
     "TracInCPFast",
     "TracInCPFastRandProj",
+    "TrakCalculator",
     "WeightsBoundaryCalculator",
     "__version__",
 ]

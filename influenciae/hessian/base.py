@@ -135,7 +135,7 @@ def registered_solvers() -> list[str]:
 
 def get_ihvp(
     spec: str | InverseHessianVectorProduct,
-    model: InfluenceModel,
+    model: InfluenceModel | None,
     dataset: tf.data.Dataset | None,
     **kwargs: Any,
 ) -> InverseHessianVectorProduct:

@@ -1,0 +1,436 @@
+"""TRAK: Tracing with the Randomly-projected After Kernel (Park, Georgiev, Ilyas, Leclerc & Mądry, ICML 2023).
+
+For each checkpoint ``m`` (independently trained models, or checkpoints of one run) TRAK linearizes a *model output
+function* ``f(z; θ)`` around the trained weights, projects its per-sample gradients to ``k`` dimensions,
+``φ(z) = Pᵀ ∇_θ f(z; θ)`` with a random ``P ∈ R^{p×k}``, and estimates the effect of training example ``z_i`` on
+``f(x)`` by one Newton step of the linearized (logistic) model:
+
+    τ_m(x, z_i) = φ_m(x)ᵀ (Φ_mᵀ Φ_m)⁻¹ φ_m(z_i),          Q_m(z_i) = -∂ℓ/∂f (z_i) = 1 - p(z_i),
+    score(x, z_i) = [(1/M) Σ_m τ_m(x, z_i)] · [(1/M) Σ_m Q_m(z_i)],
+
+where ``Φ_m`` stacks the ``φ_m`` of the training set and, for classification, ``f`` is the margin
+``log(p / (1 - p))`` of the correct class (``p`` its softmax or sigmoid probability). The two averages over
+checkpoints are taken separately, as in the paper and its reference implementation.
+
+Sign and scale: ``score(x, z)`` estimates ``f(x; θ) - f(x; θ_{-z})``, how much training on ``z`` raises the output
+function of ``x`` (its margin, in logits), without a ``1/N`` factor: ``ΦᵀΦ`` is a sum over the training set.
+Positive means ``z`` is a **proponent** of ``x`` (it raises the margin of ``x``'s label), so ``ORDER.DESCENDING``
+lists proponents first, as for the influence functions of ``docs/theory.md``. Self-influence
+``φ(z)ᵀ(ΦᵀΦ)⁻¹φ(z) · Q(z) ≥ 0`` is a leverage score times ``1 - p(z)``: high for atypical, badly fit examples.
+
+Exact relation to influence functions (tested): with ``projection_dim=None`` (no projection) or any square
+invertible projection, ``τ(x, z) = ∇f(x)ᵀ G⁻¹ ∇f(z)`` with ``G = Σ_i ∇f_i ∇f_iᵀ + damping·I`` (damping needs
+``projection_dim=None`` for this identity). For a logistic loss ``∇ℓ(z) = -(1 - p_z) ∇f(z)``, so
+``score = -∇f(x)ᵀ G⁻¹ ∇ℓ(z)``: an influence function on ``f(x)`` with the Gauss-Newton matrix of unit output
+curvature. ``kernel="gauss_newton"`` weights the kernel by the loss curvature ``∂²ℓ/∂f² = p(1 - p)``,
+``G = Σ_i p_i(1 - p_i) ∇f_i ∇f_iᵀ + damping·I``: for an L2-regularized logistic regression ``(λ/2)‖θ‖²`` with
+``damping = Nλ`` this is ``N`` times its exact Hessian, and ``score(x, z) = influence(z, x) / (N (1 - p_x))`` with
+the first-order influence of :class:`~influenciae.FirstOrderInfluenceCalculator`.
+
+Projections are generated in pure TensorFlow, block by block: rows ``[b·B, (b+1)·B)`` of ``P`` come from
+``tf.random.stateless_normal`` (or a Rademacher draw) seeded by ``(seed, checkpoint)`` folded with the block index
+``b``, scaled by ``1/sqrt(k)`` so that ``E[PPᵀ] = I``. No projection matrix is stored: memory is
+``O(projection_block_size × k)`` and the same seed always gives the same scores. The kernels ``ΦᵀΦ`` (``k × k``)
+are accumulated in float64 over one pass of the training set, lazily on first use, and cached.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, cast
+
+import numpy as np
+
+from influenciae._backend import tf
+from influenciae.cache import combine_hashes, fingerprint_arrays
+from influenciae.data import check_dataset, unpack_batch
+from influenciae.influence.base import BaseInfluenceCalculator
+from influenciae.model import InfluenceModel
+
+__all__ = ["ModelOutputFunction", "MarginOutput", "RegressionOutput", "TrakCalculator"]
+
+
+class ModelOutputFunction(abc.ABC):
+    """The model output function ``f(z; θ)`` TRAK linearizes, and the loss's derivatives through it.
+
+    Subclasses implement :meth:`output` (differentiable, one value per example) and :meth:`out_to_loss`
+    (``Q = -∂ℓ/∂f``); :meth:`curvature` (``∂²ℓ/∂f²``) is needed by ``kernel="gauss_newton"`` only.
+    """
+
+    @abc.abstractmethod
+    def output(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        """``f(z; θ)`` ``[B]`` from the model's outputs and the targets."""
+
+    @abc.abstractmethod
+    def out_to_loss(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        """``Q = -∂ℓ/∂f`` ``[B]``: how much the loss decreases when ``f`` increases."""
+
+    def curvature(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        """``∂²ℓ/∂f²`` ``[B]`` (for ``kernel="gauss_newton"``)."""
+        raise ValueError(f"{type(self).__name__} defines no curvature; use kernel='trak' or implement curvature().")
+
+    def configuration(self) -> dict[str, Any]:
+        """Settings stored in cache manifests."""
+        return {"name": type(self).__name__}
+
+
+class MarginOutput(ModelOutputFunction):
+    """TRAK's classification output: the margin ``f = log(p / (1 - p))`` of the correct class.
+
+    Multi-class logits ``z`` ``[B, C]`` with sparse (``[B]`` or ``[B, 1]``) or one-hot targets:
+    ``f = z_y - logsumexp_{c≠y} z_c``. One logit ``s`` ``[B, 1]`` with ``{0, 1}`` targets: ``f = ±s``. For a
+    cross-entropy loss ``ℓ = log(1 + e^{-f})``, so ``Q = 1 - p = σ(-f)`` and ``∂²ℓ/∂f² = p(1 - p)``.
+
+    Args:
+        from_logits: The model outputs logits (True) or probabilities (softmax or sigmoid, False).
+    """
+
+    def __init__(self, from_logits: bool = True) -> None:
+        self.from_logits = bool(from_logits)
+
+    def output(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        logits = self._logits(predictions)
+        labels = tf.convert_to_tensor(tf.nest.flatten(targets)[0])
+        classes = logits.shape[-1]
+        if classes == 1:
+            sign = tf.where(tf.reshape(tf.cast(labels, logits.dtype), [-1]) > 0.5, 1.0, -1.0)
+            return tf.cast(sign, logits.dtype) * logits[:, 0]
+        if labels.shape.rank == 2 and labels.shape[-1] == classes and classes > 1:
+            labels = tf.argmax(labels, axis=1)
+        correct = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), classes, on_value=True, off_value=False)
+        others = tf.where(correct, tf.constant(-np.inf, logits.dtype), logits)
+        return tf.reduce_sum(tf.where(correct, logits, tf.zeros_like(logits)), axis=1) - tf.reduce_logsumexp(
+            others, axis=1
+        )
+
+    def out_to_loss(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        return tf.sigmoid(-self.output(predictions, targets))
+
+    def curvature(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        margin = self.output(predictions, targets)
+        return tf.sigmoid(margin) * tf.sigmoid(-margin)
+
+    def configuration(self) -> dict[str, Any]:
+        return {"name": "margin", "from_logits": self.from_logits}
+
+    def _logits(self, predictions: tf.Tensor) -> tf.Tensor:
+        predictions = tf.convert_to_tensor(predictions)
+        if predictions.shape.rank == 1:
+            predictions = predictions[:, None]
+        if self.from_logits:
+            return predictions
+        epsilon = np.finfo(predictions.dtype.as_numpy_dtype).eps
+        probabilities = tf.clip_by_value(predictions, epsilon, 1 - epsilon)
+        if predictions.shape[-1] == 1:
+            return tf.math.log(probabilities) - tf.math.log1p(-probabilities)
+        return tf.math.log(probabilities)  # the margin ignores the log-normalizer
+
+
+class RegressionOutput(ModelOutputFunction):
+    """The model's single output ``f(z) = ŷ``, for a squared loss ``ℓ = ½(ŷ - y)²``: ``Q = y - ŷ``, curvature 1."""
+
+    def output(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        predictions = tf.convert_to_tensor(predictions)
+        if predictions.shape.rank is not None and predictions.shape.rank > 1 and predictions.shape[-1] != 1:
+            raise ValueError(
+                f"RegressionOutput needs one output per example, got outputs of shape {tuple(predictions.shape)}; "
+                "subclass ModelOutputFunction for several outputs."
+            )
+        return tf.reshape(predictions, [-1])
+
+    def out_to_loss(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        labels = tf.reshape(tf.convert_to_tensor(tf.nest.flatten(targets)[0]), [-1])
+        outputs = self.output(predictions, targets)
+        return tf.cast(labels, outputs.dtype) - outputs
+
+    def curvature(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
+        return tf.ones_like(self.output(predictions, targets))
+
+    def configuration(self) -> dict[str, Any]:
+        return {"name": "regression"}
+
+
+_OUTPUT_FUNCTIONS = {"margin": MarginOutput, "output": RegressionOutput, "regression": RegressionOutput}
+
+
+class TrakCalculator(BaseInfluenceCalculator):
+    """TRAK scores (Park et al., 2023) of training examples, on the shared engine.
+
+    See the module docstring for the estimator, its sign and scale and its exact relation to influence functions.
+    The test-side transform of ``x`` is ``[φ_1(x), ..., φ_M(x)]`` and the influence vector of ``z`` is
+    ``w_z Q̄(z) / M · [K_1⁻¹ φ_1(z), ..., K_M⁻¹ φ_M(z)]`` (``M·k`` numbers), with ``Q̄`` the mean of ``Q_m`` and
+    ``K_m = Φ_mᵀ W Φ_m + damping·I`` (``W`` the sample weights, 1 when absent, times the loss curvature with
+    ``kernel="gauss_newton"``); scores are dot products, so every top-k strategy applies. The kernels need one pass
+    over ``train_set`` before the first influence vector; they are computed lazily and cached.
+
+    Args:
+        model: The trained model: a Keras model, an :class:`InfluenceModel` (its watched weights are the ``θ`` of
+            ``∇_θ f``; its loss is not used) or a list of them, one per checkpoint, for the ensemble.
+        train_set: The batched training set ``(inputs, targets[, sample_weight])`` that defines the kernels.
+        projection_dim: ``k``, the dimension of the projected gradients, or None for no projection (``k = p``,
+            exact gradients: small models and tests).
+        seed: Seed of the projections (same seed, same scores).
+        damping: ``δ ≥ 0`` added to the diagonal of each kernel (TRAK's ``lambda_reg``), in the units of
+            ``φ = Pᵀ∇f`` with ``E[PPᵀ] = I``.
+        output_function: ``"margin"`` (classification, default), ``"output"`` (single-output regression) or a
+            :class:`ModelOutputFunction`.
+        projection: ``"gaussian"`` or ``"rademacher"`` entries, both scaled by ``1/sqrt(k)``.
+        kernel: ``"trak"`` (``ΦᵀΦ``, the paper) or ``"gauss_newton"`` (``Φᵀ diag(∂²ℓ/∂f²) Φ``).
+        projection_block_size: Rows of ``P`` generated at once (part of the projection's definition).
+        show_progress: Progress bars on every pass.
+        batches_per_shard: Training batches per disk-cache shard.
+
+    Example:
+        >>> trak = TrakCalculator([model_a, model_b], train_ds, projection_dim=2048, seed=0)
+        >>> indices, values = trak.most_influential(test_ds, train_ds, k=5)
+    """
+
+    method_name = "trak"
+
+    def __init__(
+        self,
+        model: Any,
+        train_set: tf.data.Dataset,
+        projection_dim: int | None,
+        *,
+        seed: int = 0,
+        damping: float = 0.0,
+        output_function: str | ModelOutputFunction = "margin",
+        projection: str = "gaussian",
+        kernel: str = "trak",
+        projection_block_size: int = 1024,
+        show_progress: bool = False,
+        batches_per_shard: int = 16,
+    ) -> None:
+        if projection_dim is not None and (
+            isinstance(projection_dim, bool) or not isinstance(projection_dim, (int, np.integer)) or projection_dim <= 0
+        ):
+            raise ValueError(
+                f"projection_dim must be a positive integer or None (no projection), got {projection_dim!r}."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+            raise ValueError(f"damping must be a non-negative finite number, got {damping!r}.")
+        if projection not in ("gaussian", "rademacher"):
+            raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}.")
+        if kernel not in ("trak", "gauss_newton"):
+            raise ValueError(f"kernel must be 'trak' or 'gauss_newton', got {kernel!r}.")
+        if (
+            isinstance(projection_block_size, bool)
+            or not isinstance(projection_block_size, int)
+            or projection_block_size <= 0
+        ):
+            raise ValueError(f"projection_block_size must be a positive integer, got {projection_block_size!r}.")
+        self.output_function = _resolve_output_function(output_function)
+        members = list(model) if isinstance(model, (list, tuple)) else [model]
+        if not members:
+            raise ValueError("model is an empty list: pass a model or a list of checkpoints.")
+        self.checkpoints = [self._wrap(member) for member in members]
+        super().__init__(self.checkpoints[0], show_progress=show_progress, batches_per_shard=batches_per_shard)
+        if len({checkpoint.dtype for checkpoint in self.checkpoints}) > 1:
+            raise TypeError("All checkpoints must have weights of the same dtype.")
+        self.train_set = check_dataset(train_set, name="train_set")
+        self.projection_dim = None if projection_dim is None else int(projection_dim)
+        self.seed = int(seed)
+        self.damping = float(damping)
+        self.projection = projection
+        self.kernel = kernel
+        self.projection_block_size = projection_block_size
+        self._factors: list[tf.Tensor] | None = None
+        self._project_fn = tf.function(self._blocked_projection, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ public extras
+
+    @property
+    def num_checkpoints(self) -> int:
+        """M, the number of models in the ensemble."""
+        return len(self.checkpoints)
+
+    def kernel_matrices(self) -> list[np.ndarray]:
+        """The kernels ``K_m = Φ_mᵀ W Φ_m + damping·I`` ``[k, k]`` (float64), one per checkpoint."""
+        return [(factor @ tf.transpose(factor)).numpy() for factor in self._kernel_factors()]
+
+    def projection_matrix(self, checkpoint: int = 0) -> np.ndarray:
+        """The projection ``P`` ``[p, k]`` of a checkpoint, materialized (for inspection and tests; it is never
+        stored otherwise)."""
+        if self.projection_dim is None:
+            return np.eye(self.checkpoints[checkpoint].nb_params)
+        num_params = self.checkpoints[checkpoint].nb_params
+        blocks = -(-num_params // self.projection_block_size)
+        seed = self._base_seed(checkpoint)
+        rows = [self._block(tf.random.experimental.stateless_fold_in(seed, b, alg="philox")) for b in range(blocks)]
+        return tf.concat(rows, axis=0)[:num_params].numpy()
+
+    def project(self, gradients: Any, checkpoint: int = 0) -> tf.Tensor:
+        """``Pᵀ g`` for each row ``g`` of ``gradients`` ``[n, p]``: ``[n, k]``, block by block."""
+        gradients = tf.convert_to_tensor(gradients, self.model.dtype)
+        if self.projection_dim is None:
+            return gradients
+        return self._project_fn(gradients, self._base_seed(checkpoint))
+
+    # ------------------------------------------------------------------ hooks
+
+    def _configuration(self) -> dict[str, Any]:
+        return {
+            "projection_dim": self.projection_dim,
+            "projection": self.projection,
+            "projection_block_size": self.projection_block_size,
+            "seed": self.seed,
+            "damping": self.damping,
+            "kernel": self.kernel,
+            "output_function": self.output_function.configuration(),
+            "num_checkpoints": self.num_checkpoints,
+            "kernels": fingerprint_arrays(self._kernel_factors()),
+        }
+
+    def weights_fingerprint(self) -> str:
+        """A hash of the weights of every checkpoint."""
+        return combine_hashes(
+            fingerprint_arrays(weight.numpy() for weight in checkpoint.model.weights) for checkpoint in self.checkpoints
+        )
+
+    def _transforms(self, batch: Any) -> tf.Tensor:
+        inputs, targets, _ = _split(batch, self.model.dtype)
+        return tf.concat([self._features(m, inputs, targets) for m in range(self.num_checkpoints)], axis=1)
+
+    def _influence_vectors(self, batch: Any) -> tf.Tensor:
+        inputs, targets, weights = _split(batch, self.model.dtype)
+        factors = self._kernel_factors()
+        solved, out_to_loss = [], []
+        for m, factor in enumerate(factors):
+            features = self._features(m, inputs, targets)
+            solved.append(_cholesky_solve_rows(factor, features))
+            predictions = self._outputs(m, inputs)
+            out_to_loss.append(tf.cast(self.output_function.out_to_loss(predictions, targets), tf.float64))
+        scale = tf.add_n(out_to_loss) * tf.cast(weights, tf.float64) / float(self.num_checkpoints**2)
+        return tf.cast(tf.concat(solved, axis=1) * scale[:, None], self.model.dtype)
+
+    def _self_influence(self, batch: Any) -> tf.Tensor:
+        inputs, targets, weights = _split(batch, self.model.dtype)
+        leverage, out_to_loss = [], []
+        for m, factor in enumerate(self._kernel_factors()):
+            features = self._features(m, inputs, targets)
+            solved = _cholesky_solve_rows(factor, features)
+            leverage.append(tf.reduce_sum(tf.cast(features, tf.float64) * solved, axis=1))
+            predictions = self._outputs(m, inputs)
+            out_to_loss.append(tf.cast(self.output_function.out_to_loss(predictions, targets), tf.float64))
+        scale = tf.add_n(out_to_loss) * tf.cast(weights, tf.float64) / float(self.num_checkpoints**2)
+        return tf.cast(tf.add_n(leverage) * scale, self.model.dtype)
+
+    # ------------------------------------------------------------------ internals
+
+    def _wrap(self, member: Any) -> InfluenceModel:
+        """An InfluenceModel whose per-example "loss" is the output function f: its Jacobian is ``∇_θ f``."""
+
+        def output(targets: Any, predictions: tf.Tensor) -> tf.Tensor:
+            return self.output_function.output(predictions, targets)
+
+        if isinstance(member, InfluenceModel):
+            return InfluenceModel(
+                member.model, weights_to_watch=member.weights, loss_function=output, max_chunk_size=member.chunk_size
+            )
+        return InfluenceModel(member, loss_function=output)
+
+    def _features(self, checkpoint: int, inputs: Any, targets: Any) -> tf.Tensor:
+        """``φ_m`` ``[B, k]`` of a batch for checkpoint ``m`` (sample weights stay out of ``∇f``)."""
+        gradients = self.checkpoints[checkpoint].batch_jacobian_tensor((inputs, targets))
+        return self.project(gradients, checkpoint)
+
+    def _outputs(self, checkpoint: int, inputs: Any) -> tf.Tensor:
+        return self.checkpoints[checkpoint].model(inputs, training=False)
+
+    def _kernel_factors(self) -> list[tf.Tensor]:
+        """Cholesky factors of the kernels, from one pass over the training set (computed once)."""
+        if self._factors is not None:
+            return self._factors
+        self._validate_first_batch(self.train_set)
+        kernels: dict[int, tf.Tensor] = {}
+        for batch in self._progress(self.train_set, "TRAK kernel"):
+            inputs, targets, weights = _split(batch, self.model.dtype)
+            for m in range(self.num_checkpoints):
+                features = self._features(m, inputs, targets)
+                row_weights = tf.cast(weights, tf.float64)
+                if self.kernel == "gauss_newton":
+                    curvature = self.output_function.curvature(self._outputs(m, inputs), targets)
+                    row_weights *= tf.cast(curvature, tf.float64)
+                features = tf.cast(features, tf.float64)
+                block = tf.matmul(features * row_weights[:, None], features, transpose_a=True)
+                kernels[m] = kernels[m] + block if m in kernels else block
+        if not kernels:
+            raise ValueError("train_set is empty.")
+        factors = []
+        for m in range(self.num_checkpoints):
+            kernel = kernels[m] + self.damping * tf.eye(int(kernels[m].shape[0]), dtype=tf.float64)
+            factors.append(self._factorize(m, (kernel + tf.transpose(kernel)) / 2))
+        self._factors = factors
+        return factors
+
+    def _factorize(self, checkpoint: int, kernel: tf.Tensor) -> tf.Tensor:
+        eigenvalues = np.linalg.eigvalsh(kernel.numpy())
+        size = int(kernel.shape[0])
+        largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
+        if float(eigenvalues.min()) <= size * np.finfo(np.float64).eps * largest:
+            raise ValueError(
+                f"The TRAK kernel of checkpoint {checkpoint} (k={size}, damping={self.damping}) is singular or not "
+                f"positive definite: eigenvalues in [{eigenvalues.min():.3e}, {eigenvalues.max():.3e}]. It has rank "
+                "at most min(number of training examples, number of parameters): lower projection_dim or add "
+                f"damping (e.g. damping={max(1e-6 * largest, 1e-12):.1e})."
+            )
+        return tf.linalg.cholesky(kernel)
+
+    def _base_seed(self, checkpoint: int) -> tf.Tensor:
+        return tf.constant([self.seed, checkpoint], dtype=tf.int64)
+
+    def _block(self, seed: tf.Tensor) -> tf.Tensor:
+        """Rows ``[block, k]`` of the projection for a block seed: N(0, 1/k) or ±1/sqrt(k) entries."""
+        dim = cast(int, self.projection_dim)  # only called with a projection
+        shape = [self.projection_block_size, dim]
+        dtype = self.model.dtype
+        if self.projection == "gaussian":
+            values = tf.random.stateless_normal(shape, seed, dtype=dtype, alg="philox")
+        else:
+            bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32, alg="philox")
+            values = tf.cast(2 * bits - 1, dtype)
+        return values * tf.constant(1.0 / math.sqrt(dim), dtype)  # a Python scale: exact in float64
+
+    def _blocked_projection(self, gradients: tf.Tensor, base_seed: tf.Tensor) -> tf.Tensor:
+        block = self.projection_block_size
+        num_params = gradients.shape[-1]
+        num_blocks = -(-num_params // block)
+        padded = tf.pad(gradients, [[0, 0], [0, num_blocks * block - num_params]])
+        result = tf.zeros([tf.shape(gradients)[0], self.projection_dim], gradients.dtype)
+        for index in tf.range(num_blocks):
+            seed = tf.random.experimental.stateless_fold_in(base_seed, index, alg="philox")
+            rows = padded[:, index * block : (index + 1) * block]
+            result += tf.matmul(rows, self._block(seed))
+        return result
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _resolve_output_function(output_function: Any) -> ModelOutputFunction:
+    if isinstance(output_function, ModelOutputFunction):
+        return output_function
+    if isinstance(output_function, str) and output_function in _OUTPUT_FUNCTIONS:
+        return _OUTPUT_FUNCTIONS[output_function]()
+    raise ValueError(
+        f"output_function must be 'margin', 'output' or a ModelOutputFunction instance, got {output_function!r}."
+    )
+
+
+def _split(batch: Any, dtype: tf.DType) -> tuple[Any, Any, tf.Tensor]:
+    structure = unpack_batch(batch)
+    targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
+    if structure.sample_weight is None:
+        weights = tf.ones([tf.shape(tf.nest.flatten(targets)[0])[0]], dtype)
+    else:
+        weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), dtype)
+    return structure.inputs, targets, weights
+
+
+def _cholesky_solve_rows(factor: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+    """``K⁻¹ φ`` for each row ``φ`` ``[n, k]`` (float64), from the Cholesky factor of ``K``."""
+    return tf.transpose(tf.linalg.cholesky_solve(factor, tf.transpose(tf.cast(rows, tf.float64))))
