@@ -19,11 +19,11 @@ import dataclasses
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-SOLVERS = ("exact", "cg", "lissa", "arnoldi")  # the registered inverse-HVP solvers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,8 @@ def _integer_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from influenciae.hessian import registered_solvers  # the package (and TensorFlow) is imported already
+
     parser.add_argument("--output", "-o", default="runs/demo", help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=_integer_at_least(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
@@ -86,7 +88,10 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of training labels flipped to another class (default: %(default)s)",
     )
     parser.add_argument(
-        "--solver", choices=SOLVERS, default=None, help="inverse-HVP solver of the first-order method (default: exact)"
+        "--solver",
+        choices=registered_solvers(),
+        default=None,
+        help="inverse-HVP solver of the first-order method (default: exact)",
     )
     parser.add_argument("--method", choices=("first_order", "arnoldi"), default="first_order", help="influence method")
     parser.add_argument("--damping", type=_non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
@@ -122,7 +127,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     print(format_summary(metrics))
-    print(f"Report: {args.output.rstrip('/')}/report.html ({metrics['timings_seconds']['total']:.0f} s)")
+    print(f"Report: {Path(args.output) / 'report.html'} ({metrics['timings_seconds']['total']:.0f} s)")
     return EXIT_OK
 
 
