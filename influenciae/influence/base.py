@@ -414,11 +414,19 @@ class BaseInfluenceCalculator(abc.ABC):
                 cache.check_input_hash(shard_id, input_hash)
                 continue
             indices = np.concatenate([index.numpy() for index, _ in group])
-            vectors = np.concatenate([self._influence_vectors(batch).numpy() for _, batch in group])
+            vectors = self._shard_influence_vectors(group)
             cache.write_shard(
                 shard_id, {"indices": indices, "vectors": vectors}, first_index=int(indices[0]), input_hash=input_hash
             )
         cache.mark_complete(num_shards)
+
+    def _shard_influence_vectors(self, group: list[tuple[tf.Tensor, Any]]) -> np.ndarray:
+        """Influence vectors ``[rows, D]`` of one disk-cache shard (a list of ``(indices, batch)``).
+
+        Calculators whose per-batch work has an expensive set-up (e.g. loading checkpoints) override this to do the
+        set-up once per shard instead of once per batch.
+        """
+        return np.concatenate([self._influence_vectors(batch).numpy() for _, batch in group])
 
     def _build_search(
         self,

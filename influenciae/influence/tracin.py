@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from influenciae._backend import is_keras3_object, keras, keras_module_of, tf, variable_tensor
-from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
+from influenciae.cache import combine_hashes, fingerprint_arrays
 from influenciae.data import check_dataset, unpack_batch, with_indices
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel
@@ -516,28 +516,12 @@ class _CheckpointCalculator(BaseInfluenceCalculator):
         if position + 1 != len(totals):
             raise _reordered_dataset_error()
 
-    def _fill_disk_cache(self, cache: DiskCache, train_set: tf.data.Dataset) -> None:
-        if not self.checkpoints.expensive or cache.is_complete:
-            super()._fill_disk_cache(cache, train_set)
-            return
-        # The engine's shard layout (consecutive groups of batches_per_shard batches), one load per checkpoint and
-        # shard; a cache written this way and one written with keep_in_memory=True are interchangeable.
-        num_shards = 0
-        groups = enumerate(_chunks(with_indices(train_set), self.batches_per_shard))
-        for shard_id, group in self._progress(groups, f"influence vectors ({self.batches_per_shard} batches/shard)"):
-            num_shards += 1
-            input_hash = combine_hashes(hash_batch(batch) for _, batch in group)
-            if cache.has_shard(shard_id):
-                cache.check_input_hash(shard_id, input_hash)
-                continue
-            indices = np.concatenate([index.numpy() for index, _ in group])
-            vectors = np.concatenate(
-                [vectors.numpy() for _, vectors in self._blockwise(group, self._vectors_from, None)]
-            )
-            cache.write_shard(
-                shard_id, {"indices": indices, "vectors": vectors}, first_index=int(indices[0]), input_hash=input_hash
-            )
-        cache.mark_complete(num_shards)
+    def _shard_influence_vectors(self, group: list[tuple[tf.Tensor, Any]]) -> np.ndarray:
+        # One load per checkpoint and shard (the engine's shard layout), so a cache written this way and one written
+        # with keep_in_memory=True are interchangeable.
+        if not self.checkpoints.expensive:
+            return super()._shard_influence_vectors(group)
+        return np.concatenate([vectors.numpy() for _, vectors in self._blockwise(group, self._vectors_from, None)])
 
 
 def _sum_terms(terms: Iterable[tuple[tf.Tensor, ...]]) -> tuple[tf.Tensor, ...]:
