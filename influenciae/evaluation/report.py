@@ -154,6 +154,15 @@ def _optional_scorers(
         "SampleBoundaryCalculator: minus the DeepFool distance to the decision boundary (label-free)",
         _self_influence(lambda m, t: influenciae.SampleBoundaryCalculator(m, step_nbr=50)),
     )
+    extra["weights boundary (DeepFool, last layer)"] = (
+        "WeightsBoundaryCalculator: minus the distance in the last layer's weight space (label-free)",
+        _self_influence(lambda m, t: influenciae.WeightsBoundaryCalculator(m)),
+    )
+    extra["similarity (dot product, hidden layer)"] = (
+        "SimilarityInfluence on the hidden layer's activations, dot product: self-influence = squared norm "
+        "(cosine self-similarity is always 1 and cannot rank)",
+        _self_influence(lambda m, t: influenciae.SimilarityInfluence(m, 0, similarity="dot")),
+    )
     return extra
 
 
