@@ -46,6 +46,8 @@ class BaseInfluenceCalculator(abc.ABC):
     """
 
     method_name: ClassVar[str] = "base"
+    #: Default directory of the disk cache, used when ``CACHE.DISK`` or ``compute_influence_vector`` get no path.
+    cache_dir: str | None = None
 
     def __init__(self, model: InfluenceModel, *, show_progress: bool = False, batches_per_shard: int = 16) -> None:
         if not isinstance(model, InfluenceModel):
@@ -194,14 +196,16 @@ class BaseInfluenceCalculator(abc.ABC):
 
         Args:
             train_set: Batched training dataset.
-            save_influence_vector_ds_path: Directory of the disk cache, or ``None`` to compute lazily.
+            save_influence_vector_ds_path: Directory of the disk cache; ``None`` uses ``cache_dir`` when the
+                calculator has one and otherwise computes lazily.
             overwrite: Replace a cache made with other settings.
 
         Returns:
             A dataset of ``(indices [B] int64, vectors [B, D])`` in training order.
         """
-        mode = CACHE.NO_CACHE if save_influence_vector_ds_path is None else CACHE.DISK
-        source = self._vector_source(train_set, mode, save_influence_vector_ds_path, overwrite=overwrite)
+        path = self.cache_dir if save_influence_vector_ds_path is None else save_influence_vector_ds_path
+        mode = CACHE.NO_CACHE if path is None else CACHE.DISK
+        source = self._vector_source(train_set, mode, path, overwrite=overwrite)
         signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, None], self.model.dtype))
         return tf.data.Dataset.from_generator(source, output_signature=signature)
 
@@ -386,6 +390,7 @@ class BaseInfluenceCalculator(abc.ABC):
         if mode is CACHE.MEMORY:
             blocks = list(self._compute_vectors(train_set))
             return lambda: iter(blocks)
+        path = self.cache_dir if path is None else path
         if path is None:
             raise ValueError("CACHE.DISK needs a directory: pass save_influence_vector_ds_path=...")
         configuration, fingerprint = self.configuration(), self.weights_fingerprint()

@@ -11,14 +11,13 @@ methods need a model but no loss.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from influenciae._backend import keras_module_of, tf, variable_tensor
 from influenciae.data import batch_size_of, unpack_batch
-from influenciae.influence.base import BaseInfluenceCalculator, Block
+from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel, _layer_index
-from influenciae.types import CACHE
 
 __all__ = ["SimilarityInfluence", "as_influence_model"]
 
@@ -225,37 +224,6 @@ class SimilarityInfluence(BaseInfluenceCalculator):
         return self.similarity in ("cosine", "dot")
 
     # ------------------------------------------------------------------ engine overrides
-
-    def compute_influence_vector(
-        self,
-        train_set: tf.data.Dataset,
-        save_influence_vector_ds_path: str | None = None,
-        *,
-        overwrite: bool = False,
-    ) -> tf.data.Dataset:
-        """Activations of the training examples (normalized for cosine), written to the disk cache.
-
-        Same as :meth:`BaseInfluenceCalculator.compute_influence_vector`, except that the path defaults to
-        ``cache_dir``: with either, the activations are computed now into the atomic, resumable cache (or read
-        back from it); with neither, they are computed lazily.
-
-        Returns:
-            A dataset of ``(indices [B] int64, vectors [B, D])`` in training order.
-        """
-        path = self.cache_dir if save_influence_vector_ds_path is None else save_influence_vector_ds_path
-        return super().compute_influence_vector(train_set, path, overwrite=overwrite)
-
-    def _vector_source(
-        self,
-        train_set: tf.data.Dataset,
-        mode: CACHE,
-        path: str | None,
-        *,
-        overwrite: bool = False,
-    ) -> Callable[[], Iterator[Block]]:
-        if mode is CACHE.DISK and path is None:
-            path = self.cache_dir
-        return super()._vector_source(train_set, mode, path, overwrite=overwrite)
 
     def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
         # No loss is involved, so the batch is checked against the activation extractor rather than the loss.
