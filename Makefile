@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint bench evaluate demo clean
+.PHONY: install test lint bench bench-peers evaluate demo docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 # tf_keras (legacy Keras 2, tested too) declares a dependency on the full `tensorflow` wheel; --no-deps keeps the
 # environment on tensorflow-cpu alone.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet -e '.[cpu,ann,plots,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,ann,plots,dev,docs]'
 	$(BIN)/pip install --quiet --no-deps 'tf_keras>=2.16'
 	touch $(STAMP)
 
@@ -31,11 +31,18 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py --output docs/benchmarks.md
 
+# The peers (original Influenciae 0.3.0, Captum, pyDVL) each get their own virtual environment under .venv-peers/.
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/peers/run_peers.py --output docs/benchmarks.md
+
 evaluate: $(STAMP)
 	$(BIN)/python -m influenciae.evaluation.report --output docs/evaluation.md
 
 demo: $(STAMP)
 	$(BIN)/python -m influenciae.cli demo --output runs/demo
 
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers site build *.egg-info .pytest_cache .mypy_cache .ruff_cache
