@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BEAM_VENV := .venv-beam
+BEAM_STAMP := $(BEAM_VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint bench bench-peers evaluate demo docs clean
+.PHONY: install venv-beam test test-beam lint bench bench-peers evaluate demo docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +22,27 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Apache Beam needs protobuf < 7 (the main environment has 7.x): the [beam] extra gets its own environment.
+$(BEAM_STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/pip install --quiet --upgrade pip
+	$(BEAM_VENV)/bin/pip install --quiet 'tensorflow-cpu==2.21.*' 'keras>=3' 'protobuf==6.33.*' \
+		'apache-beam[tfrecord]==2.77.*' numpy scipy tqdm pytest
+	$(BEAM_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(BEAM_STAMP)
+
+venv-beam: $(BEAM_STAMP)
+
+test: $(STAMP) $(BEAM_STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+	$(BEAM_VENV)/bin/python -m pytest tests_beam -q
+
+test-beam: $(BEAM_STAMP)
+	$(BEAM_VENV)/bin/python -m pytest tests_beam -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check influenciae tests benchmarks
-	$(BIN)/ruff format --check influenciae tests benchmarks
+	$(BIN)/ruff check influenciae tests tests_beam benchmarks
+	$(BIN)/ruff format --check influenciae tests tests_beam benchmarks
 	$(BIN)/mypy influenciae
 
 bench: $(STAMP)
@@ -45,4 +62,4 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .venv-peers site build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BEAM_VENV) .venv-peers site build *.egg-info .pytest_cache .mypy_cache .ruff_cache

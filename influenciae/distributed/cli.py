@@ -1,0 +1,202 @@
+"""``influenciae score``: score a sharded training set on an Apache Beam runner, with a reusable solver state.
+
+Two phases:
+
+1. **Solver state** (``--state``): loaded when the file exists and fits the model; otherwise computed in this
+   process (the Hessian products optionally on a ``tf.distribute`` strategy, ``--strategy``) and saved atomically.
+   A failed or interrupted job restarts from the saved state instead of recomputing it.
+2. **Scoring pass**: the Beam pipeline of :mod:`influenciae.distributed.beam` on ``--runner`` (DirectRunner here,
+   ``DataflowRunner``/``FlinkRunner``/``SparkRunner`` on a cluster, with ``--pipeline-options``). A complete output of
+   the same job is kept as is; an incomplete one is recomputed.
+
+The command is registered in ``influenciae.cli.COMMANDS`` through :func:`add_arguments` and :func:`run`.
+
+Example:
+    $ influenciae score --model model.keras --train "data/train-*.tfrecord" --test "data/test-*.tfrecord" \\
+        --state runs/state.npz --output runs/scores --mode top_k -k 10 --num-workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run", "HELP"]
+
+HELP = "score a sharded training set (influence vectors, self-influence, top-k) on an Apache Beam runner"
+_SOLVERS = ("exact", "arnoldi", "cg", "lissa")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of ``influenciae score``."""
+    data = parser.add_argument_group("inputs and outputs")
+    data.add_argument("--model", required=True, help="saved .keras model (compiled with its loss, or see --loss)")
+    data.add_argument(
+        "--train", required=True, help="glob of the training TFRecord files (records with an 'index', 'x', 'y')"
+    )
+    data.add_argument("--output", "-o", required=True, help="output directory (parts, top_k.npz, _MANIFEST.json)")
+    data.add_argument("--state", required=True, help="solver state file: reused if present, else computed and saved")
+    data.add_argument("--test", help="glob of the test TFRecord files (to compute the state for --mode top_k)")
+    data.add_argument("--loss", help="Keras loss name instead of the compiled loss")
+    data.add_argument("--from-logits", action="store_true", help="with --loss: the model outputs logits")
+
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--mode", choices=("top_k", "self_influence", "vectors"), default="top_k")
+    scoring.add_argument("-k", type=_positive_int, default=10, help="examples kept per test example (default: 10)")
+    scoring.add_argument("--order", choices=("descending", "ascending"), default="descending")
+    scoring.add_argument("--batch-size", type=_positive_int, default=64, help="examples per batch and output part")
+
+    solver = parser.add_argument_group("solver state (computed only when --state does not exist)")
+    solver.add_argument("--solver", choices=_SOLVERS, default="exact", help="inverse-HVP solver (default: exact)")
+    solver.add_argument("--damping", type=_non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
+    solver.add_argument("--rank", type=_positive_int, default=50, help="eigenpairs kept by arnoldi (default: 50)")
+    solver.add_argument("--hessian-data", help="glob of the Hessian's TFRecord files (default: --train)")
+    solver.add_argument("--hessian-samples", type=_positive_int, help="use the first N examples for the Hessian")
+    solver.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multi_worker"),
+        default="default",
+        help="tf.distribute strategy of the Hessian products (multi_worker reads TF_CONFIG)",
+    )
+
+    engine = parser.add_argument_group("Beam runner")
+    engine.add_argument("--runner", default="DirectRunner", help="Beam runner (default: %(default)s)")
+    engine.add_argument("--num-workers", type=_positive_int, default=1, help="DirectRunner workers (default: 1)")
+    engine.add_argument(
+        "--direct-running-mode",
+        choices=("in_memory", "multi_threading", "multi_processing"),
+        default=None,
+        help="DirectRunner mode (default: multi_processing with several workers, else in_memory)",
+    )
+    engine.add_argument(
+        "--pipeline-options",
+        default="",
+        help='more Beam options in one string, e.g. "--project=p --region=r --temp_location=gs://b/tmp"',
+    )
+    engine.add_argument("--overwrite", action="store_true", help="replace a complete output of another job")
+
+
+def _strategy(name: str) -> Any:
+    from influenciae._backend import tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return None
+
+
+def _solver_state(args: argparse.Namespace) -> tuple[Any, str]:
+    """Load the state when it exists (checked against the model), else compute and save it."""
+    from influenciae.distributed.beam import copy_to, exists, local_copy
+    from influenciae.distributed.records import read_tfrecords
+    from influenciae.distributed.state import SolverState, load_influence_model
+    from influenciae.distributed.strategy import distributed_ihvp
+
+    model_path = local_copy(args.model, ".keras")  # the model and the state may live in gs://, s3://...
+    if exists(args.state):
+        model = load_influence_model(model_path, loss=args.loss, from_logits=args.from_logits)
+        return SolverState.load(local_copy(args.state, ".npz"), model=model), "reused"
+    if args.mode == "top_k" and not args.test:
+        raise ValueError("--mode top_k needs --test to compute the solver state (the test factors).")
+    if args.mode != "top_k" and args.solver not in ("exact", "arnoldi"):
+        raise ValueError(f"--mode {args.mode} needs a preconditioner: use --solver exact or --solver arnoldi.")
+    strategy = _strategy(args.strategy)
+    model = load_influence_model(model_path, loss=args.loss, from_logits=args.from_logits, strategy=strategy)
+    hessian_data = read_tfrecords(
+        args.hessian_data or args.train, batch_size=args.batch_size, limit=args.hessian_samples
+    )
+    options: dict[str, Any] = {}
+    if args.solver == "arnoldi":
+        rank = min(args.rank, model.nb_params)
+        options = {"subspace_dim": min(2 * rank, model.nb_params), "k_largest_eig_vals": rank}
+    ihvp = distributed_ihvp(strategy, model, hessian_data, args.solver, damping=args.damping, **options)
+    test = read_tfrecords(args.test, batch_size=args.batch_size) if args.test else None
+    state = SolverState.from_solver(model, ihvp, test_set=test)
+    if strategy is None or _is_chief(strategy):  # every worker computed it; the chief writes it, atomically
+        with tempfile.TemporaryDirectory() as directory:
+            copy_to(state.save(Path(directory) / "state.npz"), args.state)
+    return state, "computed"
+
+
+def _is_chief(strategy: Any) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is None or resolver.task_id in (0, None)
+
+
+def _pipeline_args(args: argparse.Namespace) -> list[str]:
+    pipeline = [f"--runner={args.runner}"]
+    if args.runner == "DirectRunner":
+        mode = args.direct_running_mode or ("multi_processing" if args.num_workers > 1 else "in_memory")
+        pipeline += [f"--direct_num_workers={args.num_workers}", f"--direct_running_mode={mode}"]
+    return pipeline + shlex.split(args.pipeline_options)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``influenciae score``; returns the exit code (0)."""
+    try:
+        from influenciae.distributed.beam import ScoringJob, is_complete, run_scoring
+    except ImportError as error:
+        raise ImportError(
+            "influenciae score runs on Apache Beam: pip install 'influenciae[beam]' (in an environment with "
+            f"protobuf < 7, see docs/distributed.md). ({error})"
+        ) from error
+
+    started = time.perf_counter()
+    state, how = _solver_state(args)
+    state_seconds = time.perf_counter() - started
+    print(
+        f"solver state {how}: {args.state} ({state.preconditioner} preconditioner, "
+        f"{0 if state.factors is None else state.factors.shape[0]} test factors, {state_seconds:.1f} s)"
+    )
+    job = ScoringJob(
+        input_pattern=args.train,
+        model_path=args.model,
+        state_path=args.state,
+        output_dir=args.output,
+        mode=args.mode,
+        k=args.k,
+        order=args.order,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        from_logits=args.from_logits,
+    )
+    already = is_complete(args.output)
+    started = time.perf_counter()
+    manifest = run_scoring(job, _pipeline_args(args), overwrite=args.overwrite)
+    summary = {
+        "output": args.output,
+        "mode": args.mode,
+        "num_examples": manifest["num_examples"],
+        "parts": len(manifest["parts"]),
+        "top_k": manifest["top_k"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "status": "complete output kept" if already and not args.overwrite else "scored",
+    }
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,305 @@
+"""The solver state: what a scoring worker needs besides the model, computed once, saved, and reloaded.
+
+Scoring a training example ``z`` is embarrassingly parallel once the expensive, global part, the inverse Hessian, is
+summarized in a few arrays that every worker loads:
+
+* a **preconditioner** that applies ``(H + λI)⁻¹`` to per-sample gradients without touching the data again: the
+  dense inverse ``[P, P]`` (from :class:`~influenciae.hessian.ExactIHVP`) or a low-rank eigendecomposition
+  ``(eigenvalues [r], eigenvectors [r, P])`` (from :class:`~influenciae.hessian.ArnoldiIHVP`). Influence vectors and
+  self-influence need it.
+* **test factors** ``H⁻¹∇ℓ(x)`` ``[m, P]`` of the test examples (any solver, including CG/LiSSA on a
+  ``tf.distribute`` strategy). Scores and top-k against those test examples need only them: one gradient per
+  training example and a matmul.
+
+The state is saved as one ``.npz`` file written atomically (temporary name, fsync, rename) with the fingerprint of
+the model's weights, so that a restarted job reloads it instead of recomputing it, and a state made with other
+weights is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from influenciae._backend import tf
+from influenciae.cache import fingerprint_arrays
+from influenciae.data import check_dataset
+from influenciae.hessian import ArnoldiIHVP, ExactIHVP, InverseHessianVectorProduct
+from influenciae.model import InfluenceModel
+
+__all__ = ["SolverState", "model_fingerprint", "load_influence_model"]
+
+_FORMAT = "influenciae.solver_state.v1"
+_PRECONDITIONERS = ("inverse", "eigen", "none")
+
+
+def model_fingerprint(model: InfluenceModel) -> str:
+    """Fingerprint of all the Keras model's weights (the same as the calculators' ``weights_fingerprint``)."""
+    return fingerprint_arrays(np.asarray(weight.numpy()) for weight in model.model.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverState:
+    """Preconditioner and test factors of one model, as arrays.
+
+    Attributes:
+        preconditioner: ``"inverse"`` (``inverse`` is ``(H + λI)⁻¹`` ``[P, P]``), ``"eigen"`` (``eigenvalues [r]`` and
+            orthonormal ``eigenvectors [r, P]`` of ``H + λI``) or ``"none"``.
+        weights_fingerprint: :func:`model_fingerprint` of the model the state was computed with.
+        configuration: The solver's settings (informative; stored in the file).
+        inverse: ``[P, P]`` or None.
+        eigenvalues: ``[r]`` or None.
+        eigenvectors: ``[r, P]`` or None.
+        factors: Test factors ``H⁻¹∇ℓ(x)`` ``[m, P]`` (test examples in dataset order) or None.
+
+    Example:
+        >>> state = SolverState.from_solver(im, ExactIHVP(im, train_ds, damping=1e-3), test_set=test_ds)
+        >>> state.save("runs/state.npz")
+        >>> state = SolverState.load("runs/state.npz", model=im)  # refused if the weights changed
+    """
+
+    preconditioner: str
+    weights_fingerprint: str
+    configuration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inverse: np.ndarray | None = None
+    eigenvalues: np.ndarray | None = None
+    eigenvectors: np.ndarray | None = None
+    factors: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.preconditioner not in _PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {_PRECONDITIONERS}, got {self.preconditioner!r}.")
+        if self.preconditioner == "inverse" and (self.inverse is None or self.inverse.ndim != 2):
+            raise ValueError("An 'inverse' preconditioner needs the dense inverse [P, P].")
+        if self.preconditioner == "eigen" and (
+            self.eigenvalues is None
+            or self.eigenvectors is None
+            or self.eigenvectors.ndim != 2
+            or self.eigenvalues.shape != (self.eigenvectors.shape[0],)
+        ):
+            raise ValueError("An 'eigen' preconditioner needs eigenvalues [r] and eigenvectors [r, P].")
+        if self.factors is not None and self.factors.ndim != 2:
+            raise ValueError(f"factors must have shape [m, P], got {self.factors.shape}.")
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_solver(
+        cls,
+        model: InfluenceModel,
+        ihvp: InverseHessianVectorProduct,
+        *,
+        test_set: tf.data.Dataset | None = None,
+        preconditioner: str = "auto",
+    ) -> SolverState:
+        """Summarize a solver (and optionally the test examples) as arrays.
+
+        Args:
+            model: The wrapped model.
+            ihvp: Any solver of the model (its ``solve`` computes the test factors).
+            test_set: Batched test dataset whose factors ``H⁻¹∇ℓ(x)`` are stored (needed for ``"top_k"`` scoring).
+            preconditioner: ``"auto"`` (``"inverse"`` for :class:`ExactIHVP`, ``"eigen"`` for
+                :class:`ArnoldiIHVP`, ``"none"`` otherwise), or one of those names.
+
+        Raises:
+            ValueError: For a preconditioner the solver cannot provide, or a solver of another model.
+        """
+        if ihvp.nb_params != model.nb_params:
+            raise ValueError(f"The solver works on {ihvp.nb_params} parameters, the model on {model.nb_params}.")
+        if preconditioner == "auto":
+            preconditioner = (
+                "inverse" if isinstance(ihvp, ExactIHVP) else "eigen" if isinstance(ihvp, ArnoldiIHVP) else "none"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        if preconditioner == "inverse":
+            if not isinstance(ihvp, ExactIHVP):
+                raise ValueError("preconditioner='inverse' needs an ExactIHVP solver (the dense inverse is P x P).")
+            identity = tf.eye(model.nb_params, dtype=ihvp.dtype)
+            inverse = ihvp.solve(identity).numpy()
+            arrays["inverse"] = (inverse + inverse.T) / 2.0
+        elif preconditioner == "eigen":
+            if not isinstance(ihvp, ArnoldiIHVP):
+                raise ValueError("preconditioner='eigen' needs an ArnoldiIHVP solver (its low-rank eigenpairs).")
+            arrays["eigenvalues"] = ihvp.eigenvalues.numpy()
+            arrays["eigenvectors"] = ihvp.eigenvectors.numpy()
+        elif preconditioner != "none":
+            raise ValueError(f"preconditioner must be 'auto' or one of {_PRECONDITIONERS}, got {preconditioner!r}.")
+        if test_set is not None:
+            check_dataset(test_set, name="test_set")
+            blocks = [ihvp.solve(model.batch_jacobian_tensor(batch)).numpy() for batch in test_set]
+            arrays["factors"] = np.concatenate(blocks) if blocks else np.zeros([0, model.nb_params])
+        return cls(
+            preconditioner=preconditioner,
+            weights_fingerprint=model_fingerprint(model),
+            configuration=_json_safe(ihvp.configuration()),
+            **arrays,
+        )
+
+    # ------------------------------------------------------------------ kernels
+
+    def check_model(self, model: InfluenceModel) -> None:
+        """Refuse a model whose weights differ from those the state was computed with.
+
+        Raises:
+            ValueError: If the fingerprints differ.
+        """
+        if model_fingerprint(model) != self.weights_fingerprint:
+            raise ValueError(
+                "The solver state was computed with other model weights: recompute it for this model "
+                "(delete the state file, or pass another --state path)."
+            )
+
+    def precondition(self, gradients: Any) -> tf.Tensor:
+        """``(H + λI)⁻¹ g`` for each row ``g`` of ``gradients [B, P]`` (``[B, P]``).
+
+        Raises:
+            ValueError: If the state has no preconditioner.
+        """
+        gradients = tf.convert_to_tensor(gradients)
+        if self.preconditioner == "inverse":
+            inverse = tf.constant(self.inverse, dtype=gradients.dtype)
+            return tf.matmul(gradients, inverse, transpose_b=True)
+        if self.preconditioner == "eigen":
+            vectors = tf.constant(self.eigenvectors, dtype=gradients.dtype)
+            values = tf.constant(self.eigenvalues, dtype=gradients.dtype)
+            return tf.matmul(tf.matmul(gradients, vectors, transpose_b=True) / values, vectors)
+        raise ValueError(
+            "This solver state has no preconditioner, so it cannot compute influence vectors or self-influence: "
+            "build it from an ExactIHVP (dense inverse) or ArnoldiIHVP (low rank) solver, or score with mode "
+            "'top_k' against test factors."
+        )
+
+    def factors_tensor(self, dtype: tf.DType) -> tf.Tensor:
+        """The test factors ``[m, P]`` as a tensor.
+
+        Raises:
+            ValueError: If the state has no test factors.
+        """
+        if self.factors is None:
+            raise ValueError(
+                "This solver state has no test factors, so it cannot score against test examples: build it with "
+                "SolverState.from_solver(..., test_set=test_ds)."
+            )
+        return tf.constant(self.factors, dtype=dtype)
+
+    @property
+    def nb_params(self) -> int:
+        """P, read from whichever array the state holds (0 when it holds none)."""
+        for array in (self.inverse, self.eigenvectors, self.factors):
+            if array is not None:
+                return int(array.shape[1])
+        return 0
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the state to one ``.npz`` file atomically (a crash never leaves a readable partial file)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": _FORMAT,
+            "preconditioner": self.preconditioner,
+            "weights_fingerprint": self.weights_fingerprint,
+            "configuration": self.configuration,
+        }
+        arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
+        for name in ("inverse", "eigenvalues", "eigenvectors", "factors"):
+            value = getattr(self, name)
+            if value is not None:
+                arrays[name] = np.asarray(value)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, model: InfluenceModel | None = None) -> SolverState:
+        """Read a state written by :meth:`save`, checked against ``model``'s weights when given.
+
+        Raises:
+            FileNotFoundError: If there is no file.
+            ValueError: If the file is not a solver state, or the model's weights differ.
+        """
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"No solver state at {source}.")
+        with np.load(source, allow_pickle=False) as archive:
+            if "meta" not in archive:
+                raise ValueError(f"{source} is not a solver state written by SolverState.save.")
+            meta = json.loads(str(archive["meta"]))
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{source} has format {meta.get('format')!r}, expected {_FORMAT!r}.")
+            arrays = {
+                name: archive[name] for name in ("inverse", "eigenvalues", "eigenvectors", "factors") if name in archive
+            }
+        state = cls(
+            preconditioner=meta["preconditioner"],
+            weights_fingerprint=meta["weights_fingerprint"],
+            configuration=meta.get("configuration", {}),
+            **arrays,
+        )
+        if model is not None:
+            state.check_model(model)
+        return state
+
+
+class _WithLogits:
+    """A Keras loss function called with ``from_logits=True`` (picklable, unlike a lambda)."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        return self.function(y_true, y_pred, from_logits=True)
+
+
+def load_influence_model(
+    path: str | os.PathLike[str],
+    *,
+    loss: str | None = None,
+    from_logits: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> InfluenceModel:
+    """Load a saved ``.keras`` model (under ``strategy.scope()`` when given) and wrap it.
+
+    Args:
+        path: The model file.
+        loss: ``None`` for the compiled loss, or a Keras loss name (``"sparse_categorical_crossentropy"``...).
+        from_logits: With a named cross-entropy: the model outputs logits.
+        strategy: A ``tf.distribute`` strategy whose scope mirrors the variables.
+    """
+    import contextlib as _contextlib
+    import warnings
+
+    from influenciae._backend import keras
+
+    scope = strategy.scope() if strategy is not None else _contextlib.nullcontext()
+    with scope, warnings.catch_warnings():
+        # the optimizer's state is irrelevant here; Keras warns when it was saved before the optimizer was built
+        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+        model = keras.models.load_model(os.fspath(path), compile=loss is None)
+    loss_function: Any = None
+    if loss is not None:
+        loss_function = keras.losses.get(loss)
+        if from_logits:
+            loss_function = _WithLogits(loss_function)
+    return InfluenceModel(model, loss_function=loss_function)
+
+
+def _json_safe(configuration: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(configuration, default=str))
