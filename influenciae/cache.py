@@ -58,7 +58,11 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 FORMAT_VERSION = 1
+"""Version of the on-disk layout written in every manifest; a cache of another version is refused."""
+
 MANIFEST_NAME = "manifest.json"
+"""File name of the manifest inside a disk-cache directory."""
+
 _MANIFEST_KIND = "influenciae.cache"
 _TEMPORARY_PREFIX = ".influenciae-tmp-"
 _SHARD_FILE_PATTERN = re.compile(r"^shard-(\d{6,})-([0-9a-f]{16})\.npz$")
