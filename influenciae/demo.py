@@ -24,9 +24,7 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import csv
 import dataclasses
 import html
 import json
@@ -47,6 +45,7 @@ from influenciae.evaluation.mislabeling import detection_curve, detection_metric
 from influenciae.hessian import registered_solvers
 from influenciae.influence import ArnoldiInfluenceCalculator, BaseInfluenceCalculator, FirstOrderInfluenceCalculator
 from influenciae.model import InfluenceModel
+from influenciae.report import CSS, html_table, image_tag, write_csv
 from influenciae.types import CACHE, ORDER
 
 __all__ = [
@@ -460,27 +459,31 @@ def _write_outputs(
 ) -> list[str]:
     from influenciae import plots
 
-    with open(output / "self_influence.csv", "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["index", "given_label", "true_label", "flipped", "self_influence", "loss"])
-        for index in range(data.given_labels.size):
-            writer.writerow(
-                [
-                    index,
-                    int(data.given_labels[index]),
-                    int(data.true_labels[index]),
-                    int(data.flipped[index]),
-                    repr(float(self_influence[index])),
-                    repr(float(losses[index])),
-                ]
-            )
-    with open(output / "top_k.csv", "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["test_index", "rank", "kind", "train_index", "score"])
-        for example in metrics["test_examples"]:
-            for kind in ("proponent", "opponent"):
-                for rank, item in enumerate(example[f"{kind}s"], start=1):
-                    writer.writerow([example["test_index"], rank, kind, item["train_index"], repr(item["score"])])
+    write_csv(
+        output / "self_influence.csv",
+        ["index", "given_label", "true_label", "flipped", "self_influence", "loss"],
+        (
+            [
+                index,
+                int(data.given_labels[index]),
+                int(data.true_labels[index]),
+                int(data.flipped[index]),
+                float(self_influence[index]),
+                float(losses[index]),
+            ]
+            for index in range(data.given_labels.size)
+        ),
+    )
+    write_csv(
+        output / "top_k.csv",
+        ["test_index", "rank", "kind", "train_index", "score"],
+        (
+            [example["test_index"], rank, kind, item["train_index"], float(item["score"])]
+            for example in metrics["test_examples"]
+            for kind in ("proponent", "opponent")
+            for rank, item in enumerate(example[f"{kind}s"], start=1)
+        ),
+    )
 
     suspects = np.argsort(-self_influence, kind="stable")[: config.num_suspicious]
     figures = {
@@ -551,52 +554,19 @@ def _proponents_figure(plots: Any, data: NoisyDigits, examples: list[dict[str, A
     return figure
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f3f3f3; }
-tr.flipped td { background: #fde8e6; }
-img { max-width: 100%; border: 1px solid #eee; }
-.note { color: #555; font-size: 0.9em; }
-"""
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], row_classes: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = []
-    for position, row in enumerate(rows):
-        css = f' class="{row_classes[position]}"' if row_classes and row_classes[position] else ""
-        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(_format(cell))}</td>" for cell in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _image_tag(images: dict[str, bytes], name: str) -> str:
-    encoded = base64.b64encode(images[name]).decode("ascii")
-    return f'<p><img src="data:image/png;base64,{encoded}" alt="{html.escape(name)}"></p>'
-
-
 def _report_html(metrics: dict[str, Any], suspicious: list[dict[str, Any]], images: dict[str, bytes]) -> str:
     detection, model, data, config = metrics["detection"], metrics["model"], metrics["data"], metrics["config"]
     found = detection["fraction_found"]
     difference = detection["auc"]["self_influence"] - detection["auc"]["loss"]
     names = {"self_influence": "self-influence", "loss": "training loss", "random": "random (expected)"}
-    summary = _table(
+    summary = html_table(
         ["ranking", "ROC AUC", "found @ 10 % inspected", "found @ 20 % inspected", "detection-curve AUC"],
         [
             [label, detection["auc"][key], found[key]["0.1"], found[key]["0.2"], detection["curve_auc"][key]]
             for key, label in names.items()
         ],
     )
-    setup = _table(
+    setup = html_table(
         ["setting", "value"],
         [
             ["training / test examples", f"{data['num_train']} / {data['num_test']}"],
@@ -613,7 +583,7 @@ def _report_html(metrics: dict[str, Any], suspicious: list[dict[str, Any]], imag
             ["seed / epochs", f"{config['seed']} / {config['epochs']}"],
         ],
     )
-    suspicious_table = _table(
+    suspicious_table = html_table(
         ["rank", "train index", "self-influence", "loss", "given", "predicted", "true", "flipped"],
         [
             [r["rank"], r["index"], r["self_influence"], r["loss"], r["given"], r["predicted"], r["true"], r["flipped"]]
@@ -641,11 +611,11 @@ def _report_html(metrics: dict[str, Any], suspicious: list[dict[str, Any]], imag
         test_sections.append(
             f"<h3>Test image #{example['test_index']}: true {example['true_label']}, "
             f"predicted {example['predicted_label']}</h3>"
-            + _table(["kind", "rank", "train index", "influence", "given", "true", "flipped"], rows, classes)
+            + html_table(["kind", "rank", "train index", "influence", "given", "true", "flipped"], rows, classes)
         )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>influenciae demo: digits with flipped labels</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>Influence functions on digits with flipped labels</h1>
 <p class="note">{data["num_flipped"]} of {data["num_train"]} training labels were flipped to another class before
 training. Every training example is ranked by its self-influence ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) (high = atypical or likely
@@ -656,13 +626,13 @@ is a <b>proponent</b> (helpful: removing it would raise the test loss); negative
 <p>Self-influence AUC minus training-loss AUC: <b>{difference:+.4f}</b>; rank correlation between the two scores:
 {detection["rank_correlation_self_influence_loss"]:.3f}.</p>
 {setup}
-{_image_tag(images, "detection_curve.png")}
+{image_tag(images, "detection_curve.png")}
 <h2>The {len(suspicious)} most suspicious training images</h2>
 <p class="note">Highest self-influence first; red rows and frames are flipped labels.</p>
-{_image_tag(images, "suspicious.png")}
+{image_tag(images, "suspicious.png")}
 {suspicious_table}
 <h2>Proponents and opponents of test images</h2>
-{_image_tag(images, "proponents_opponents.png")}
+{image_tag(images, "proponents_opponents.png")}
 {"".join(test_sections)}
 <p class="note">Files: {
         ", ".join(html.escape(name) for name in [*images, "self_influence.csv", "top_k.csv", "metrics.json"])

@@ -1,4 +1,4 @@
-"""Matplotlib figures for influence results: image grids, proponents/opponents and detection curves.
+"""Matplotlib figures for influence results: image grids, proponents/opponents, score histograms, detection curves.
 
 matplotlib is optional (``pip install 'influenciae[plots]'``) and imported only when a figure is drawn. Every function
 returns the :class:`matplotlib.figure.Figure`, so it displays in a notebook and saves with ``fig.savefig(path)``.
@@ -23,6 +23,7 @@ __all__ = [
     "plot_image_grid",
     "plot_proponents_opponents",
     "plot_detection_curve",
+    "plot_score_histogram",
     "new_figure",
     "save_figure",
     "require_matplotlib",
@@ -262,4 +263,56 @@ def plot_detection_curve(
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
+    return axis.figure
+
+
+def plot_score_histogram(
+    scores: Any,
+    *,
+    highlighted: Mapping[str, Sequence[float]] | None = None,
+    bins: int = 50,
+    title: str = "Distribution of scores",
+    xlabel: str = "score",
+    log_scale: bool = True,
+    axis: Any | None = None,
+) -> Any:
+    """A histogram of scores (e.g. the self-influence of every training example), with some scores marked.
+
+    Args:
+        scores: ``[n]`` finite scores (non-finite values are left out and counted in the title).
+        highlighted: Name -> scores to mark with vertical lines (e.g. ``{"top 10": values}``), one colour per name.
+        bins: Number of bins.
+        title: Title of the plot.
+        xlabel: Label of the x axis.
+        log_scale: Logarithmic counts (influence scores are heavy-tailed: a few examples dominate).
+        axis: Draw on this ``Axes``; a new figure when ``None``.
+
+    Returns:
+        The ``Figure`` holding the plot.
+
+    Example:
+        >>> fig = plot_score_histogram(self_influence, highlighted={"top 10": np.sort(self_influence)[-10:]})
+    """
+    values = np.asarray(scores, dtype=float).reshape(-1)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ValueError("plot_score_histogram needs at least one finite score.")
+    if not isinstance(bins, int) or bins <= 0:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}.")
+    if axis is None:
+        figure = new_figure((6.0, 3.6))
+        axis = figure.add_subplot()
+    axis.hist(finite, bins=bins, color="#4c72b0", alpha=0.85, log=log_scale)
+    colors = (OPPONENT_COLOR, PROPONENT_COLOR, "#7a4fa3", "#c77c02")
+    for position, (name, marks) in enumerate((highlighted or {}).items()):
+        color = colors[position % len(colors)]
+        for number, mark in enumerate(np.asarray(marks, dtype=float).reshape(-1)):
+            axis.axvline(mark, color=color, linewidth=0.8, alpha=0.7, label=name if number == 0 else None)
+    if highlighted:
+        axis.legend(loc="upper right")
+    dropped = values.size - finite.size
+    axis.set_title(title + (f" ({dropped} non-finite left out)" if dropped else ""))
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("examples" + (" (log scale)" if log_scale else ""))
+    axis.grid(alpha=0.3)
     return axis.figure

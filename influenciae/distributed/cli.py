@@ -29,6 +29,7 @@ from typing import Any
 __all__ = ["add_arguments", "run", "HELP"]
 
 HELP = "score a sharded training set (influence vectors, self-influence, top-k) on an Apache Beam runner"
+"""One-line help of the ``score`` subcommand."""
 _SOLVERS = ("exact", "arnoldi", "cg", "lissa")
 
 

@@ -51,6 +51,7 @@ Candidates = tuple[np.ndarray, np.ndarray]
 #: What a scoring pass produces per training example: the influence vector ``H⁻¹∇ℓ(z)``, the self-influence
 #: ``∇ℓ(z)ᵀH⁻¹∇ℓ(z)`` or the scores against the saved test factors ``H⁻¹∇ℓ(x)`` (with their top-k).
 SCORING_MODES = ("vectors", "self_influence", "top_k")
+"""What a scoring pass can produce: influence vectors, self-influence, or top-k against test transforms."""
 
 
 def hvp_sum(model: InfluenceModel, batch: Any, vectors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

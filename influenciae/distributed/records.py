@@ -29,6 +29,7 @@ from influenciae._backend import tf
 __all__ = ["INDEX_KEY", "write_sharded_tfrecords", "encode_record", "decode_records", "read_tfrecords", "list_files"]
 
 INDEX_KEY = "index"
+"""Feature name of the training index carried by every record."""
 _KEYS = ("x", "y", "sample_weight")
 
 
