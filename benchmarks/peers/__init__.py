@@ -1,0 +1,1 @@
+"""Speed and agreement against the peer libraries (``make bench-peers``); see ``run_peers.py``."""

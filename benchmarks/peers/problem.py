@@ -1,0 +1,223 @@
+"""The problem every library solves in the peer comparison, and the measurement protocol of the workers.
+
+This module is imported by the orchestrator (our ``.venv``) and by every worker, each in its own virtual environment
+(TensorFlow + tf_keras for Influenciae 0.3.0, torch for Captum and pyDVL), so it uses the standard library and NumPy
+only.
+
+The problem: scikit-learn's digits (64 pixels in ``[0, 1]``, 10 classes), an MLP ``64 → 8 (tanh) → 10`` (logits,
+``P = 610`` parameters) trained by our side with plain SGD on the mean cross-entropy, exported with its weights
+(final and per checkpoint) to one ``.npz`` file per training-set size. Every library evaluates that same function:
+
+* Keras ``Dense``: ``y = x @ kernel + bias`` with ``kernel [in, out]``.
+* torch ``nn.Linear``: ``y = x @ weight.T + bias`` with ``weight [out, in] = kernel.T``.
+
+so the torch workers load ``weight = kernel.T`` (:func:`torch_layers`) and tf_keras loads the kernels as they are.
+Influence conventions are converted to ours (``docs/benchmarks.md``, "Conventions") by :data:`SCALE_RULES` in
+``run_peers.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HIDDEN_UNITS = 8
+NUM_CLASSES = 10
+NUM_FEATURES = 64
+TEST_SIZE = 50
+TOP_K = 10
+BATCH_SIZE = 50  # every library reads the data in batches of this size (Hessian batches too)
+DAMPING = 0.05  # λ in (H + λI), H the Hessian of the MEAN training loss (its lowest eigenvalue is about -0.03)
+LEARNING_RATE = 0.1  # plain SGD, constant: the TracIn learning rate of every checkpoint
+CHECKPOINT_EPOCHS = (10, 20, 30)  # TracIn checkpoints; the last one is the final model
+CG_TOLERANCE = 1e-4  # relative residual (pyDVL's default; float32 stalls near 1e-6)
+CG_MAX_ITERATIONS = 500
+LISSA_DEPTH = 100  # a fixed number of full-batch LiSSA steps for every library (no early stop)
+ARNOLDI_SUBSPACE = 200  # Krylov dimension
+ARNOLDI_RANK = 50  # eigenpairs kept
+
+METHODS = ("exact", "cg", "lissa", "arnoldi", "tracin")
+TASKS = ("self", "matrix", "topk")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One training-set size of the problem, as exported by ``ours.py prepare``.
+
+    Attributes:
+        x_train: ``[N, 64]`` float32.
+        y_train: ``[N]`` int64 class labels.
+        x_test: ``[TEST_SIZE, 64]`` float32.
+        y_test: ``[TEST_SIZE]`` int64.
+        layers: ``[(kernel [in, out], bias [out]), ...]`` final weights, Keras layout.
+        checkpoints: One such list per TracIn checkpoint (the last equals ``layers``).
+        lissa_scale: The LiSSA scale ``s`` shared by every library (``1.1 λ_max(H + λI)``).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    checkpoints: list[list[tuple[np.ndarray, np.ndarray]]]
+    lissa_scale: float
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def num_params(self) -> int:
+        return sum(kernel.size + bias.size for kernel, bias in self.layers)
+
+
+def save_problem(path: str | os.PathLike, problem: Problem) -> None:
+    """Write ``problem`` to one ``.npz`` file."""
+    arrays: dict[str, np.ndarray] = {
+        "x_train": problem.x_train,
+        "y_train": problem.y_train,
+        "x_test": problem.x_test,
+        "y_test": problem.y_test,
+        "lissa_scale": np.asarray(problem.lissa_scale),
+        "num_checkpoints": np.asarray(len(problem.checkpoints)),
+    }
+    for prefix, layers in [("final", problem.layers)] + [(f"ckpt{c}", w) for c, w in enumerate(problem.checkpoints)]:
+        for index, (kernel, bias) in enumerate(layers):
+            arrays[f"{prefix}_kernel{index}"] = kernel
+            arrays[f"{prefix}_bias{index}"] = bias
+    np.savez(path, **arrays)
+
+
+def load_problem(path: str | os.PathLike) -> Problem:
+    """Read a problem written by :func:`save_problem`."""
+    with np.load(path) as data:
+
+        def layers(prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
+            count = sum(1 for name in data.files if name.startswith(f"{prefix}_kernel"))
+            return [(data[f"{prefix}_kernel{i}"], data[f"{prefix}_bias{i}"]) for i in range(count)]
+
+        return Problem(
+            x_train=data["x_train"],
+            y_train=data["y_train"],
+            x_test=data["x_test"],
+            y_test=data["y_test"],
+            layers=layers("final"),
+            checkpoints=[layers(f"ckpt{c}") for c in range(int(data["num_checkpoints"]))],
+            lissa_scale=float(data["lissa_scale"]),
+        )
+
+
+def torch_layers(layers: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(weight [out, in], bias [out])`` for ``nn.Linear``: the Keras kernel transposed."""
+    return [(np.ascontiguousarray(kernel.T), bias) for kernel, bias in layers]
+
+
+def torch_style_logits(layers: list[tuple[np.ndarray, np.ndarray]], inputs: np.ndarray) -> np.ndarray:
+    """The MLP's logits computed the way the torch workers do, from :func:`torch_layers` weights.
+
+    ``x @ weight.T + bias`` per layer, tanh between layers. Used by the tests to prove that the exported weights
+    reproduce the Keras outputs.
+    """
+    hidden = inputs
+    for index, (weight, bias) in enumerate(layers):
+        hidden = hidden @ weight.T + bias
+        if index + 1 < len(layers):
+            hidden = np.tanh(hidden)
+    return hidden
+
+
+def per_example_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``-log softmax(logits)[label]`` per row, computed stably."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -log_probabilities[np.arange(len(labels)), labels]
+
+
+# ---------------------------------------------------------------------- worker protocol
+
+
+@dataclass(frozen=True)
+class Job:
+    """One measurement: a library computes one task with one method at one training-set size.
+
+    Attributes:
+        problem: Path of the ``.npz`` problem.
+        method: One of :data:`METHODS`.
+        task: ``"self"`` (self-influence of the training set), ``"matrix"`` (test × train scores) or ``"topk"``
+            (the :data:`TOP_K` most positive training examples of every test example).
+        output: Path prefix of the result files (``.json`` report, ``.npz`` scores).
+        train_limit: Score only the first ``train_limit`` training examples (the Hessian still uses all of
+            them); for peers too slow to run the whole set. ``None``: all.
+    """
+
+    problem: str
+    method: str
+    task: str
+    output: str
+    train_limit: int | None = None
+
+    def to_arguments(self) -> list[str]:
+        arguments = ["--problem", self.problem, "--method", self.method, "--task", self.task, "--output", self.output]
+        if self.train_limit is not None:
+            arguments += ["--train-limit", str(self.train_limit)]
+        return arguments
+
+
+def parse_job(argv: list[str] | None = None) -> Job:
+    parser = argparse.ArgumentParser(description="Run one peer-comparison measurement.")
+    parser.add_argument("--problem", required=True)
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--train-limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    return Job(args.problem, args.method, args.task, args.output, args.train_limit)
+
+
+def peak_rss_mib() -> float:
+    """High-water resident set size of this process so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_job(
+    job: Job, setup: Callable[[Problem, Job], Any], compute: Callable[[Any, Job], dict[str, np.ndarray]]
+) -> None:
+    """Load, set up (untimed), compute (timed), and write the report and the scores.
+
+    ``setup`` builds the models and datasets (framework imports and model loading are excluded from the time);
+    ``compute`` does everything else, solver construction (Hessian, factorization, Arnoldi) included, and returns
+    numpy arrays: ``{"scores": ...}`` for ``self``/``matrix``, ``{"indices": ..., "values": ...}`` for ``topk``.
+    """
+    problem = load_problem(job.problem)
+    state = setup(problem, job)
+    rss_before = peak_rss_mib()
+    start = time.perf_counter()
+    result = compute(state, job)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mib()
+    np.savez(job.output + ".npz", **{name: np.asarray(value) for name, value in result.items()})
+    report = {
+        "seconds": seconds,
+        "peak_rss_mib": peak,
+        "rss_before_mib": rss_before,
+        "num_train": problem.num_train,
+        "train_limit": job.train_limit,
+    }
+    Path(job.output + ".json").write_text(json.dumps(report), encoding="utf-8")
+    print(json.dumps(report), file=sys.stderr)
+
+
+def scored_train(problem: Problem, job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """The training examples that are scored (the first ``train_limit``, or all)."""
+    limit = problem.num_train if job.train_limit is None else min(job.train_limit, problem.num_train)
+    return problem.x_train[:limit], problem.y_train[:limit]
