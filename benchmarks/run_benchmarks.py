@@ -6,7 +6,9 @@ From the repository root::
 
 A section module lives in this package and exposes ``run(*, repeats: int) -> list[Section]``; list it in
 ``SECTION_MODULES`` and the report picks it up. Speed is reported as ratios of medians measured in the same
-run (DESIGN.md §5), never as absolute timings to assert: the machine changes, the ratios should not.
+run (DESIGN.md §5), never as absolute timings to assert: the machine changes, the ratios should not. The block
+between ``<!-- peers:begin -->`` and ``<!-- peers:end -->`` of the output file, written by ``make bench-peers``
+(``benchmarks/peers/run_peers.py``), is carried over unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 # Section modules, in report order.
-SECTION_MODULES = {"core": "benchmarks.core", "influence": "benchmarks.influence"}
+SECTION_MODULES = {
+    "core": "benchmarks.core",
+    "influence": "benchmarks.influence",
+    "curvature": "benchmarks.curvature",
+    "curvature_query": "benchmarks.curvature_query",
+    "distributed": "benchmarks.distributed",
+}
 COMMAND = ".venv/bin/python benchmarks/run_benchmarks.py --output docs/benchmarks.md"
 DEFAULT_REPEATS = 5
 MIN_SECONDS = 2.0  # fast comparisons get more rounds, up to MAX_REPEATS
@@ -275,8 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is None:
         print(report)
     else:
+        from benchmarks.peers.blocks import preserve_block
+
+        # The peer comparison (`make bench-peers`) owns a delimited block of the same file: keep it.
+        previous = args.output.read_text(encoding="utf-8") if args.output.is_file() else None
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report, encoding="utf-8")
+        args.output.write_text(preserve_block(report, previous), encoding="utf-8")
         log(f"wrote {args.output}")
     return 0
 

@@ -4,11 +4,19 @@ The public API; heavy optional pieces (plots, faiss, benchmarks) are imported la
 """
 
 from influenciae.hessian import (
+    EKFACIHVP,
+    KFACIHVP,
     ArnoldiIHVP,
     ConjugateGradientDescentIHVP,
+    DiagonalIHVP,
+    EmpiricalFisherOperator,
     ExactIHVP,
+    FisherOperator,
+    GaussNewtonOperator,
+    IdentityIHVP,
     InverseHessianVectorProduct,
     LissaIHVP,
+    NystromIHVP,
 )
 from influenciae.influence import (
     ArnoldiInfluenceCalculator,
@@ -33,7 +41,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CACHE",
+    "EKFACIHVP",
+    "KFACIHVP",
     "ORDER",
+    "DiagonalIHVP",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GaussNewtonOperator",
+    "IdentityIHVP",
+    "NystromIHVP",
     "ArnoldiIHVP",
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",

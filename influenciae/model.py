@@ -53,6 +53,13 @@ class InfluenceModel:
             ``"forward_over_backward"`` (a ``ForwardAccumulator`` around a ``GradientTape``, vectorized with
             ``tf.vectorized_map``). Both are exact; ``docs/benchmarks.md`` measures them and back-over-back was
             as fast or faster on every model measured, so it is the default.
+        gradient_dtype: ``"bfloat16"`` or ``"float16"`` to produce per-sample gradients in low precision: each
+            example's gradient is rounded to this dtype where it is computed, inside the vectorized map, and
+            :meth:`batch_jacobian_tensor` hands the block back in the model's dtype so that every consumer
+            (kernels, Hessians, factors, matmuls) accumulates in float32/float64. ``None`` (default) keeps the
+            model's dtype. For low-precision arithmetic in the forward and backward passes too, build the model
+            under a Keras mixed-precision policy (``"mixed_bfloat16"``); ``docs/theory.md`` (Mixed precision)
+            measures the fidelity of both against float32.
 
     Example:
         >>> im = InfluenceModel(model, loss_function=keras.losses.SparseCategoricalCrossentropy(
@@ -72,6 +79,7 @@ class InfluenceModel:
         memory_budget: int = _DEFAULT_MEMORY_BUDGET,
         hvp_chunk_size: int = 16,
         hvp_mode: str = "back_over_back",
+        gradient_dtype: str | tf.DType | None = None,
     ) -> None:
         _check_model(model)
         self.model = model
@@ -92,7 +100,9 @@ class InfluenceModel:
         budget_rows = max(1, memory_budget // (self.nb_params * self.dtype.size))
         self.chunk_size = max_chunk_size or budget_rows
         self.hvp_chunk_size = hvp_chunk_size
+        self.gradient_dtype = _resolve_gradient_dtype(gradient_dtype, self.dtype)
         self._checked_signatures: set[str] = set()
+        self._shared_functions: dict[Any, Callable[..., Any]] = {}
         self._loss_fn = tf.function(self._per_example_loss, reduce_retracing=True)
         self._jacobian_fn = tf.function(self._jacobian, reduce_retracing=True)
         self._gradient_fn = tf.function(self._gradient_sum, reduce_retracing=True)
@@ -100,6 +110,9 @@ class InfluenceModel:
         self._perturbation_fn = tf.function(self._perturbation, reduce_retracing=True)
         self._regularization_hvp_fn = tf.function(self._regularization_hvp, reduce_retracing=True)
         self._regularization_gradient_fn = tf.function(self._regularization_gradient, reduce_retracing=True)
+        self._outputs_fn = tf.function(self._outputs, reduce_retracing=True)
+        self._output_jvp_fn = tf.function(self._output_jvp, reduce_retracing=True)
+        self._output_vjp_fn = tf.function(self._output_vjp, reduce_retracing=True)
 
     # ------------------------------------------------------------------ flat parameter vectors
 
@@ -147,7 +160,8 @@ class InfluenceModel:
         """Per-sample gradients ``∇_θ w_i ℓ(z_i; θ)`` of a batch, vectorized and chunked.
 
         Computed with one ``GradientTape`` per example inside ``tf.vectorized_map``, ``chunk_size`` examples at a
-        time so memory stays ``O(chunk_size × nb_params)``.
+        time so memory stays ``O(chunk_size × nb_params)``. With ``gradient_dtype`` set, each gradient is rounded
+        to that dtype as it is produced and the result is returned in the model's dtype.
 
         Args:
             batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)`` with ``batch`` examples.
@@ -157,15 +171,16 @@ class InfluenceModel:
         """
         inputs, targets, weights = self._prepare(batch)
         if tf.inside_function():
-            return self._jacobian(inputs, targets, weights)
+            return tf.cast(self._jacobian(inputs, targets, weights), self.dtype)
         size = int(tf.shape(weights)[0])
         if size <= self.chunk_size:
-            return self._jacobian_fn(inputs, targets, weights)
+            return tf.cast(self._jacobian_fn(inputs, targets, weights), self.dtype)
         chunks = []
         for start in range(0, size, self.chunk_size):
             part = _slice((inputs, targets, weights), start, start + self.chunk_size)
             chunks.append(self._jacobian_fn(*part))
-        return tf.concat(chunks, axis=0)
+        # chunks stay in gradient_dtype until here: the accumulation dtype is the model's
+        return tf.cast(tf.concat(chunks, axis=0), self.dtype)
 
     def batch_gradient(self, batch: Any) -> tf.Tensor:
         """Gradient of the batch's mean loss ``(1/B) Σ_i ∇_θ w_i ℓ(z_i; θ)`` (no regularization term).
@@ -233,11 +248,128 @@ class InfluenceModel:
             return tf.zeros_like(vectors)
         return self._map_vector_chunks(self._regularization_hvp_fn, vectors)
 
+    # ------------------------------------------------------------------ outputs (Gauss-Newton and Fisher curvatures)
+
+    def shared_function(self, key: Any, build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+        """A function built once per ``key`` for this model and reused, e.g. a ``tf.function`` of a curvature product.
+
+        Tracing dominates the first product of a new ``tf.function``; operators of the same model and settings
+        (one per solver, calculator or test) share one traced function through this.
+
+        Args:
+            key: A hashable description of everything the function depends on besides its tensor arguments.
+            build: Creates the function the first time ``key`` is seen.
+        """
+        if key not in self._shared_functions:
+            self._shared_functions[key] = build()
+        return self._shared_functions[key]
+
+    @property
+    def loss_family(self) -> str | None:
+        """The loss when it is one whose output-space Hessian has a closed form, else ``None``.
+
+        ``"softmax_cross_entropy"`` (Keras (sparse) categorical cross-entropy with ``from_logits=True``),
+        ``"sigmoid_cross_entropy"`` (binary cross-entropy with ``from_logits=True``) or ``"squared_error"``
+        (mean squared error). Curvature operators use it to skip differentiating the loss twice.
+        """
+        return _loss_family(self.loss_function)
+
+    def batch_outputs(self, batch: Any) -> tf.Tensor:
+        """The model's outputs ``o_i = f(x_i; θ)`` on a batch (what the loss receives as ``y_pred``).
+
+        Args:
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)`` with ``batch`` examples.
+
+        Returns:
+            Tensor ``[batch, *output_shape]`` in the model's dtype.
+        """
+        inputs, _, _ = self._prepare(batch)
+        return self._outputs(inputs) if tf.inside_function() else self._outputs_fn(inputs)
+
+    def loss_from_outputs(self, outputs: Any, targets: Any, weights: Any | None = None) -> tf.Tensor:
+        """Per-example losses ``w_i ℓ(y_i, o_i)`` as a differentiable function of the outputs ``o``.
+
+        Args:
+            outputs: ``[batch, *output_shape]``, e.g. from :meth:`batch_outputs`.
+            targets: The batch's targets ``[batch, ...]``.
+            weights: Sample weights ``[batch]`` (``None`` for ones).
+
+        Returns:
+            Tensor ``[batch]`` in the model's dtype; ``batch_loss(batch) == loss_from_outputs(batch_outputs(batch),
+            targets, weights)``.
+        """
+        outputs = tf.cast(_single_output(outputs), self.dtype)
+        if weights is None:
+            weights = tf.ones(tf.shape(outputs)[:1], self.dtype)
+        return self._loss_from_outputs(outputs, targets, tf.cast(tf.reshape(weights, [-1]), self.dtype))
+
+    def batch_output_jvp(self, batch: Any, vectors: tf.Tensor) -> tf.Tensor:
+        """Directional derivatives of the outputs along each parameter vector, ``J_i v`` for every example ``i``.
+
+        Forward-mode (a ``ForwardAccumulator``), vectorized over the rows of ``vectors`` in chunks of
+        ``hvp_chunk_size``.
+
+        Args:
+            batch: ``(inputs, targets[, sample_weight])`` with ``batch`` examples.
+            vectors: Tensor ``[n, nb_params]``.
+
+        Returns:
+            Tensor ``[n, batch, *output_shape]`` in the model's dtype.
+        """
+        inputs, _, _ = self._prepare(batch)
+        vectors = self._check_vectors(vectors)
+        if tf.inside_function():
+            return self._output_jvp(inputs, vectors)
+        return self._map_vector_chunks(lambda block: self._output_jvp_fn(inputs, block), vectors)
+
+    def batch_output_vjp(self, batch: Any, cotangents: tf.Tensor) -> tf.Tensor:
+        """Pull output-space vectors back to the parameters, summed over the batch: ``Σ_i J_iᵀ u_i``.
+
+        Reverse-mode, vectorized over the leading axis of ``cotangents`` in chunks of ``hvp_chunk_size``.
+
+        Args:
+            batch: ``(inputs, targets[, sample_weight])`` with ``batch`` examples.
+            cotangents: Tensor ``[n, batch, *output_shape]``: ``n`` output-space vectors per example.
+
+        Returns:
+            Tensor ``[n, nb_params]``.
+        """
+        inputs, _, _ = self._prepare(batch)
+        cotangents = tf.convert_to_tensor(cotangents)
+        if cotangents.shape.rank is None or cotangents.shape.rank < 2:
+            raise ValueError(f"cotangents must have shape [n, batch, *output_shape], got {cotangents.shape}.")
+        cotangents = tf.cast(cotangents, self.dtype)
+        if tf.inside_function():
+            return self._output_vjp(inputs, cotangents)
+        return self._map_vector_chunks(lambda block: self._output_vjp_fn(inputs, block), cotangents)
+
     # ------------------------------------------------------------------ graph-side implementations
 
+    def _outputs(self, inputs: Any) -> tf.Tensor:
+        return tf.cast(_single_output(self.model(inputs, training=False)), self.dtype)
+
+    def _output_jvp(self, inputs: Any, vectors: tf.Tensor) -> tf.Tensor:
+        def one_vector(vector: tf.Tensor) -> tf.Tensor:
+            with tf.autodiff.ForwardAccumulator(self._watched, self.unflatten(vector)) as accumulator:
+                outputs = _single_output(self.model(inputs, training=False))
+            return tf.cast(accumulator.jvp(outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO), self.dtype)
+
+        return tf.vectorized_map(one_vector, vectors)
+
+    def _output_vjp(self, inputs: Any, cotangents: tf.Tensor) -> tf.Tensor:
+        count = tf.shape(cotangents)[0]
+        with tf.GradientTape() as tape:
+            tape.watch(self._watched)
+            outputs = tf.cast(_single_output(self.model(inputs, training=False)), self.dtype)
+            projections = tf.reduce_sum(tf.reshape(cotangents, [count, -1]) * tf.reshape(outputs, [1, -1]), axis=1)
+        rows = tape.jacobian(projections, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.concat([tf.reshape(row, [count, -1]) for row in rows], axis=1)
+
     def _per_example_loss(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
-        predictions = self.model(inputs, training=False)
-        losses = tf.cast(tf.convert_to_tensor(self.loss_function(targets, predictions)), self.dtype)
+        return self._loss_from_outputs(self.model(inputs, training=False), targets, weights)
+
+    def _loss_from_outputs(self, outputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        losses = tf.cast(tf.convert_to_tensor(self.loss_function(targets, outputs)), self.dtype)
         rank = losses.shape.rank
         if rank is not None and rank > 1:  # e.g. per-pixel losses: mean over the non-batch axes, like Keras
             losses = tf.reduce_mean(losses, axis=list(range(1, rank)))
@@ -250,7 +382,7 @@ class InfluenceModel:
                 tape.watch(self._watched)
                 loss = tf.reduce_sum(self._per_example_loss(*single))
             gradients = tape.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return self.flatten(gradients)
+            return tf.cast(self.flatten(gradients), self.gradient_dtype)
 
         return tf.vectorized_map(one_example, (inputs, targets, weights))
 
@@ -425,6 +557,52 @@ class InfluenceModel:
 
 def _slice(structure: Any, start: int, stop: int) -> Any:
     return tf.nest.map_structure(lambda t: t[start:stop], structure)
+
+
+def _single_output(outputs: Any) -> tf.Tensor:
+    if not isinstance(outputs, tf.Tensor):
+        flat = tf.nest.flatten(outputs)
+        if len(flat) != 1:
+            raise ValueError(
+                f"Gauss-Newton and Fisher curvatures need a model with one output tensor, got {len(flat)} outputs. "
+                "Use curvature='hessian', or wrap the model so that it returns one tensor."
+            )
+        outputs = flat[0]
+    return tf.convert_to_tensor(outputs)
+
+
+def _resolve_gradient_dtype(gradient_dtype: Any, dtype: tf.DType) -> tf.DType:
+    if gradient_dtype is None:
+        return dtype
+    try:
+        resolved = tf.as_dtype(gradient_dtype)
+    except TypeError as error:
+        raise ValueError(f"gradient_dtype must be 'bfloat16', 'float16' or None, got {gradient_dtype!r}.") from error
+    if not resolved.is_floating or resolved.size > dtype.size:
+        raise ValueError(
+            f"gradient_dtype must be a floating dtype no wider than the weights' {dtype.name} (e.g. 'bfloat16' or "
+            f"'float16'), got {resolved.name}; per-sample gradients are always accumulated in {dtype.name}."
+        )
+    return resolved
+
+
+def _loss_family(loss_function: Any) -> str | None:
+    loss_classes = tuple(cls for cls in (keras.losses.Loss, _legacy_loss_class()) if cls is not None)
+    if not isinstance(loss_function, loss_classes):
+        return None
+    config: dict[str, Any] = dict(loss_function.get_config())  # type: ignore[union-attr]
+    name = type(loss_function).__name__
+    last_axis = config.get("axis", -1) in (-1, None)
+    from_logits = bool(config.get("from_logits", False))
+    if name in ("SparseCategoricalCrossentropy", "CategoricalCrossentropy"):
+        if from_logits and last_axis and config.get("ignore_class") is None:
+            return "softmax_cross_entropy"
+    elif name == "BinaryCrossentropy":
+        if from_logits and last_axis:
+            return "sigmoid_cross_entropy"
+    elif name == "MeanSquaredError":
+        return "squared_error"
+    return None
 
 
 def _check_model(model: Any) -> None:

@@ -222,6 +222,9 @@ def test_exact_refuses_singular_and_indefinite_hessians():
     np.testing.assert_allclose(
         ExactIHVP(None, operator=SINGULAR, damping=1.0).solve(np.ones(3)).numpy()[0], [1 / 3, 0.5, 1.0]
     )
+    np.testing.assert_allclose(  # NumPy scalars (e.g. a damping computed from eigenvalues) are numbers too
+        ExactIHVP(None, operator=SINGULAR, damping=np.float32(1.0)).solve(np.ones(3)).numpy()[0], [1 / 3, 0.5, 1.0]
+    )
 
 
 def test_iterative_solvers_refuse_indefinite_hessians():
@@ -256,7 +259,17 @@ def test_bad_arguments_are_refused():
         ConjugateGradientDescentIHVP(influence_model)
     with pytest.raises(TypeError, match="tf.data.Dataset"):
         ExactIHVP(influence_model, (x, y))
-    assert registered_solvers() == ["arnoldi", "cg", "exact", "lissa"]
+    assert registered_solvers() == [
+        "arnoldi",
+        "cg",
+        "diagonal",
+        "ekfac",
+        "exact",
+        "identity",
+        "kfac",
+        "lissa",
+        "nystrom",
+    ]
 
 
 def test_hvp_modes_agree_on_a_cnn():

@@ -1,23 +1,47 @@
-"""Hessian operators and inverse-Hessian-vector-product solvers."""
+"""Hessian, Gauss-Newton and Fisher operators and the inverse-Hessian-vector-product solvers."""
 
 from influenciae.hessian.arnoldi import ArnoldiIHVP
 from influenciae.hessian.base import InverseHessianVectorProduct, get_ihvp, registered_solvers
 from influenciae.hessian.conjugate_gradient import ConjugateGradientDescentIHVP, ConvergenceInfo
+from influenciae.hessian.diagonal import DiagonalIHVP, IdentityIHVP
 from influenciae.hessian.exact import ExactIHVP
+from influenciae.hessian.ggn import (
+    CURVATURES,
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GaussNewtonOperator,
+    curvature_operator,
+)
+from influenciae.hessian.kfac import EKFACIHVP, KFACIHVP, BlockDiagonalIHVP, CurvatureBlock
 from influenciae.hessian.lissa import LissaIHVP, largest_eigenvalue
+from influenciae.hessian.nystrom import NystromIHVP
 from influenciae.hessian.operator import DampedOperator, HessianOperator, RowOperator, as_row_operator, damped
 
 __all__ = [
+    "CURVATURES",
+    "EKFACIHVP",
+    "KFACIHVP",
     "ArnoldiIHVP",
+    "BlockDiagonalIHVP",
     "ConjugateGradientDescentIHVP",
     "ConvergenceInfo",
+    "CurvatureBlock",
+    "CurvatureOperator",
     "DampedOperator",
+    "DiagonalIHVP",
+    "EmpiricalFisherOperator",
     "ExactIHVP",
+    "FisherOperator",
+    "GaussNewtonOperator",
     "HessianOperator",
+    "IdentityIHVP",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "NystromIHVP",
     "RowOperator",
     "as_row_operator",
+    "curvature_operator",
     "damped",
     "get_ihvp",
     "largest_eigenvalue",

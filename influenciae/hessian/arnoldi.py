@@ -30,6 +30,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         damping: λ ≥ 0.
         seed: Seed of the random start vector.
         operator: See :class:`InverseHessianVectorProduct`.
+        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
+            inverted (see :mod:`influenciae.hessian.ggn`).
+        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
 
     Attributes:
         eigenvalues: ``[k]`` kept eigenvalues of ``H + λI`` (computed lazily).
@@ -51,8 +54,17 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         *,
         seed: int = 0,
         operator: Any | None = None,
+        curvature: str = "hessian",
+        curvature_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, dataset, damping=damping, operator=operator)
+        super().__init__(
+            model,
+            dataset,
+            damping=damping,
+            operator=operator,
+            curvature=curvature,
+            curvature_options=curvature_options,
+        )
         subspace_dim = min(self.nb_params, 200) if subspace_dim is None else subspace_dim
         k_largest_eig_vals = subspace_dim if k_largest_eig_vals is None else k_largest_eig_vals
         if not isinstance(subspace_dim, int) or not 0 < subspace_dim <= self.nb_params:

@@ -1,8 +1,9 @@
 """The inverse-Hessian-vector-product interface and the registry every solver joins.
 
 A solver sees a symmetric operator and vectors, nothing else: the constructor turns ``(model, dataset)`` into a
-:class:`~influenciae.hessian.operator.HessianOperator` once, at the boundary, and the solver's private hook
-``_solve`` only ever calls ``self.operator.matmul_rows``.
+curvature operator once, at the boundary (the :class:`~influenciae.hessian.operator.HessianOperator` by default, or
+a Gauss-Newton or Fisher operator of :mod:`influenciae.hessian.ggn` with ``curvature=...``), and the solver's
+private hook ``_solve`` only ever calls ``self.operator.matmul_rows``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.hessian.operator import HessianOperator, RowOperator, as_row_operator, damped
+from influenciae.hessian.ggn import curvature_of, curvature_operator
+from influenciae.hessian.operator import RowOperator, as_row_operator, damped
 from influenciae.model import InfluenceModel
 
 __all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers"]
@@ -28,6 +30,14 @@ class InverseHessianVectorProduct(abc.ABC):
         damping: Non-negative λ added to the diagonal, ``H + λI``.
         operator: Use this symmetric operator (a ``RowOperator``, a ``tf.linalg.LinearOperator`` or a dense
             matrix) instead of the Hessian of ``model`` over ``dataset``; ``model``/``dataset`` may then be None.
+        curvature: The matrix the solver inverts: ``"hessian"`` (default), ``"ggn"`` (generalized Gauss-Newton),
+            ``"fisher"`` (true Fisher) or ``"empirical_fisher"``; see :mod:`influenciae.hessian.ggn`. Every
+            registered solver accepts it through :func:`get_ihvp` (and the calculators' ``curvature=``).
+        curvature_options: Options of the curvature operator, e.g. ``{"estimator": "sampled", "num_samples": 4}``
+            for the Fisher.
+
+    Attributes:
+        curvature: The curvature's name (``"operator"`` for an explicit operator that is none of them).
 
     Subclasses register under a name (``class CG(InverseHessianVectorProduct, name="cg")``) and implement
     ``_solve(vectors [n, P]) -> [n, P]`` using only ``self.operator``.
@@ -49,6 +59,8 @@ class InverseHessianVectorProduct(abc.ABC):
         *,
         damping: float = 0.0,
         operator: Any | None = None,
+        curvature: str = "hessian",
+        curvature_options: dict[str, Any] | None = None,
     ) -> None:
         if operator is None:
             if model is None or dataset is None:
@@ -56,22 +68,33 @@ class InverseHessianVectorProduct(abc.ABC):
                     f"{type(self).__name__} needs a model and a dataset to build the Hessian "
                     "(or an explicit operator=...)."
                 )
-            base = HessianOperator(model, dataset)
+            base = curvature_operator(curvature, model, dataset, **(curvature_options or {}))
         else:
+            if curvature != "hessian" or curvature_options:
+                raise ValueError(
+                    "Pass either operator=... or curvature=..., not both: an explicit operator is the curvature."
+                )
             base = as_row_operator(operator)
         self.model = model
         self.damping = damping
         self.hessian: RowOperator = base
         self.operator: RowOperator = damped(base, damping)
+        self.curvature = curvature_of(base)
 
     def configuration(self) -> dict[str, Any]:
-        """The solver's name and scalar settings (stored in cache manifests so different settings never mix)."""
+        """The solver's name and scalar settings (stored in cache manifests so different settings never mix).
+
+        Includes the curvature (``"curvature"``) and, for Gauss-Newton and Fisher operators, their options
+        (``"curvature_options"``).
+        """
         settings = {
             name: value
             for name, value in vars(self).items()
             if not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
         }
-        return {"name": self.name, **settings}
+        described = getattr(self.hessian, "configuration", None)
+        options = {key: value for key, value in described().items() if key != "curvature"} if described else {}
+        return {"name": self.name, **settings, **({"curvature_options": options} if options else {})}
 
     @property
     def nb_params(self) -> int:
@@ -139,13 +162,14 @@ def get_ihvp(
     dataset: tf.data.Dataset | None,
     **kwargs: Any,
 ) -> InverseHessianVectorProduct:
-    """Resolve a solver given by name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``) or instance.
+    """Resolve a solver given by name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ...) or instance.
 
     Args:
         spec: A registered name or an already built solver (returned as is).
         model: The wrapped model.
         dataset: The Hessian dataset.
-        **kwargs: Options for the solver's constructor (e.g. ``damping``).
+        **kwargs: Options for the solver's constructor (e.g. ``damping``), and ``curvature``/``curvature_options``
+            for every solver: the curvature operator is built here and handed to the solver as its operator.
 
     Raises:
         ValueError: For an unknown name.
@@ -158,6 +182,15 @@ def get_ihvp(
     if isinstance(spec, str):
         if spec not in InverseHessianVectorProduct._registry:
             raise ValueError(f"Unknown inverse-HVP solver {spec!r}; choose one of {registered_solvers()}.")
+        curvature = kwargs.pop("curvature", "hessian")
+        curvature_options = kwargs.pop("curvature_options", None)
+        if curvature != "hessian" or curvature_options:
+            if kwargs.get("operator") is not None:
+                raise ValueError("Pass either operator=... or curvature=..., not both.")
+            if model is None or dataset is None:
+                raise ValueError(f"curvature={curvature!r} needs a model and a dataset.")
+            # through `operator`, so that every solver takes a curvature whatever its own signature
+            kwargs["operator"] = curvature_operator(curvature, model, dataset, **(curvature_options or {}))
         return InverseHessianVectorProduct._registry[spec](model, dataset, **kwargs)
     raise TypeError(
         f"ihvp_calculator must be a solver name {registered_solvers()} or an InverseHessianVectorProduct, "

@@ -47,6 +47,9 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         preconditioner: Optional ``M ≈ (H+λI)⁻¹``: a callable on rows ``[n, P] -> [n, P]``, a
             ``tf.linalg.LinearOperator`` or a dense matrix.
         operator: See :class:`InverseHessianVectorProduct`.
+        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
+            inverted (see :mod:`influenciae.hessian.ggn`).
+        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
 
     Attributes:
         info: :class:`ConvergenceInfo` of the last :meth:`solve`.
@@ -66,8 +69,17 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         max_iterations: int | None = None,
         preconditioner: Any | None = None,
         operator: Any | None = None,
+        curvature: str = "hessian",
+        curvature_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, dataset, damping=damping, operator=operator)
+        super().__init__(
+            model,
+            dataset,
+            damping=damping,
+            operator=operator,
+            curvature=curvature,
+            curvature_options=curvature_options,
+        )
         if not tolerance > 0:
             raise ValueError(f"tolerance must be positive, got {tolerance!r}.")
         if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations <= 0):

@@ -28,6 +28,9 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         allow_indefinite: Accept negative eigenvalues with ``method="eigh"``.
         max_params: Refuse to form a dense matrix beyond this many parameters (P² memory).
         operator: See :class:`InverseHessianVectorProduct`.
+        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
+            inverted (see :mod:`influenciae.hessian.ggn`).
+        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
 
     Example:
         >>> ihvp = ExactIHVP(im, train_ds, damping=1e-3)
@@ -44,8 +47,17 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         allow_indefinite: bool = False,
         max_params: int = 20_000,
         operator: Any | None = None,
+        curvature: str = "hessian",
+        curvature_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, dataset, damping=damping, operator=operator)
+        super().__init__(
+            model,
+            dataset,
+            damping=damping,
+            operator=operator,
+            curvature=curvature,
+            curvature_options=curvature_options,
+        )
         if method not in ("cholesky", "eigh"):
             raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}.")
         if self.nb_params > max_params:

@@ -36,6 +36,9 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         power_iterations: Products used to estimate the scale.
         seed: Seed of the power iteration's start vector.
         operator: See :class:`InverseHessianVectorProduct` (stochastic steps need the Hessian operator).
+        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
+            inverted (see :mod:`influenciae.hessian.ggn`).
+        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
 
     Raises:
         ValueError: From :meth:`solve`, when the series diverges (scale too small or an indefinite Hessian).
@@ -59,8 +62,17 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         power_iterations: int = 30,
         seed: int = 0,
         operator: Any | None = None,
+        curvature: str = "hessian",
+        curvature_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, dataset, damping=damping, operator=operator)
+        super().__init__(
+            model,
+            dataset,
+            damping=damping,
+            operator=operator,
+            curvature=curvature,
+            curvature_options=curvature_options,
+        )
         if scale is not None and not scale > 0:
             raise ValueError(f"scale must be positive, got {scale!r}.")
         for argument, value in (("depth", depth), ("num_repeats", num_repeats), ("power_iterations", power_iterations)):

@@ -6,6 +6,7 @@ vectors by streaming that dataset once per product. Damping is a separate tiny w
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from influenciae._backend import tf
@@ -137,11 +138,11 @@ def damped(operator: RowOperator, damping: float) -> RowOperator:
     Raises:
         ValueError: If damping is negative or not finite.
     """
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0.0:
+    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or not damping >= 0.0:
         raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
     if damping == float("inf"):
         raise ValueError("damping must be finite.")
-    return operator if damping == 0.0 else DampedOperator(operator, damping)
+    return operator if damping == 0.0 else DampedOperator(operator, float(damping))
 
 
 class _DenseRowOperator(RowOperator):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,9 @@ from influenciae.hessian import InverseHessianVectorProduct, get_ihvp
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin
 from influenciae.model import InfluenceModel
+from influenciae.types import CACHE
 
-__all__ = ["FirstOrderInfluenceCalculator", "hessian_dataset", "build_ihvp"]
+__all__ = ["FirstOrderInfluenceCalculator", "LowRankFactors", "build_ihvp", "compress_factors", "hessian_dataset"]
 
 
 def hessian_dataset(dataset: tf.data.Dataset, n_samples: int | None, batch_size: int = 64) -> tf.data.Dataset:
@@ -34,14 +36,23 @@ def build_ihvp(
     n_samples_for_hessian: int | None,
     damping: float,
     ihvp_options: dict[str, Any] | None,
+    curvature: str = "hessian",
+    curvature_options: dict[str, Any] | None = None,
 ) -> InverseHessianVectorProduct:
     """Resolve the solver once, at the boundary, and check it fits the model."""
     if isinstance(ihvp_calculator, InverseHessianVectorProduct):
         if damping or ihvp_options:
             raise ValueError("damping and ihvp_options configure a solver given by name; set them on the instance.")
+        if curvature != "hessian" or curvature_options:
+            raise ValueError(
+                "curvature configures a solver given by name; build the instance with curvature=... instead "
+                "(e.g. get_ihvp('cg', model, dataset, curvature='ggn'))."
+            )
         solver = ihvp_calculator
     else:
         options = {"damping": damping, **(ihvp_options or {})}
+        if curvature != "hessian" or curvature_options:
+            options.update(curvature=curvature, curvature_options=curvature_options)
         solver = get_ihvp(ihvp_calculator, model, hessian_dataset(dataset, n_samples_for_hessian), **options)
     if solver.nb_params != model.nb_params:
         raise ValueError(
@@ -49,6 +60,74 @@ def build_ihvp(
             "solver from the same InfluenceModel."
         )
     return solver
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankFactors:
+    """A rank-``r`` compression of ``Q`` influence factors: ``factors ≈ coefficients @ directions``.
+
+    Attributes:
+        coefficients: ``[Q, r]``: ``U_r Σ_r`` of the truncated SVD of the factors.
+        directions: ``[r, P]``: the top right singular vectors ``V_rᵀ`` (orthonormal rows).
+        singular_values: All singular values of the ``[Q, P]`` factors, decreasing.
+        relative_error: ``‖factors - coefficients @ directions‖_F / ‖factors‖_F`` (0 at full rank); a score's
+            error is at most this times ``‖factors‖_F ‖∇ℓ(z)‖`` by Cauchy-Schwarz.
+    """
+
+    coefficients: np.ndarray
+    directions: np.ndarray
+    singular_values: np.ndarray
+    relative_error: float
+
+    @property
+    def rank(self) -> int:
+        """r, the number of directions kept."""
+        return int(self.directions.shape[0])
+
+
+def compress_factors(factors: Any, rank: int) -> LowRankFactors:
+    """Truncated SVD of influence factors ``[Q, P]`` (preconditioned test gradients ``H⁻¹∇ℓ(x)``) to rank ``r``.
+
+    Scoring ``N`` training examples against all ``Q`` queries then needs the training gradients' coordinates on
+    ``r`` directions (``[N, P] × [P, r]``) and one ``[N, r] × [r, Q]`` product, instead of ``[N, P] × [P, Q]``.
+    Exact when ``rank ≥ min(Q, P)``; the discarded singular values bound the error (``relative_error``).
+
+    Args:
+        factors: ``[Q, P]``.
+        rank: ``r ≥ 1`` (values above ``min(Q, P)`` keep every direction).
+
+    Returns:
+        A :class:`LowRankFactors`.
+    """
+    array = np.asarray(factors)
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise ValueError(f"factors must have shape [Q, P] with Q ≥ 1, got {array.shape}.")
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    matrix = array.astype(np.float64)
+    # Through the eigenvectors of the smaller Gram matrix: one BLAS product, much faster than an SVD of the [Q, P]
+    # block when Q ≪ P. The result is the orthogonal projection of the factors on the kept singular subspace, so it
+    # is exact at full rank whatever the accuracy of the small singular values.
+    wide = matrix.shape[0] <= matrix.shape[1]
+    values, vectors = np.linalg.eigh(matrix @ matrix.T if wide else matrix.T @ matrix)
+    vectors = vectors[:, ::-1][:, : int(rank)]
+    if wide:  # rows of Uᵀ F are Σ Vᵀ: their norms are the singular values
+        projected = vectors.T @ matrix  # [r, P]
+        norms = np.linalg.norm(projected, axis=1)
+        nonzero = norms > 0
+        coefficients = vectors[:, nonzero] * norms[nonzero]  # U Σ
+        directions = projected[nonzero] / norms[nonzero, None]  # Vᵀ
+    else:
+        directions = vectors.T  # Vᵀ
+        coefficients = matrix @ vectors  # F V = U Σ
+    total = float(np.linalg.norm(matrix))
+    residual = float(np.linalg.norm(matrix - coefficients @ directions))  # direct: a difference of norms cancels
+    return LowRankFactors(
+        coefficients=coefficients.astype(array.dtype),
+        directions=directions.astype(array.dtype),
+        singular_values=np.sqrt(np.maximum(values[::-1], 0.0)),
+        relative_error=residual / total if total > 0 else 0.0,
+    )
 
 
 class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator):
@@ -69,13 +148,20 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
     Args:
         model: The wrapped model.
         dataset: The training dataset (defines the Hessian).
-        ihvp_calculator: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"`` or a solver instance.
+        ihvp_calculator: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"nystrom"`` or a solver instance.
         n_samples_for_hessian: Use only the first ``n`` training examples for the Hessian.
         normalize: RelatIF normalization of the training side.
         damping: λ for a solver given by name.
         ihvp_options: Other options for a solver given by name (e.g. ``{"tolerance": 1e-8}``).
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
+        curvature: The matrix standing for H, for a solver given by name: ``"hessian"`` (default), ``"ggn"``,
+            ``"fisher"`` or ``"empirical_fisher"`` (:mod:`influenciae.hessian.ggn`).
+        curvature_options: Options of the curvature operator (e.g. ``{"estimator": "sampled"}`` for the Fisher).
+        query_rank: Query batching for :meth:`influence_matrix`: compute the test side's influence factors
+            ``H⁻¹∇ℓ(x)`` (one solve per test example), compress them to rank ``r`` (:func:`compress_factors`) and
+            score the whole training set in one pass of ``[N, r] × [r, Q]`` products, with no solve per training
+            example. Exact for ``r ≥ min(N_test, P)``. ``None`` (default) keeps the training-side influence vectors.
 
     Example:
         >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="cg", damping=1e-3)
@@ -96,11 +182,23 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         ihvp_options: dict[str, Any] | None = None,
         show_progress: bool = False,
         batches_per_shard: int = 16,
+        curvature: str = "hessian",
+        curvature_options: dict[str, Any] | None = None,
+        query_rank: int | None = None,
     ) -> None:
         super().__init__(model, show_progress=show_progress, batches_per_shard=batches_per_shard)
         self.train_dataset = check_dataset(dataset, name="dataset")
         self.n_samples_for_hessian = n_samples_for_hessian
         self.normalize = bool(normalize)
+        if query_rank is not None:
+            if not isinstance(query_rank, int) or isinstance(query_rank, bool) or query_rank <= 0:
+                raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
+            if self.normalize:
+                raise ValueError(
+                    "query_rank moves H⁻¹ to the test side, which RelatIF's per-training-example normalization "
+                    "does not allow. Use normalize=False, or query_rank=None."
+                )
+        self.query_rank = query_rank
         self.ihvp = build_ihvp(
             model,
             dataset,
@@ -108,6 +206,8 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
             n_samples_for_hessian=n_samples_for_hessian,
             damping=damping,
             ihvp_options=ihvp_options,
+            curvature=curvature,
+            curvature_options=curvature_options,
         )
 
     def _configuration(self) -> dict[str, Any]:
@@ -151,17 +251,56 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         factors = [self.ihvp.solve(transforms).numpy() for _, transforms in self._transform_stream(test_set)]
         return np.concatenate(factors) if factors else np.zeros([0, self.model.nb_params])
 
+    def influence_matrix(
+        self,
+        test_set: tf.data.Dataset,
+        train_set: tf.data.Dataset,
+        *,
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        save_influence_vector_ds_path: str | None = None,
+    ) -> np.ndarray:
+        """Pairwise scores ``[N_test, N_train]``; see :meth:`BaseInfluenceCalculator.influence_matrix`.
+
+        With ``query_rank`` set, the scores come from the rank-``query_rank`` compression of the test examples'
+        influence factors and one pass over ``train_set`` (:meth:`influence_from_factors`); no training influence
+        vector is computed, so the cache options do not apply.
+        """
+        if self.query_rank is None:
+            return super().influence_matrix(
+                test_set,
+                train_set,
+                influence_vector_in_cache=influence_vector_in_cache,
+                save_influence_vector_ds_path=save_influence_vector_ds_path,
+            )
+        if save_influence_vector_ds_path is not None or influence_vector_in_cache is CACHE.DISK:
+            raise ValueError(
+                "With query_rank the training side is scored in one pass without influence vectors, so there is "
+                "nothing to cache: drop save_influence_vector_ds_path/CACHE.DISK, or use query_rank=None."
+            )
+        factors = self.compute_influence_factors(test_set)
+        if factors.shape[0] == 0:
+            return np.zeros([0, 0])
+        return self.influence_from_factors(compress_factors(factors, self.query_rank), train_set)
+
     def influence_from_factors(self, factors: Any, train_set: tf.data.Dataset) -> np.ndarray:
         """Scores of training examples against precomputed influence factors (one gradient pass, no solve).
 
+        With :class:`LowRankFactors` (from :func:`compress_factors`), each training batch's gradients are first
+        projected on the ``r`` kept directions, so the pass costs ``[N, P] × [P, r]`` plus ``[N, r] × [r, m]``
+        instead of ``[N, P] × [P, m]``: many queries at the price of ``r``.
+
         Args:
-            factors: ``[m, P]`` from :meth:`compute_influence_factors` (or :meth:`load_influence_factors`).
+            factors: ``[m, P]`` from :meth:`compute_influence_factors` (or :meth:`load_influence_factors`), or
+                their :class:`LowRankFactors` compression.
             train_set: Any batched training subset.
 
         Returns:
-            Array ``[m, N_train]``, equal to :meth:`influence_matrix` of the factors' test examples.
+            Array ``[m, N_train]``, equal to :meth:`influence_matrix` of the factors' test examples (up to the
+            compression's error for :class:`LowRankFactors`).
         """
         self._require_unnormalized("influence_from_factors")
+        if isinstance(factors, LowRankFactors):
+            return self._influence_from_low_rank(factors, train_set)
         factors = tf.convert_to_tensor(np.asarray(factors), dtype=self.model.dtype)
         if factors.shape.rank != 2 or factors.shape[1] != self.model.nb_params:
             raise ValueError(f"factors must have shape [m, {self.model.nb_params}], got {factors.shape}.")
@@ -172,6 +311,21 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
             for _, gradients in self._stream(train_set, self.model.batch_jacobian_tensor, "gradients")
         ]
         return np.concatenate(blocks, axis=1) if blocks else np.zeros([int(factors.shape[0]), 0])
+
+    def _influence_from_low_rank(self, factors: LowRankFactors, train_set: tf.data.Dataset) -> np.ndarray:
+        directions = tf.constant(factors.directions, dtype=self.model.dtype)  # [r, P]
+        coefficients = tf.constant(factors.coefficients, dtype=self.model.dtype)  # [m, r]
+        if directions.shape[1] != self.model.nb_params:
+            raise ValueError(f"factors live in {directions.shape[1]} parameters, the model has {self.model.nb_params}.")
+        check_dataset(train_set, name="train_set")
+        self._validate_first_batch(train_set)
+
+        def scores(batch: Any) -> tf.Tensor:
+            coordinates = tf.matmul(self.model.batch_jacobian_tensor(batch), directions, transpose_b=True)  # [B, r]
+            return tf.matmul(coefficients, coordinates, transpose_b=True)  # [m, B]
+
+        blocks = [block.numpy() for _, block in self._stream(train_set, scores, "gradients (low-rank queries)")]
+        return np.concatenate(blocks, axis=1) if blocks else np.zeros([int(coefficients.shape[0]), 0])
 
     def save_influence_factors(self, factors: np.ndarray, path: str, test_set: tf.data.Dataset) -> None:
         """Save factors atomically with this calculator's configuration and the model's weight fingerprint."""

@@ -211,7 +211,11 @@ class TrakCalculator(BaseInfluenceCalculator):
             )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float, np.floating))
+            or not 0 <= damping < float("inf")
+        ):
             raise ValueError(f"damping must be a non-negative finite number, got {damping!r}.")
         if projection not in ("gaussian", "rademacher"):
             raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}.")

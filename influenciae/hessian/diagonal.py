@@ -1,0 +1,68 @@
+"""Two baselines for the curvature approximations: the Gauss-Newton diagonal and the identity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from influenciae._backend import tf
+from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.kfac import BlockDiagonalIHVP
+from influenciae.hessian.operator import RowOperator
+from influenciae.model import InfluenceModel
+
+__all__ = ["DiagonalIHVP", "IdentityIHVP"]
+
+
+class DiagonalIHVP(BlockDiagonalIHVP, name="diagonal"):
+    """``(diag(C) + λI)⁻¹`` with ``diag(C) = E[g²]`` the diagonal of the Gauss-Newton matrix (or Fisher).
+
+    One pass over the dataset with the layer capture of :mod:`influenciae.capture`: for a Dense, Conv2D or Embedding
+    layer the per-example gradients are rebuilt from ``a ⊗ g`` and squared (``fisher="expected"`` gives the exact GGN
+    diagonal); other watched weights use a vectorized Jacobian. A cheap baseline for K-FAC and EK-FAC: it ignores
+    every correlation between parameters.
+
+    Takes the arguments of :class:`~influenciae.hessian.kfac.BlockDiagonalIHVP`.
+
+    Example:
+        >>> ihvp = DiagonalIHVP(im, train_ds, damping=1e-3)
+    """
+
+    kronecker = False
+    eigenvalue_correction = True
+
+
+class _IdentityOperator(RowOperator):
+    def __init__(self, num_params: int, dtype: tf.DType) -> None:
+        super().__init__(num_params, dtype, "IdentityOperator", parameters={})
+
+    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        return vectors
+
+
+class IdentityIHVP(InverseHessianVectorProduct, name="identity"):
+    """``H = I``: influence becomes the gradient dot product ``∇ℓ(x)ᵀ∇ℓ(z) / (1 + λ)`` (the curvature-free baseline).
+
+    Needs no dataset. Scores keep the sign convention of influence functions but not their ``1/N`` retraining scale.
+
+    Args:
+        model: The wrapped model (only its number of parameters and dtype are used).
+        dataset: Ignored (accepted so that every solver is built the same way).
+        damping: λ ≥ 0; solutions are ``v / (1 + λ)``.
+
+    Example:
+        >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="identity")
+    """
+
+    def __init__(
+        self, model: InfluenceModel | None, dataset: tf.data.Dataset | None = None, *, damping: float = 0.0
+    ) -> None:
+        if not isinstance(model, InfluenceModel):
+            raise TypeError(f"IdentityIHVP needs the InfluenceModel (for P and the dtype), got {type(model).__name__}.")
+        super().__init__(None, None, damping=damping, operator=_IdentityOperator(model.nb_params, model.dtype))
+        self.model = model
+
+    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        return vectors / tf.constant(1.0 + self.damping, self.dtype)
+
+    def configuration(self) -> dict[str, Any]:
+        return {"name": self.name, "damping": self.damping}

@@ -1,0 +1,558 @@
+"""Gauss-Newton and Fisher curvatures: positive semi-definite stand-ins for the Hessian, usable by every solver.
+
+With ``o_i = f(x_i; θ)`` the model's outputs, ``J_i = ∂o_i/∂θ`` and ``H_out,i = ∇²_o (w_i ℓ(y_i, o_i))``:
+
+* **Generalized Gauss-Newton** ``G = (1/N) Σ_i J_iᵀ H_out,i J_i + ∇²Ω`` drops the second-order term of the network
+  from the Hessian. It is positive semi-definite whenever the loss is convex in the outputs (cross-entropy on
+  logits, squared error), so CG, LiSSA and Nyström behave where the Hessian of a non-convex model does not.
+* **True Fisher** ``F = (1/N) Σ_i w_i E_{ŷ ~ p(·|x_i)} [∇_θ ℓ(ŷ, o_i) ∇_θ ℓ(ŷ, o_i)ᵀ] + ∇²Ω`` with labels drawn
+  from the model's own predictive distribution: either the exact expectation over the classes or a seeded Monte
+  Carlo estimate. For cross-entropy on logits (and for squared error) the exact Fisher equals the GGN.
+* **Empirical Fisher** ``F_emp = (1/N) Σ_i w_i ∇_θ ℓ(y_i) ∇_θ ℓ(y_i)ᵀ + ∇²Ω`` with the dataset's own labels, from
+  per-sample gradients. Cheap, but not a curvature of the objective (Kunstner et al., 2019): use with care.
+
+All products are matrix-free: the output-space operators run a forward-mode JVP ``J v``, multiply by the small
+per-example output-space matrix, and pull the result back with one vectorized VJP; the dataset is streamed once per
+product, exactly as :class:`~influenciae.hessian.operator.HessianOperator` does. The regularizer's Hessian ``∇²Ω``
+(weight regularizers) is added as for the Hessian. Select a curvature for any solver with
+``get_ihvp(name, model, dataset, curvature="ggn")`` or ``FirstOrderInfluenceCalculator(..., curvature="ggn")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from influenciae._backend import tf
+from influenciae.data import check_dataset, unpack_batch
+from influenciae.hessian.operator import HessianOperator, RowOperator
+from influenciae.model import InfluenceModel
+
+__all__ = [
+    "CURVATURES",
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GaussNewtonOperator",
+    "curvature_operator",
+    "curvature_of",
+]
+
+CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
+"""Names accepted by :func:`curvature_operator` (and by the solvers' and calculators' ``curvature=`` keyword)."""
+
+_LIKELIHOODS = ("auto", "categorical", "gaussian")
+_OUTPUT_HESSIANS = ("auto", "autodiff")
+_PROBABILITY_TOLERANCE = 1e-3  # |Σ_c exp(-ℓ(c)) - 1| allowed for a loss to count as a negative log-likelihood
+
+
+class CurvatureOperator(RowOperator):
+    """A curvature averaged over a dataset, streamed once per product: ``(1/N) Σ_batches batch_sum + ∇²Ω``.
+
+    Subclasses implement :meth:`_batch_sum`, the sum of their per-example curvature products over one batch, and
+    set ``curvature`` to their name in :data:`CURVATURES`.
+
+    Args:
+        model: The wrapped model.
+        dataset: Batched ``(inputs, targets[, sample_weight])`` dataset defining the mean.
+    """
+
+    curvature: ClassVar[str] = ""
+
+    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset) -> None:
+        if not isinstance(model, InfluenceModel):
+            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
+        self.model = model
+        self.dataset = check_dataset(dataset, name="dataset")
+        self._num_examples: int | None = None
+        super().__init__(model.nb_params, model.dtype, type(self).__name__, parameters={"model": model})
+
+    @property
+    def num_examples(self) -> int:
+        """N, the number of examples of the dataset (counted on the first pass)."""
+        if self._num_examples is None:
+            self._num_examples = sum(int(tf.shape(tf.nest.flatten(b[1])[0])[0]) for b in self.dataset)
+        return self._num_examples
+
+    def configuration(self) -> dict[str, Any]:
+        """The curvature's name and options (part of the solvers' configuration, hence of cache manifests)."""
+        return {"curvature": self.curvature}
+
+    def batch_sum(self, batch: Any, vectors: tf.Tensor, *, first_index: int = 0) -> tf.Tensor:
+        """Sum over one batch of the per-example curvature products, without the regularizer.
+
+        Args:
+            batch: ``(inputs, targets[, sample_weight])``.
+            vectors: ``[n, P]``.
+            first_index: Position of the batch's first example in the dataset (seeds sampled labels, so that
+                a sampled Fisher does not depend on the batching).
+
+        Returns:
+            Tensor ``[n, P]``.
+        """
+        self.model.validate_batch(batch)
+        vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
+        return self._batch_sum(batch, vectors, first_index)
+
+    def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
+        raise NotImplementedError
+
+    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        total = tf.zeros_like(vectors)
+        count = 0
+        for batch in self.dataset:
+            total += self.batch_sum(batch, vectors, first_index=count)
+            count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
+        if count == 0:
+            raise ValueError("The curvature dataset is empty; pass a dataset with at least one example.")
+        self._num_examples = count
+        return total / tf.cast(count, self.dtype) + self.model.regularization_hvp(vectors)
+
+
+class _OutputSpaceOperator(CurvatureOperator):
+    """``Σ_i J_iᵀ M_i J_i v`` for a per-example output-space matrix ``M_i`` given by :meth:`_output_product`."""
+
+    def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
+        inputs, targets, weights = _batch_parts(self.model, batch)
+        indices = tf.range(first_index, first_index + tf.shape(weights)[0], dtype=tf.int64)
+        # one traced function per model and settings, shared by every operator alike (tracing is the slow part)
+        product = self.model.shared_function(
+            (type(self).__name__, *self._trace_key()), lambda: tf.function(self._batch_product, reduce_retracing=True)
+        )
+        chunk = self.model.hvp_chunk_size
+        parts = [
+            product(inputs, targets, weights, indices, self._seed_tensor(), vectors[start : start + chunk])
+            for start in range(0, int(vectors.shape[0]), chunk)
+        ]
+        return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    def _trace_key(self) -> tuple[Any, ...]:
+        """The settings baked into the traced product (all but the seed, passed as a tensor)."""
+        return ()
+
+    def _seed_tensor(self) -> tf.Tensor:
+        return tf.constant(0, tf.int64)
+
+    def _batch_product(
+        self, inputs: Any, targets: Any, weights: tf.Tensor, indices: tf.Tensor, seed: tf.Tensor, vectors: tf.Tensor
+    ) -> tf.Tensor:
+        batch = (inputs, targets, weights)
+        outputs = self.model.batch_outputs(batch)
+        tangents = self.model.batch_output_jvp(batch, vectors)  # [n, B, *output_shape]
+        products = self._output_product(outputs, targets, weights, indices, seed, tangents)
+        return self.model.batch_output_vjp(batch, tf.stop_gradient(products))
+
+    def _output_product(
+        self,
+        outputs: tf.Tensor,
+        targets: Any,
+        weights: tf.Tensor,
+        indices: tf.Tensor,
+        seed: tf.Tensor,
+        tangents: tf.Tensor,
+    ) -> tf.Tensor:
+        """``M_i t`` for every example ``i`` and tangent ``t``: ``[n, B, *output_shape]`` -> same shape."""
+        raise NotImplementedError
+
+
+class GaussNewtonOperator(_OutputSpaceOperator):
+    """The generalized Gauss-Newton matrix ``G = (1/N) Σ_i J_iᵀ H_out,i J_i + ∇²Ω``.
+
+    ``H_out,i`` is the Hessian of the (weighted) loss with respect to the model's outputs: in closed form for
+    Keras cross-entropy on logits (softmax: ``diag(p) - ppᵀ``; sigmoid: ``σ(1-σ)/K``) and mean squared error
+    (``2/K · I``), otherwise by differentiating the loss twice with respect to the outputs (cheap: output-sized).
+    When the model's last layer applies a softmax and the loss takes probabilities, the split happens after the
+    softmax; prefer logits and ``from_logits=True``, where the GGN equals the exact Fisher.
+
+    Args:
+        model: The wrapped model (one output tensor).
+        dataset: The curvature dataset.
+        output_hessian: ``"auto"`` (closed form when the loss is recognized, see
+            :attr:`InfluenceModel.loss_family`) or ``"autodiff"`` (always differentiate the loss).
+
+    Example:
+        >>> ggn = GaussNewtonOperator(im, train_ds)
+        >>> gv = ggn.matmul_rows(v)  # [n, P] -> [n, P]
+        >>> ihvp = ConjugateGradientDescentIHVP(None, operator=ggn, damping=1e-3)
+    """
+
+    curvature = "ggn"
+
+    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, *, output_hessian: str = "auto") -> None:
+        if output_hessian not in _OUTPUT_HESSIANS:
+            raise ValueError(f"output_hessian must be one of {_OUTPUT_HESSIANS}, got {output_hessian!r}.")
+        super().__init__(model, dataset)
+        self.output_hessian = output_hessian
+        self._closed_form = model.loss_family if output_hessian == "auto" else None
+
+    def configuration(self) -> dict[str, Any]:
+        return {**super().configuration(), "output_hessian": self.output_hessian}
+
+    def _trace_key(self) -> tuple[Any, ...]:
+        return (self._closed_form,)
+
+    def _output_product(
+        self,
+        outputs: tf.Tensor,
+        targets: Any,
+        weights: tf.Tensor,
+        indices: tf.Tensor,
+        seed: tf.Tensor,
+        tangents: tf.Tensor,
+    ) -> tf.Tensor:
+        if self._closed_form is not None and outputs.shape.rank == 2:
+            return closed_form_output_hessian(self._closed_form, outputs, weights, tangents)
+        return autodiff_output_hessian(self.model, outputs, targets, weights, tangents)
+
+
+class FisherOperator(_OutputSpaceOperator):
+    """The true Fisher ``F = (1/N) Σ_i w_i E_{ŷ ~ p(·|x_i)}[∇ℓ(ŷ) ∇ℓ(ŷ)ᵀ] + ∇²Ω``, labels from the model.
+
+    The predictive distribution is read off the loss itself: for a classification loss that is a negative
+    log-likelihood (cross-entropy on logits or probabilities, binary cross-entropy), ``p(c|x) = exp(-ℓ(c, o))``,
+    which is checked to sum to one over the classes. A regression loss is treated as a Gaussian negative
+    log-likelihood of precision ``H_out`` (``y ~ N(o, H_out⁻¹)``), whose exact Fisher is the GGN.
+
+    Args:
+        model: The wrapped model (one output tensor; ``[B, C]`` for classification, ``[B, 1]`` binary).
+        dataset: The curvature dataset.
+        estimator: ``"exact"`` (the expectation over the classes: ``Jᵀ (Σ_c p_c s_c s_cᵀ) J`` with ``s_c`` the
+            output-space gradient for class ``c``) or ``"sampled"`` (``num_samples`` labels per example drawn from
+            the model, seeded by ``seed`` and the example's position in the dataset, so repeated products, and
+            any batching of the same dataset, see the same labels).
+        num_samples: Labels drawn per example with ``estimator="sampled"``.
+        seed: Seed of the sampled labels.
+        likelihood: ``"auto"`` (classification when the targets are class labels or one-hot rows, else
+            Gaussian), ``"categorical"`` or ``"gaussian"``.
+
+    Raises:
+        ValueError: From the first product, when a classification loss is not a negative log-likelihood (its
+            ``exp(-loss)`` do not sum to one over the classes).
+
+    Example:
+        >>> fisher = FisherOperator(im, train_ds, estimator="sampled", num_samples=4, seed=0)
+        >>> ihvp = get_ihvp("cg", im, train_ds, curvature="fisher", damping=1e-3)
+    """
+
+    curvature = "fisher"
+
+    def __init__(
+        self,
+        model: InfluenceModel,
+        dataset: tf.data.Dataset,
+        *,
+        estimator: str = "exact",
+        num_samples: int = 1,
+        seed: int = 0,
+        likelihood: str = "auto",
+    ) -> None:
+        if estimator not in ("exact", "sampled"):
+            raise ValueError(f"estimator must be 'exact' or 'sampled', got {estimator!r}.")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}.")
+        if likelihood not in _LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}.")
+        super().__init__(model, dataset)
+        self.estimator = estimator
+        self.num_samples = num_samples
+        self.seed = seed
+        self.likelihood = likelihood
+        self._resolved: str | None = None if likelihood == "auto" else likelihood
+        self._checked = False
+
+    def configuration(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"estimator": self.estimator, "likelihood": self.likelihood}
+        if self.estimator == "sampled":
+            options.update(num_samples=self.num_samples, seed=self.seed)
+        return {**super().configuration(), **options}
+
+    def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
+        if not self._checked:  # eagerly, once: the likelihood and the negative-log-likelihood check
+            self._check_likelihood(batch)
+        return super()._batch_sum(batch, vectors, first_index)
+
+    def _check_likelihood(self, batch: Any) -> None:
+        inputs, targets, weights = _batch_parts(self.model, batch)
+        outputs = self.model.batch_outputs((inputs, targets, weights))
+        if self._resolved is None:
+            self._resolved = "categorical" if _looks_like_class_labels(outputs, targets) else "gaussian"
+        if self._resolved == "categorical":
+            _, log_probabilities = _class_scores(self.model, outputs, targets)
+            totals = tf.reduce_sum(tf.exp(log_probabilities), axis=0).numpy()
+            worst = float(np.max(np.abs(totals - 1.0)))
+            if not worst <= _PROBABILITY_TOLERANCE:
+                raise ValueError(
+                    "The true Fisher reads the model's class probabilities off the loss as exp(-loss(class)), but "
+                    f"these sum to {totals[np.argmax(np.abs(totals - 1.0))]:.4f} over the classes instead of 1: "
+                    "the loss is not a negative log-likelihood over the outputs' classes (check from_logits, or "
+                    "a weighted/smoothed loss). Use curvature='ggn' or 'empirical_fisher', or "
+                    "likelihood='gaussian' for a regression loss."
+                )
+        self._checked = True
+
+    def _trace_key(self) -> tuple[Any, ...]:
+        return (self._resolved, self.estimator, self.num_samples)
+
+    def _seed_tensor(self) -> tf.Tensor:
+        return tf.constant(self.seed, tf.int64)
+
+    def _output_product(
+        self,
+        outputs: tf.Tensor,
+        targets: Any,
+        weights: tf.Tensor,
+        indices: tf.Tensor,
+        seed: tf.Tensor,
+        tangents: tf.Tensor,
+    ) -> tf.Tensor:
+        if self._resolved == "gaussian":
+            if self.estimator == "exact":  # the Fisher of a Gaussian likelihood is the GGN
+                return autodiff_output_hessian(self.model, outputs, targets, weights, tangents)
+            scores, coefficients = self._gaussian_samples(outputs, targets, weights, indices, seed)
+            flat = tf.reshape(tangents, tf.concat([tf.shape(tangents)[:2], [-1]], axis=0))
+            return tf.reshape(_outer_product_sum(scores, coefficients, flat), tf.shape(tangents))
+        scores, log_probabilities = _class_scores(self.model, outputs, targets)
+        if self.estimator == "exact":
+            coefficients = tf.exp(log_probabilities) * weights[None]
+        else:
+            classes = _sample_classes(log_probabilities, indices, self.num_samples, seed)  # [K, B]
+            scores = tf.gather(tf.transpose(scores, [1, 0, 2]), tf.transpose(classes), batch_dims=1)
+            scores = tf.transpose(scores, [1, 0, 2])  # [K, B, O]
+            coefficients = tf.tile(weights[None], [self.num_samples, 1]) / float(self.num_samples)
+        return _outer_product_sum(scores, coefficients, tangents)
+
+    def _gaussian_samples(
+        self, outputs: tf.Tensor, targets: Any, weights: tf.Tensor, indices: tf.Tensor, seed: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """``s = L ε`` with ``L Lᵀ = H_out``: the output-space gradient at a label drawn from ``N(o, H_out⁻¹)``."""
+        flat = tf.reshape(outputs, [tf.shape(outputs)[0], -1])
+        with tf.GradientTape() as outer:
+            outer.watch(flat)
+            with tf.GradientTape() as inner:
+                inner.watch(flat)
+                loss = tf.reduce_sum(self.model.loss_from_outputs(tf.reshape(flat, tf.shape(outputs)), targets))
+            gradients = inner.gradient(loss, flat)
+        hessians = outer.batch_jacobian(gradients, flat)  # [B, O, O]: the loss is a sum of per-example terms
+        values, vectors = tf.linalg.eigh((hessians + tf.linalg.matrix_transpose(hessians)) / 2.0)
+        roots = vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :]  # [B, O, O], roots rootsᵀ = H_out
+        size = tf.shape(flat)[1]
+        noise = _per_example_normal(indices, tf.stack([self.num_samples, size]), seed, self.dtype)  # [B, K, O]
+        scores = tf.transpose(tf.linalg.matmul(noise, roots, transpose_b=True), [1, 0, 2])  # [K, B, O]
+        coefficients = tf.tile(weights[None], [self.num_samples, 1]) / float(self.num_samples)
+        return scores, coefficients
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    """The empirical Fisher ``F_emp = (1/N) Σ_i w_i ∇ℓ(y_i) ∇ℓ(y_i)ᵀ + ∇²Ω`` from per-sample gradients.
+
+    Each product computes the batch's per-sample gradients ``G [B, P]`` (chunked, as
+    :meth:`InfluenceModel.batch_jacobian_tensor`, honouring ``gradient_dtype``) and applies ``Gᵀ diag(1/w) G``.
+
+    Example:
+        >>> ihvp = get_ihvp("exact", im, train_ds, curvature="empirical_fisher", damping=1e-3)
+    """
+
+    curvature = "empirical_fisher"
+
+    def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
+        _, _, weights = _batch_parts(self.model, batch)
+        gradients = self.model.batch_jacobian_tensor(batch)  # rows w_i ∇ℓ_i
+        projections = tf.math.divide_no_nan(tf.matmul(gradients, vectors, transpose_b=True), weights[:, None])
+        return tf.matmul(projections, gradients, transpose_a=True)
+
+
+# ---------------------------------------------------------------------- factory
+
+
+def curvature_operator(curvature: str, model: InfluenceModel, dataset: tf.data.Dataset, **options: Any) -> RowOperator:
+    """Build the curvature operator named ``curvature`` over ``dataset``.
+
+    Args:
+        curvature: One of :data:`CURVATURES`: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        model: The wrapped model.
+        dataset: The curvature dataset.
+        **options: Options of the operator (e.g. ``estimator="sampled", num_samples=4`` for the Fisher).
+
+    Raises:
+        ValueError: For an unknown name or options the operator does not take.
+    """
+    classes: dict[str, Any] = {
+        "ggn": GaussNewtonOperator,
+        "fisher": FisherOperator,
+        "empirical_fisher": EmpiricalFisherOperator,
+    }
+    if curvature == "hessian":
+        if options:
+            raise ValueError(f"The Hessian takes no curvature options, got {sorted(options)}.")
+        return HessianOperator(model, dataset)
+    if curvature not in classes:
+        raise ValueError(f"Unknown curvature {curvature!r}; choose one of {list(CURVATURES)}.")
+    try:
+        return classes[curvature](model, dataset, **options)  # type: ignore[no-any-return]
+    except TypeError as error:
+        if "unexpected keyword" not in str(error):
+            raise
+        raise ValueError(f"Invalid options {sorted(options)} for curvature {curvature!r}: {error}.") from error
+
+
+def curvature_of(operator: RowOperator) -> str:
+    """The curvature name of an operator: one of :data:`CURVATURES`, or ``"operator"`` for any other matrix."""
+    if isinstance(operator, HessianOperator):
+        return "hessian"
+    if isinstance(operator, CurvatureOperator):
+        return operator.curvature
+    return "operator"
+
+
+# ---------------------------------------------------------------------- output-space matrices
+
+
+def closed_form_output_hessian(family: str, outputs: tf.Tensor, weights: tf.Tensor, tangents: tf.Tensor) -> tf.Tensor:
+    """``H_out t`` in closed form for logits/predictions ``outputs [B, K]`` and tangents ``[n, B, K]``.
+
+    Args:
+        family: ``"softmax_cross_entropy"``, ``"sigmoid_cross_entropy"`` or ``"squared_error"``
+            (see :attr:`InfluenceModel.loss_family`).
+        outputs: ``[B, K]``.
+        weights: Sample weights ``[B]``.
+        tangents: ``[n, B, K]``.
+
+    Returns:
+        ``[n, B, K]``: ``w_i H_out,i t`` per example.
+    """
+    scale = weights[None, :, None]
+    if family == "softmax_cross_entropy":
+        probabilities = tf.nn.softmax(outputs, axis=-1)[None]
+        inner = tf.reduce_sum(probabilities * tangents, axis=-1, keepdims=True)
+        return scale * probabilities * (tangents - inner)
+    width = tf.cast(tf.shape(outputs)[-1], outputs.dtype)  # Keras averages over the last axis
+    if family == "sigmoid_cross_entropy":
+        probabilities = tf.sigmoid(outputs)[None]
+        return scale * probabilities * (1.0 - probabilities) * tangents / width
+    if family == "squared_error":
+        return scale * 2.0 * tangents / width
+    raise ValueError(f"No closed-form output Hessian for {family!r}.")
+
+
+def autodiff_output_hessian(
+    model: InfluenceModel, outputs: tf.Tensor, targets: Any, weights: tf.Tensor, tangents: tf.Tensor
+) -> tf.Tensor:
+    """``H_out t``: the Hessian of ``Σ_i w_i ℓ(y_i, o_i)`` with respect to the outputs, applied to each tangent.
+
+    The loss is a sum of per-example terms, so its output Hessian is block-diagonal and one output-space
+    Hessian-vector product per tangent gives every example's ``H_out,i t_i`` at once.
+
+    Args:
+        model: Supplies the loss as a function of the outputs.
+        outputs: ``[B, *output_shape]``.
+        targets: The batch's targets.
+        weights: ``[B]``.
+        tangents: ``[n, B, *output_shape]``.
+
+    Returns:
+        ``[n, B, *output_shape]``.
+    """
+    count = tf.shape(tangents)[0]
+    with tf.GradientTape() as outer:
+        outer.watch(outputs)
+        with tf.GradientTape() as inner:
+            inner.watch(outputs)
+            loss = tf.reduce_sum(model.loss_from_outputs(outputs, targets, weights))
+        gradients = inner.gradient(loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        projections = tf.reduce_sum(tf.reshape(tangents, [count, -1]) * tf.reshape(gradients, [1, -1]), axis=1)
+    return outer.jacobian(projections, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _outer_product_sum(scores: tf.Tensor, coefficients: tf.Tensor, tangents: tf.Tensor) -> tf.Tensor:
+    """``Σ_k a_ki s_ki (s_kiᵀ t_i)`` for scores ``[K, B, O]``, coefficients ``[K, B]`` and tangents ``[n, B, O]``."""
+    projections = tf.einsum("nbo,kbo->nkb", tangents, scores) * coefficients[None]
+    return tf.einsum("nkb,kbo->nbo", projections, scores)
+
+
+def _class_scores(model: InfluenceModel, outputs: tf.Tensor, targets: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """Output-space gradients ``s_c = ∇_o ℓ(c, o)`` ``[C, B, O]`` and ``log p_c = -ℓ(c, o)`` ``[C, B]``."""
+    if outputs.shape.rank != 2:
+        raise ValueError(
+            f"The categorical Fisher needs outputs of shape [batch, classes], got {outputs.shape}. Use "
+            "curvature='ggn' for other outputs."
+        )
+    size = tf.shape(outputs)[0]
+    width = int(outputs.shape[-1])
+    num_classes = 2 if width == 1 else width
+    tiled = tf.tile(outputs, [num_classes, 1])  # [C·B, O], class-major
+    labels = _class_targets(tf.repeat(tf.range(num_classes), size), targets, width)
+    with tf.GradientTape() as tape:
+        tape.watch(tiled)
+        losses = model.loss_from_outputs(tiled, labels)  # unweighted: weights multiply the whole F_out
+    scores = tape.gradient(losses, tiled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.reshape(scores, [num_classes, size, width]), -tf.reshape(losses, [num_classes, size])
+
+
+def _class_targets(classes: tf.Tensor, targets: Any, width: int) -> tf.Tensor:
+    """Targets meaning ``classes [M]``, in the format of the dataset's ``targets`` (sparse, one-hot or binary)."""
+    if not isinstance(targets, tf.Tensor):
+        targets = tf.convert_to_tensor(targets)
+    trailing = targets.shape[1:]
+    if width > 1 and targets.shape.rank == 2 and targets.shape[-1] == width:  # one-hot rows
+        return tf.one_hot(classes, width, dtype=targets.dtype)
+    if trailing.num_elements() == 1 or targets.shape.rank == 1:  # sparse labels, or 0/1 for a single output
+        return tf.cast(tf.reshape(classes, tf.concat([[-1], tf.shape(targets)[1:]], axis=0)), targets.dtype)
+    raise ValueError(
+        f"Cannot enumerate the classes of targets of shape {targets.shape} for outputs with {width} columns: the "
+        "categorical Fisher expects sparse labels [batch] or [batch, 1], or one-hot rows [batch, classes]."
+    )
+
+
+def _looks_like_class_labels(outputs: tf.Tensor, targets: Any) -> bool:
+    if outputs.shape.rank != 2 or not isinstance(targets, tf.Tensor):
+        return False
+    values = targets.numpy()
+    if targets.dtype.is_integer or targets.dtype.is_bool:
+        return True
+    if outputs.shape[-1] == 1 or (targets.shape.rank == 2 and targets.shape[-1] == outputs.shape[-1]):
+        return bool(np.all((values == 0) | (values == 1)))  # binary labels or one-hot rows
+    return bool(targets.shape[1:].num_elements() == 1 and np.all(values == np.round(values)))
+
+
+def _sample_classes(log_probabilities: tf.Tensor, indices: tf.Tensor, num_samples: int, seed: Any) -> tf.Tensor:
+    """Classes ``[K, B]`` drawn from ``p = exp(log_probabilities [C, B])`` by inverse CDF, seeded per example."""
+    uniforms = _per_example_uniform(indices, num_samples, seed, log_probabilities.dtype)  # [B, K]
+    cumulative = tf.cumsum(tf.exp(tf.transpose(log_probabilities)), axis=1)  # [B, C]
+    cumulative = cumulative / cumulative[:, -1:]
+    classes = tf.searchsorted(cumulative, uniforms, side="right")  # [B, K]
+    return tf.transpose(tf.minimum(classes, tf.shape(cumulative)[1] - 1))
+
+
+def _per_example_uniform(indices: tf.Tensor, num_samples: int, seed: Any, dtype: tf.DType) -> tf.Tensor:
+    return tf.map_fn(
+        lambda index: tf.random.stateless_uniform([num_samples], seed=_example_seed(seed, index), dtype=dtype),
+        indices,
+        fn_output_signature=tf.TensorSpec([num_samples], dtype),
+    )
+
+
+def _per_example_normal(indices: tf.Tensor, shape: tf.Tensor, seed: Any, dtype: tf.DType) -> tf.Tensor:
+    return tf.map_fn(
+        lambda index: tf.random.stateless_normal(shape, seed=_example_seed(seed, index), dtype=dtype),
+        indices,
+        fn_output_signature=tf.TensorSpec([None, None], dtype),
+    )
+
+
+def _example_seed(seed: Any, index: tf.Tensor) -> tf.Tensor:
+    return tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
+def _batch_parts(model: InfluenceModel, batch: Any) -> tuple[Any, Any, tf.Tensor]:
+    structure = unpack_batch(batch)
+    inputs = tf.nest.map_structure(tf.convert_to_tensor, structure.inputs)
+    targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
+    size = tf.shape(tf.nest.flatten(targets)[0])[0]
+    if structure.sample_weight is None:
+        weights = tf.ones([size], model.dtype)
+    else:
+        weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), model.dtype)
+    return inputs, targets, weights

@@ -1,0 +1,627 @@
+"""K-FAC and EK-FAC: block-diagonal, Kronecker-factored Gauss-Newton inverse-HVPs (Martens & Grosse 2015,
+Grosse & Martens 2016, George et al. 2018, Grosse et al. 2023).
+
+For a layer ``y = φ(W a + b)`` (Dense, Conv2D, Embedding: :mod:`influenciae.capture`) with ``W`` seen as a matrix
+``[rows, columns]`` (the bias as an appended row, ``a`` with an appended 1), the per-example (pseudo-)gradient is
+``G = Σ_t a_t g_tᵀ`` and the layer's block of the Gauss-Newton matrix is ``E[vec(G) vec(G)ᵀ]``. K-FAC approximates it
+by ``A ⊗ S`` with
+
+* ``A = E[a aᵀ]``, averaged over examples and positions ``t`` (diagonal for an Embedding: token frequencies,
+  never ``vocabulary²``),
+* ``S = E[Σ_t g gᵀ]``, summed over positions and averaged over examples,
+
+so that ``(A ⊗ S + λI)⁻¹ = (Q_A ⊗ Q_S) diag(1 / (λ_A λ_Sᵀ + λ)) (Q_A ⊗ Q_S)ᵀ`` from the float64 eigendecompositions
+``A = Q_A diag(λ_A) Q_Aᵀ``, ``S = Q_S diag(λ_S) Q_Sᵀ``. EK-FAC keeps the Kronecker eigenbasis but replaces the
+eigenvalues ``λ_A λ_Sᵀ`` by the exact second moments in that basis, ``Λ = E[(Q_Aᵀ G Q_S)²]``: the diagonal of the exact
+Gauss-Newton block in the eigenbasis (one more pass over the data). Watched weights outside a supported layer get a
+diagonal block ``E[g²]``. The regularizer Ω of the model is not included: damping plays its role.
+
+Damping per block is ``damping + relative_damping · mean(block eigenvalues)``: absolute, relative (kronfluence uses
+``relative_damping=0.1``), or both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from influenciae._backend import tf
+from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
+from influenciae.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
+from influenciae.data import check_dataset
+from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.ggn import curvature_of
+from influenciae.hessian.operator import RowOperator
+from influenciae.model import InfluenceModel
+
+__all__ = ["CurvatureBlock", "KFACIHVP", "EKFACIHVP", "BlockDiagonalIHVP"]
+
+_CHUNK_ELEMENTS = 2**24  # per-example rotated gradients held at once by the eigenvalue pass (float64)
+
+
+@dataclasses.dataclass
+class CurvatureBlock:
+    """One diagonal block of the curvature: ``(Q_rows ⊗ Q_columns) diag(vec(eigenvalues)) (Q_rows ⊗ Q_columns)ᵀ``.
+
+    Attributes:
+        name: The layer name (``"<uncovered>"`` for the diagonal block of weights outside supported layers).
+        kind: ``"dense"``, ``"conv2d"``, ``"embedding"`` or ``"diagonal"``.
+        parameter_indices: ``[rows * columns]`` flat parameter positions, row-major on ``[rows, columns]``.
+        rows, columns: Shape of the block's weight matrix.
+        row_factor: ``A`` ``[rows, rows]`` (``[rows]`` when diagonal), float64; None for a diagonal block.
+        column_factor: ``S`` ``[columns, columns]``, float64; None for a diagonal block.
+        row_basis: ``Q_A`` ``[rows, rows]`` or None (identity).
+        column_basis: ``Q_S`` ``[columns, columns]`` or None (identity).
+        row_eigenvalues, column_eigenvalues: ``λ_A [rows]`` and ``λ_S [columns]`` (None for a diagonal block).
+        eigenvalues: ``[rows, columns]``: ``λ_A λ_Sᵀ`` (K-FAC), the corrected ``E[(Q_Aᵀ G Q_S)²]`` (EK-FAC) or the
+            diagonal ``E[G²]``.
+    """
+
+    name: str
+    kind: str
+    parameter_indices: np.ndarray
+    rows: int
+    columns: int
+    eigenvalues: np.ndarray
+    row_factor: np.ndarray | None = None
+    column_factor: np.ndarray | None = None
+    row_basis: np.ndarray | None = None
+    column_basis: np.ndarray | None = None
+    row_eigenvalues: np.ndarray | None = None
+    column_eigenvalues: np.ndarray | None = None
+
+    def nbytes(self) -> int:
+        """Bytes held by the block's arrays (factors, bases and eigenvalues)."""
+        arrays = (self.eigenvalues, self.row_factor, self.column_factor, self.row_basis, self.column_basis)
+        return int(sum(array.nbytes for array in arrays if array is not None))
+
+
+class _BlockOperator(RowOperator):
+    """The block-diagonal curvature of a fitted solver as a row operator (damped or not)."""
+
+    def __init__(self, solver: BlockDiagonalIHVP, *, damped: bool, num_params: int, dtype: tf.DType) -> None:
+        self.solver = solver
+        self.is_damped = damped
+        super().__init__(num_params, dtype, "BlockDiagonalCurvature", parameters={"damped": damped})
+
+    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self.solver._apply(vectors, power=1.0, damped=self.is_damped)
+
+
+class BlockDiagonalIHVP(InverseHessianVectorProduct):
+    """Shared machinery of the block-diagonal solvers (K-FAC, EK-FAC, diagonal): fitting, damping, save/load, solve.
+
+    Subclasses set ``kronecker`` (fit ``A`` and ``S`` and use their eigenbases) and ``eigenvalue_correction``
+    (re-estimate the eigenvalues in the basis with a second pass); the diagonal solver is the identity basis with
+    the correction.
+
+    Args:
+        model: The wrapped model.
+        dataset: Batched dataset over which the curvature is averaged.
+        damping: Absolute λ ≥ 0 added to every block.
+        relative_damping: Add ``relative_damping × mean eigenvalue`` of each block (≥ 0).
+        fisher: ``"expected"`` (exact Gauss-Newton statistics, one backward pass per model output),
+            ``"sampled"`` (one backward pass with random pseudo-gradients: the GGN in expectation) or
+            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See :mod:`influenciae.capture`.
+        seed: Seed of ``fisher="sampled"``.
+        factors_path: Directory to load the fitted factors from (when it holds factors fitted with the same
+            settings, weights and dataset) or to save them to after fitting. Damping is not part of the factors.
+        overwrite_factors: Refit and replace the factors at ``factors_path`` even if they do not match.
+        max_output_size: See :class:`~influenciae.capture.LayerCapture`.
+        show_progress: A progress bar over batches while fitting.
+        operator: Only a Gauss-Newton or Fisher operator of :mod:`influenciae.hessian.ggn`, as passed by
+            ``get_ihvp(..., curvature=...)``: it selects ``fisher`` (``"ggn"``/``"fisher"`` → ``"expected"``, or
+            ``"sampled"`` for a sampled Fisher; ``"empirical_fisher"`` → ``"empirical"``). The curvature itself is
+            always rebuilt from the layers.
+
+    Attributes:
+        blocks: The fitted :class:`CurvatureBlock` list (fits on first access).
+        timings: Seconds spent per fitting phase (``"factors"``, ``"eigendecomposition"``, ``"correction"``).
+    """
+
+    kronecker: ClassVar[bool] = True
+    eigenvalue_correction: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: InfluenceModel | None,
+        dataset: tf.data.Dataset | None = None,
+        *,
+        damping: float = 0.0,
+        relative_damping: float = 0.0,
+        fisher: str = "expected",
+        seed: int = 0,
+        factors_path: str | Path | None = None,
+        overwrite_factors: bool = False,
+        max_output_size: int = 1024,
+        show_progress: bool = False,
+        operator: Any | None = None,
+    ) -> None:
+        if operator is not None:
+            fisher = _fisher_of_operator(operator, type(self).__name__)
+        if not isinstance(model, InfluenceModel):
+            raise TypeError(
+                f"{type(self).__name__} needs the InfluenceModel (it reads the layers), got {type(model).__name__}."
+            )
+        if dataset is None:
+            raise ValueError(f"{type(self).__name__} needs a dataset to fit its curvature factors.")
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
+        if (
+            not isinstance(relative_damping, (int, float))
+            or isinstance(relative_damping, bool)
+            or not 0.0 <= relative_damping < float("inf")
+        ):
+            raise ValueError(f"relative_damping must be a finite non-negative number, got {relative_damping!r}.")
+        undamped = _BlockOperator(self, damped=False, num_params=model.nb_params, dtype=model.dtype)
+        super().__init__(None, None, damping=damping, operator=undamped)
+        self.model = model
+        self.dataset = check_dataset(dataset, name="dataset")
+        self.relative_damping = float(relative_damping)
+        self.fisher = fisher
+        self.curvature = "empirical_fisher" if fisher == "empirical" else "ggn"
+        self.seed = int(seed)
+        self.hessian = undamped
+        self.operator = _BlockOperator(self, damped=True, num_params=model.nb_params, dtype=model.dtype)
+        self._factors_path = None if factors_path is None else Path(factors_path)
+        self._overwrite_factors = bool(overwrite_factors)
+        self._show_progress = show_progress
+        self.capture = LayerCapture(model, max_output_size=max_output_size)
+        self.timings: dict[str, float] = {}
+        self._blocks: list[CurvatureBlock] | None = None
+        self._prepared: list[tuple[tf.Tensor | None, tf.Tensor | None, tf.Tensor, float]] | None = None
+        self._permutation: np.ndarray | None = None
+        self._inverse_permutation: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def blocks(self) -> list[CurvatureBlock]:
+        """The fitted curvature blocks (fitting or loading them on first access)."""
+        if self._blocks is None:
+            self.fit()
+        return self._blocks  # type: ignore[return-value]
+
+    def fit(self) -> BlockDiagonalIHVP:
+        """Fit (or load from ``factors_path``) the curvature blocks now rather than on the first solve."""
+        if self._blocks is not None:
+            return self
+        loaded = self._load() if self._factors_path is not None and not self._overwrite_factors else None
+        if loaded is not None:
+            self._set_blocks(loaded)
+            return self
+        blocks, input_hash = self._fit()
+        self._set_blocks(blocks)
+        if self._factors_path is not None:
+            self.save_factors(self._factors_path, input_hash=input_hash)
+        return self
+
+    def block_damping(self, block: CurvatureBlock) -> float:
+        """The total damping of one block: ``damping + relative_damping · mean(block eigenvalues)``."""
+        return self.damping + self.relative_damping * float(np.mean(block.eigenvalues))
+
+    def factors_nbytes(self) -> int:
+        """Bytes held by the fitted factors, bases and eigenvalues (float64)."""
+        return sum(block.nbytes() for block in self.blocks)
+
+    def factors_configuration(self) -> dict[str, Any]:
+        """What the factors depend on (besides the weights and the dataset): stored in the factors' manifest."""
+        return {
+            "kind": "curvature_factors",
+            "solver": self.name,
+            "fisher": self.fisher,
+            "seed": self.seed,
+            "layers": [[layer.name, layer.kind, layer.num_rows, layer.num_columns] for layer in self.capture.layers],
+            "uncovered": self.capture.uncovered_weight_names,
+        }
+
+    def save_factors(self, path: str | Path, *, input_hash: str | None = None) -> None:
+        """Save the fitted blocks atomically, with the settings, the weights' fingerprint and the dataset's hash.
+
+        Uses the influence-vector cache's format (``manifest.json`` + a pickle-free ``.npz``, atomic writes): a later
+        ``factors_path`` load is refused when any of them differs.
+        """
+        if input_hash is None:
+            input_hash = self._dataset_hash()
+        cache = DiskCache(
+            path,
+            configuration=self.factors_configuration(),
+            weights_fingerprint=fingerprint_arrays(self.capture.model.weights),
+            overwrite=True,
+        )
+        arrays: dict[str, np.ndarray] = {}
+        for index, block in enumerate(self.blocks):
+            for field in _SAVED_FIELDS:
+                value = getattr(block, field)
+                if value is not None:
+                    arrays[f"block{index}.{field}"] = np.asarray(value)[None]  # one "row" per shard
+        cache.write_shard(0, arrays, first_index=0, input_hash=input_hash)
+        cache.mark_complete(1)
+
+    # ------------------------------------------------------------------ solver hooks
+
+    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self._apply(vectors, power=-1.0, damped=True)
+
+    def _apply(self, vectors: tf.Tensor, *, power: float, damped: bool) -> tf.Tensor:
+        """``(C + λ)^power v`` for each row, block by block in the eigenbasis."""
+        prepared = self._prepare_blocks()
+        vectors = tf.convert_to_tensor(vectors, self.dtype)
+        count = tf.shape(vectors)[0]
+        permuted = tf.gather(vectors, self._permutation, axis=1)
+        sizes = [block.rows * block.columns for block in self.blocks]
+        outputs = []
+        for block, part, (row_basis, column_basis, eigenvalues, damping) in zip(
+            self.blocks, tf.split(permuted, sizes, axis=1), prepared, strict=True
+        ):
+            scale = eigenvalues + tf.constant(damping if damped else 0.0, self.dtype)
+            if power < 0 and float(tf.reduce_min(scale)) <= 0.0:
+                raise ValueError(
+                    f"The curvature block of {block.name!r} is singular (smallest eigenvalue "
+                    f"{float(tf.reduce_min(scale)):.3e} after damping): add damping, e.g. relative_damping=0.1 or "
+                    "damping=1e-3."
+                )
+            matrices = tf.reshape(part, [count, block.rows, block.columns])
+            rotated = _rotate(matrices, row_basis, column_basis, transpose=True)
+            rotated = rotated * scale if power > 0 else rotated / scale
+            outputs.append(tf.reshape(_rotate(rotated, row_basis, column_basis, transpose=False), [count, -1]))
+        return tf.gather(tf.concat(outputs, axis=1), self._inverse_permutation, axis=1)
+
+    # ------------------------------------------------------------------ fitting
+
+    def _fit(self) -> tuple[list[CurvatureBlock], str]:
+        layers = self.capture.layers
+        started = time.perf_counter()
+        sums = _FactorSums(layers, self.capture.uncovered_parameter_indices.size)
+        hashes: list[str] = []
+        if self.kronecker:
+            for batch_number, batch in enumerate(self._batches("factors")):
+                hashes.append(hash_batch(batch))
+                statistics, uncovered = self.capture.capture(batch, fisher=self.fisher, seed=self._seed(batch_number))
+                sums.add(statistics, uncovered)
+        self.timings["factors"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        blocks = []
+        for index, layer in enumerate(layers):
+            if self.kronecker:
+                blocks.append(_kronecker_block(layer, *sums.factors(index)))
+            else:
+                blocks.append(_identity_block(layer))
+        self.timings["eigendecomposition"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        uncovered_diagonal = sums.uncovered_diagonal() if self.kronecker else None
+        if self.eigenvalue_correction:
+            corrections = _CorrectionSums(blocks)
+            uncovered_sum = np.zeros([self.capture.uncovered_parameter_indices.size])
+            check_hashes = bool(hashes)
+            for batch_number, batch in enumerate(self._batches("eigenvalues")):
+                if not check_hashes:
+                    hashes.append(hash_batch(batch))
+                statistics, uncovered = self.capture.capture(batch, fisher=self.fisher, seed=self._seed(batch_number))
+                corrections.add(statistics)
+                if uncovered_diagonal is None:
+                    uncovered_sum += tf.reduce_sum(tf.square(tf.cast(uncovered, tf.float64)), axis=[0, 1]).numpy()
+            for block, eigenvalues in zip(blocks, corrections.eigenvalues(), strict=True):
+                block.eigenvalues = eigenvalues
+            if uncovered_diagonal is None:
+                uncovered_diagonal = uncovered_sum / max(corrections.num_examples, 1)
+        self.timings["correction"] = time.perf_counter() - started
+        if self.capture.uncovered_parameter_indices.size:
+            assert uncovered_diagonal is not None  # noqa: S101 -- internal invariant, set by one of the passes
+            blocks.append(_diagonal_block(self.capture.uncovered_parameter_indices, uncovered_diagonal))
+        return blocks, combine_hashes(hashes)
+
+    def _seed(self, batch_number: int) -> tf.Tensor:
+        return tf.constant([self.seed, batch_number], tf.int32)
+
+    def _batches(self, description: str) -> Iterator[Any]:
+        iterator: Any = self.dataset
+        if self._show_progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc=f"{type(self).__name__}: {description}", unit="batch")
+        empty = True
+        for batch in iterator:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("The dataset is empty; pass a dataset with at least one example to fit the curvature.")
+
+    def _dataset_hash(self) -> str:
+        return combine_hashes(hash_batch(batch) for batch in self.dataset)
+
+    def _set_blocks(self, blocks: list[CurvatureBlock]) -> None:
+        self._blocks = blocks
+        self._prepared = None
+        permutation = np.concatenate([block.parameter_indices for block in blocks])
+        if permutation.size != self.nb_params or np.unique(permutation).size != self.nb_params:
+            raise ValueError(  # internal consistency: every parameter belongs to exactly one block
+                f"The curvature blocks cover {np.unique(permutation).size} of {self.nb_params} parameters."
+            )
+        inverse = np.empty_like(permutation)
+        inverse[permutation] = np.arange(permutation.size)
+        self._permutation, self._inverse_permutation = permutation, inverse
+
+    def _prepare_blocks(self) -> list[tuple[tf.Tensor | None, tf.Tensor | None, tf.Tensor, float]]:
+        blocks = self.blocks
+        if self._prepared is None:
+            self._prepared = [
+                (
+                    None if block.row_basis is None else tf.constant(block.row_basis, self.dtype),
+                    None if block.column_basis is None else tf.constant(block.column_basis, self.dtype),
+                    tf.constant(block.eigenvalues, self.dtype),
+                    self.block_damping(block),
+                )
+                for block in blocks
+            ]
+        return self._prepared
+
+    def _load(self) -> list[CurvatureBlock] | None:
+        """The blocks saved at ``factors_path`` with these settings, weights and dataset; None when there are none."""
+        path = self._factors_path
+        assert path is not None  # noqa: S101 -- checked by the caller
+        if not (path / "manifest.json").exists():
+            return None
+        cache = DiskCache(
+            path,
+            configuration=self.factors_configuration(),
+            weights_fingerprint=fingerprint_arrays(self.capture.model.weights),
+        )
+        if not cache.is_complete:
+            return None
+        cache.check_input_hash(0, self._dataset_hash())
+        arrays = cache.read_shard(0)
+        blocks = self._empty_blocks()
+        for index, block in enumerate(blocks):
+            for field in _SAVED_FIELDS:
+                key = f"block{index}.{field}"
+                if key in arrays:
+                    setattr(block, field, np.array(arrays[key][0]))
+        return blocks
+
+    def _empty_blocks(self) -> list[CurvatureBlock]:
+        blocks = [
+            CurvatureBlock(
+                layer.name, layer.kind, layer.parameter_indices, layer.num_rows, layer.num_columns, np.zeros(0)
+            )
+            for layer in self.capture.layers
+        ]
+        indices = self.capture.uncovered_parameter_indices
+        if indices.size:
+            blocks.append(_diagonal_block(indices, np.zeros(indices.size)))
+        return blocks
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(nb_params={self.nb_params}, layers={len(self.capture.layers)}, "
+            f"fisher={self.fisher!r}, damping={self.damping}, relative_damping={self.relative_damping})"
+        )
+
+
+class KFACIHVP(BlockDiagonalIHVP, name="kfac"):
+    """K-FAC inverse-HVPs: ``(A ⊗ S + λI)⁻¹`` per layer (Martens & Grosse 2015; Grosse & Martens 2016 for Conv2D).
+
+    One pass over the dataset fits ``A = E[a aᵀ]`` and ``S = E[Σ_t g gᵀ]`` per Dense/Conv2D/Embedding layer (float64),
+    then each solve is four small matmuls per layer. Cheap and memory-light (two ``d × d`` factors per layer instead of
+    ``(d_in d_out)²``), but the Kronecker eigenvalues ``λ_A λ_Sᵀ`` can be far from the true curvature in the
+    eigenbasis: prefer :class:`EKFACIHVP`, which costs one more pass.
+
+    See :class:`BlockDiagonalIHVP` for the arguments.
+
+    Example:
+        >>> ihvp = KFACIHVP(im, train_ds, relative_damping=0.1)
+        >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator=ihvp)
+    """
+
+    kronecker = True
+    eigenvalue_correction = False
+
+
+class EKFACIHVP(BlockDiagonalIHVP, name="ekfac"):
+    """EK-FAC inverse-HVPs: K-FAC's eigenbasis with corrected eigenvalues (George et al. 2018, Grosse et al. 2023).
+
+    A second pass over the dataset replaces ``λ_A λ_Sᵀ`` by ``Λ = E[(Q_Aᵀ G Q_S)²]``, the diagonal of the exact
+    Gauss-Newton block in the Kronecker eigenbasis (exact with ``fisher="expected"``), which makes the approximation
+    the best diagonal one in that basis. With ``damping`` relative to the mean eigenvalue it needs no tuning to the
+    scale of the loss.
+
+    See :class:`BlockDiagonalIHVP` for the arguments.
+
+    Example:
+        >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="ekfac", damping=1e-3)
+    """
+
+    kronecker = True
+    eigenvalue_correction = True
+
+
+_SAVED_FIELDS = (
+    "eigenvalues",
+    "row_factor",
+    "column_factor",
+    "row_basis",
+    "column_basis",
+    "row_eigenvalues",
+    "column_eigenvalues",
+)
+
+
+def _fisher_of_operator(operator: Any, solver: str) -> str:
+    """The ``fisher`` setting matching a curvature operator from ``get_ihvp(..., curvature=...)``."""
+    curvature = curvature_of(operator) if isinstance(operator, RowOperator) else "operator"
+    if curvature == "empirical_fisher":
+        return "empirical"
+    if curvature == "fisher" and getattr(operator, "estimator", "exact") == "sampled":
+        return "sampled"
+    if curvature in ("ggn", "fisher"):
+        return "expected"
+    raise ValueError(
+        f"{solver} builds its Kronecker-factored Gauss-Newton curvature from the model's layers, so it cannot use "
+        f"an explicit operator or curvature {curvature!r}. Choose the statistics with fisher='expected' (exact "
+        "Gauss-Newton), 'sampled' or 'empirical', or use a matrix-free solver ('cg', 'nystrom') for that operator."
+    )
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+class _FactorSums:
+    """Running sums of ``a aᵀ`` (per position) and ``g gᵀ`` (per example) for each layer, in float64."""
+
+    def __init__(self, layers: list[CapturedLayer], num_uncovered: int) -> None:
+        self.layers = layers
+        self.row_sums: list[tf.Tensor | None] = [None] * len(layers)
+        self.column_sums: list[tf.Tensor | None] = [None] * len(layers)
+        self.positions = [0] * len(layers)
+        self.num_examples = 0
+        self.uncovered = np.zeros([num_uncovered])
+
+    def add(self, statistics: list[LayerStatistics], uncovered: tf.Tensor) -> None:
+        size = int(uncovered.shape[1])
+        for index, (layer, (activations, gradients)) in enumerate(zip(self.layers, statistics, strict=True)):
+            if layer.kind == "embedding":
+                tokens = tf.reshape(activations, [-1])
+                row = tf.math.unsorted_segment_sum(tf.ones_like(tokens, tf.float64), tokens, layer.num_rows)
+            else:
+                flat = tf.reshape(tf.cast(activations, tf.float64), [-1, layer.num_rows])
+                row = tf.matmul(flat, flat, transpose_a=True)
+            flat_gradients = tf.reshape(tf.cast(gradients, tf.float64), [-1, layer.num_columns])
+            column = tf.matmul(flat_gradients, flat_gradients, transpose_a=True)
+            self.row_sums[index] = row if self.row_sums[index] is None else self.row_sums[index] + row
+            self.column_sums[index] = column if self.column_sums[index] is None else self.column_sums[index] + column
+            self.positions[index] += int(tf.size(activations)) // (1 if layer.kind == "embedding" else layer.num_rows)
+        self.uncovered += tf.reduce_sum(tf.square(tf.cast(uncovered, tf.float64)), axis=[0, 1]).numpy()
+        self.num_examples += size
+
+    def factors(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, S)`` of layer ``index``: ``A [rows, rows]`` (``[rows]`` for an Embedding) and ``S``."""
+        row_sum, column_sum = self.row_sums[index], self.column_sums[index]
+        assert row_sum is not None and column_sum is not None  # noqa: S101 -- at least one batch was added
+        return row_sum.numpy() / max(self.positions[index], 1), column_sum.numpy() / max(self.num_examples, 1)
+
+    def uncovered_diagonal(self) -> np.ndarray:
+        return self.uncovered / max(self.num_examples, 1)
+
+
+class _CorrectionSums:
+    """Running sums of ``Σ_k (Q_Aᵀ G_ik Q_S)²`` over examples: EK-FAC's eigenvalues (identity bases: the diagonal)."""
+
+    def __init__(self, blocks: list[CurvatureBlock]) -> None:
+        self.blocks = blocks
+        self.bases = [
+            (
+                None if block.row_basis is None else tf.constant(block.row_basis, tf.float64),
+                None if block.column_basis is None else tf.constant(block.column_basis, tf.float64),
+            )
+            for block in blocks
+        ]
+        self.sums = [tf.zeros([block.rows, block.columns], tf.float64) for block in blocks]
+        self.num_examples = 0
+
+    def add(self, statistics: list[LayerStatistics]) -> None:
+        for index, (block, (row_basis, column_basis), stats) in enumerate(
+            zip(self.blocks, self.bases, statistics, strict=True)
+        ):
+            gradients = tf.cast(stats.gradients, tf.float64)  # [K, B, T, columns]
+            if column_basis is not None:
+                gradients = tf.matmul(gradients, column_basis)
+            if block.kind == "embedding":
+                self.sums[index] += _embedding_squares(stats.activations, gradients, block.rows)
+                continue
+            activations = tf.cast(stats.activations, tf.float64)  # [B, T, rows]
+            if row_basis is not None:
+                activations = tf.matmul(activations, row_basis)
+            self.sums[index] += _dense_squares(activations, gradients)
+        self.num_examples += int(statistics[0].gradients.shape[1]) if statistics else 0
+
+    def eigenvalues(self) -> list[np.ndarray]:
+        return [total.numpy() / max(self.num_examples, 1) for total in self.sums]
+
+
+def _dense_squares(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+    """``Σ_{k,i} (Σ_t a_it g_iktᵀ)²`` ``[rows, columns]`` from activations ``[B, T, r]``, gradients ``[K, B, T, c]``."""
+    if activations.shape[1] == 1:  # (a ⊗ g)² = a² ⊗ g²: one matmul
+        squared_gradients = tf.reduce_sum(tf.square(gradients[:, :, 0]), axis=0)  # [B, c]
+        return tf.matmul(tf.square(activations[:, 0]), squared_gradients, transpose_a=True)
+    count, size = int(gradients.shape[0]), int(gradients.shape[1])
+    rows, columns = int(activations.shape[-1]), int(gradients.shape[-1])
+    chunk = max(1, _CHUNK_ELEMENTS // max(count * rows * columns, 1))
+    total = tf.zeros([rows, columns], tf.float64)
+    for start in range(0, size, chunk):
+        per_example = tf.einsum(
+            "btr,kbtc->kbrc", activations[start : start + chunk], gradients[:, start : start + chunk]
+        )
+        total += tf.reduce_sum(tf.square(per_example), axis=[0, 1])
+    return total
+
+
+def _embedding_squares(tokens: tf.Tensor, gradients: tf.Tensor, vocabulary: int) -> tf.Tensor:
+    """``Σ_{k,i} G_ik²`` ``[vocabulary, columns]`` with ``G_ik[v] = Σ_{t: token_it = v} g_ikt``, never dense in v."""
+    count, size, positions, columns = (int(d) for d in gradients.shape)
+    example = tf.repeat(tf.range(size, dtype=tf.int64), positions)
+    keys = example * vocabulary + tf.reshape(tokens, [-1])
+    unique, segment = tf.unique(keys)
+    values = tf.reshape(tf.transpose(gradients, [1, 2, 0, 3]), [size * positions, count * columns])
+    summed = tf.math.unsorted_segment_sum(values, segment, tf.shape(unique)[0])  # [U, K * columns]
+    squares = tf.reduce_sum(tf.reshape(tf.square(summed), [-1, count, columns]), axis=1)
+    return tf.math.unsorted_segment_sum(squares, unique % vocabulary, vocabulary)
+
+
+def _symmetric_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    return np.maximum(values, 0.0), vectors
+
+
+def _kronecker_block(layer: CapturedLayer, row_factor: np.ndarray, column_factor: np.ndarray) -> CurvatureBlock:
+    column_eigenvalues, column_basis = _symmetric_eigh(column_factor)
+    if layer.kind == "embedding":  # A is diagonal: its eigenbasis is the identity
+        row_eigenvalues, row_basis = np.maximum(row_factor, 0.0), None
+    else:
+        row_eigenvalues, row_basis = _symmetric_eigh(row_factor)
+    return CurvatureBlock(
+        name=layer.name,
+        kind=layer.kind,
+        parameter_indices=layer.parameter_indices,
+        rows=layer.num_rows,
+        columns=layer.num_columns,
+        eigenvalues=np.outer(row_eigenvalues, column_eigenvalues),
+        row_factor=row_factor,
+        column_factor=column_factor,
+        row_basis=row_basis,
+        column_basis=column_basis,
+        row_eigenvalues=row_eigenvalues,
+        column_eigenvalues=column_eigenvalues,
+    )
+
+
+def _identity_block(layer: CapturedLayer) -> CurvatureBlock:
+    return CurvatureBlock(
+        layer.name,
+        layer.kind,
+        layer.parameter_indices,
+        layer.num_rows,
+        layer.num_columns,
+        np.zeros([layer.num_rows, layer.num_columns]),
+    )
+
+
+def _diagonal_block(indices: np.ndarray, diagonal: np.ndarray) -> CurvatureBlock:
+    return CurvatureBlock("<uncovered>", "diagonal", indices, int(indices.size), 1, np.asarray(diagonal)[:, None])
+
+
+def _rotate(
+    matrices: tf.Tensor, row_basis: tf.Tensor | None, column_basis: tf.Tensor | None, *, transpose: bool
+) -> tf.Tensor:
+    """``Q_Aᵀ M Q_S`` (``transpose=True``) or ``Q_A M Q_Sᵀ`` for matrices ``[n, rows, columns]``."""
+    if row_basis is not None:
+        matrices = tf.matmul(row_basis, matrices, transpose_a=transpose)
+    if column_basis is not None:
+        matrices = tf.matmul(matrices, column_basis, transpose_b=not transpose)
+    return matrices
