@@ -93,3 +93,64 @@ def test_tfds_loading_with_mock_data():
         images, labels = load_tfds_arrays("mnist", "train", limit=10)
     assert images.shape == (10, 28, 28, 1) and images.dtype == np.float32
     assert images.min() >= 0.0 and images.max() <= 1.0 and labels.shape == (10,)
+
+
+def test_report_sections_are_pluggable_and_failures_do_not_lose_the_page(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from influenciae.evaluation import report
+
+    assert report.run_section("influenciae.evaluation.no_such_module:section", report.ReportOptions()) is None
+    module = types.ModuleType("fake_sections")
+    module.good = lambda options: f"## Good\n\n{options.num_subsets} subsets"
+    module.bare = lambda: "## Bare"
+
+    def broken(options):
+        raise RuntimeError("boom")
+
+    module.broken = broken
+    monkeypatch.setitem(sys.modules, "fake_sections", module)
+    monkeypatch.setattr(
+        report,
+        "SECTIONS",
+        {
+            "good": "fake_sections:good",
+            "bare": "fake_sections:bare",
+            "broken": "fake_sections:broken",
+            "absent": "fake_sections:absent",
+        },
+    )
+    output = tmp_path / "evaluation.md"
+    assert report.main(["--output", str(output), "--subsets", "7"]) == 0
+    page = output.read_text()
+    assert "## Good\n\n7 subsets" in page and "## Bare" in page
+    assert "This section failed at `" in page and "`RuntimeError: boom`" in page
+    assert page.index("## Good") < page.index("## Bare") < page.index("## broken")
+
+    # Running one section again refreshes its block and keeps the others as they were generated.
+    module.bare = lambda: "## Bare, again"
+    assert report.main(["--output", str(output), "--sections", "bare"]) == 0
+    refreshed = output.read_text()
+    assert "## Bare, again" in refreshed and "## Bare\n" not in refreshed
+    assert "## Good\n\n7 subsets" in refreshed and "`RuntimeError: boom`" in refreshed
+    assert refreshed.index("## Good") < refreshed.index("## Bare, again") < refreshed.index("## broken")
+
+
+def test_full_batch_trainer_reaches_the_optimum_and_warm_starts():
+    from influenciae.evaluation.report import FullBatchTrainer, per_example_loss
+
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((60, 3))
+    labels = (inputs[:, 0] - inputs[:, 1] > 0).astype("float64")
+    train = FullBatchTrainer("logistic", 3, 1, 4, gradient_tolerance=1e-10)
+    model = train(inputs, labels, seed=0)
+    influence_model = InfluenceModel(model, loss_function=per_example_loss(1))
+    gradient = influence_model.batch_gradient((inputs, labels)).numpy()
+    kernel, bias = model.get_weights()
+    # the penalty c‖w‖² on kernel and bias, c = 1e-3 as keras.regularizers.L2 stores it (in float32)
+    gradient += 2 * float(np.float32(1e-3)) * np.concatenate([kernel.ravel(), bias])
+    assert np.linalg.norm(gradient) < 1e-9
+    again = train(inputs, labels, seed=5, initial_weights=model.get_weights())
+    for first, second in zip(model.get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_allclose(first, second, atol=1e-10)

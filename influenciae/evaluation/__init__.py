@@ -1,4 +1,4 @@
-"""Evaluation harnesses: mislabeled-sample detection (and, later, leave-one-out and LDS)."""
+"""Evaluation harnesses: mislabeled-sample detection, leave-one-out retraining and the linear datamodeling score."""
 
 from influenciae.evaluation.mislabeling import (
     DetectionResult,
@@ -10,14 +10,44 @@ from influenciae.evaluation.mislabeling import (
     load_tfds_arrays,
     roc_auc,
 )
+from influenciae.evaluation.retraining import (
+    LeaveOneOutEvaluator,
+    LeaveOneOutReport,
+    LeaveOneOutResult,
+    LinearDatamodelingEvaluator,
+    LinearDatamodelingReport,
+    LinearDatamodelingResult,
+    datamodeling_correlations,
+    leave_one_out,
+    linear_datamodeling_score,
+    pearson_correlation,
+    random_subsets,
+    retrain_on_subsets,
+    scale_ratio,
+    spearman_correlation,
+)
 
 __all__ = [
     "DetectionResult",
     "EvaluationReport",
+    "LeaveOneOutEvaluator",
+    "LeaveOneOutReport",
+    "LeaveOneOutResult",
+    "LinearDatamodelingEvaluator",
+    "LinearDatamodelingReport",
+    "LinearDatamodelingResult",
     "MislabelingDetectorEvaluator",
+    "datamodeling_correlations",
     "detection_curve",
     "detection_metrics",
     "flip_labels",
+    "leave_one_out",
+    "linear_datamodeling_score",
     "load_tfds_arrays",
+    "pearson_correlation",
+    "random_subsets",
+    "retrain_on_subsets",
     "roc_auc",
+    "scale_ratio",
+    "spearman_correlation",
 ]
