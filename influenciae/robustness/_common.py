@@ -1,0 +1,279 @@
+"""Shared pieces of the robustness wing: the model front (forward pass, default loss, predicted labels), argument
+checks, batch iteration over tensors or datasets, and progress bars."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from influenciae._backend import is_keras3_object, is_legacy_keras_object, keras, tf
+from influenciae.data import Batch, check_dataset, unpack_batch
+
+LossFunction = Callable[[Any, Any], tf.Tensor]  # (targets [B, ...], outputs [B, C]) -> [B] or a scalar
+
+_PROBABILITY_FLOOR = 1e-12  # log(p) of a probability output is taken at max(p, floor)
+
+
+@dataclass(frozen=True)
+class ModelFront:
+    """A classifier seen by the attacks: its forward pass, its per-example loss and how to read a prediction.
+
+    Attributes:
+        model: The Keras model (or callable) that maps inputs ``[B, ...]`` to outputs ``[B, C]``.
+        loss_function: ``(targets, outputs) -> [B]`` (or a scalar), or ``None`` when none could be inferred.
+        output_kind: ``"logits"``, ``"probabilities"`` or ``None`` (unknown), read from the last activation.
+    """
+
+    model: Any
+    loss_function: LossFunction | None
+    output_kind: str | None
+
+    def forward(self, inputs: Any) -> tf.Tensor:
+        """The model's single output ``[B, C]`` in inference mode."""
+        if is_keras3_object(self.model) or is_legacy_keras_object(self.model):
+            outputs = self.model(inputs, training=False)
+        else:
+            outputs = self.model(inputs)
+        flat = tf.nest.flatten(outputs)
+        if len(flat) != 1:
+            raise ValueError(f"The robustness tools need a model with one output [batch, classes]; got {len(flat)}.")
+        return flat[0]
+
+    def predicted_labels(self, outputs: tf.Tensor) -> tf.Tensor:
+        """Predicted classes ``[B]`` int64: argmax; a single column is a logit (``> 0``), or a probability (``> 0.5``)
+        when the last activation is a sigmoid."""
+        return predicted_labels(outputs, self.output_kind)
+
+    def require_loss(self, owner: str) -> LossFunction:
+        """The loss, or a ``ValueError`` telling the user to pass one."""
+        if self.loss_function is None:
+            raise ValueError(
+                f"{owner} needs a loss to differentiate, and none could be inferred: the model is not compiled with a "
+                "loss and its last layer's activation is neither linear (logits), softmax nor sigmoid. Pass "
+                "loss_function=..., e.g. keras.losses.SparseCategoricalCrossentropy(from_logits=True, "
+                "reduction='none')."
+            )
+        return self.loss_function
+
+
+def predicted_labels(outputs: tf.Tensor, output_kind: str | None) -> tf.Tensor:
+    """Predicted classes ``[B]`` (int64) of outputs ``[B, C]``; see :meth:`ModelFront.predicted_labels`."""
+    outputs = tf.convert_to_tensor(outputs)
+    if outputs.shape.rank == 2 and outputs.shape[1] == 1:
+        threshold = 0.5 if output_kind == "probabilities" else 0.0
+        return tf.cast(outputs[:, 0] > threshold, tf.int64)
+    return tf.argmax(outputs, axis=-1, output_type=tf.int64)
+
+
+def model_front(model: Any, loss_function: Any | None = None) -> ModelFront:
+    """Resolve ``model`` (Keras 3 / ``tf_keras`` model, :class:`~influenciae.InfluenceModel` or callable) and its loss.
+
+    The loss is, in order: ``loss_function``; the :class:`~influenciae.InfluenceModel`'s loss; the compiled loss;
+    cross-entropy inferred from the last layer's activation (linear → from logits, softmax/sigmoid → from
+    probabilities; sparse labels ``[B]`` or one-hot ``[B, C]``; one output column → binary). ``None`` otherwise.
+    """
+    from influenciae.model import InfluenceModel, _rebuild_loss
+
+    if isinstance(model, InfluenceModel):
+        if loss_function is None:
+            loss_function = model.loss_function
+        model = model.model
+    if not callable(model):
+        raise TypeError(f"model must be a Keras model, an InfluenceModel or a callable, got {type(model).__name__}.")
+    output_kind = _output_kind(model)
+    if loss_function is None:
+        loss_function = getattr(model, "loss", None)
+    if loss_function is None:
+        resolved = None if output_kind is None else _cross_entropy(output_kind)
+        return ModelFront(model, resolved, output_kind)
+    if isinstance(loss_function, (dict, list, tuple)):
+        raise ValueError("Models with several losses are not supported: pass one loss_function(y_true, y_pred).")
+    if isinstance(loss_function, str):
+        module = tf.keras if is_legacy_keras_object(model) else keras
+        loss_function = module.losses.get(loss_function)
+    if isinstance(loss_function, keras.losses.Loss):
+        dtype = _weights_dtype(model)
+        changes: dict[str, Any] = {}
+        if loss_function.reduction not in (None, "none"):
+            changes["reduction"] = "none"
+        if dtype is not None and loss_function.dtype != dtype:
+            changes["dtype"] = dtype  # Keras 3 losses cast to float32 by default: keep float64 models in float64
+        if changes:
+            loss_function = _rebuild_loss(loss_function, **changes)
+    if not callable(loss_function):
+        raise TypeError(f"loss_function must be callable (y_true, y_pred) -> [batch], got {type(loss_function)}.")
+    return ModelFront(model, loss_function, output_kind)
+
+
+def _weights_dtype(model: Any) -> str | None:
+    for weight in getattr(model, "weights", []):
+        dtype = tf.as_dtype(weight.dtype)
+        if dtype.is_floating:
+            return str(dtype.name)
+    return None
+
+
+def _output_kind(model: Any) -> str | None:
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    last = layers[-1]
+    if getattr(last, "layers", None):  # a nested model ends the network
+        return _output_kind(last)
+    if type(last).__name__ == "Softmax":
+        return "probabilities"
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", None)
+    if name in ("softmax", "sigmoid"):
+        return "probabilities"
+    if name == "linear":
+        return "logits"
+    return None
+
+
+def _cross_entropy(output_kind: str) -> LossFunction:
+    from_logits = output_kind == "logits"
+
+    def loss(targets: Any, outputs: tf.Tensor) -> tf.Tensor:
+        outputs = tf.convert_to_tensor(outputs)
+        targets = tf.convert_to_tensor(targets)
+        if outputs.shape[-1] == 1:  # binary: targets in {0, 1}
+            labels = tf.cast(tf.reshape(targets, [-1, 1]), outputs.dtype)
+            if from_logits:
+                values = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=outputs)
+            else:
+                positive = tf.math.log(tf.maximum(outputs, _PROBABILITY_FLOOR))
+                negative = tf.math.log(tf.maximum(1 - outputs, _PROBABILITY_FLOOR))
+                values = -(labels * positive + (1 - labels) * negative)
+            return tf.reshape(values, [-1])
+        if targets.shape.rank == outputs.shape.rank and targets.shape[-1] == outputs.shape[-1]:  # one-hot
+            labels = tf.cast(targets, outputs.dtype)
+            if from_logits:
+                return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
+            return -tf.reduce_sum(labels * tf.math.log(tf.maximum(outputs, _PROBABILITY_FLOOR)), axis=-1)
+        if not targets.dtype.is_integer and not targets.dtype.is_floating:
+            raise TypeError(f"Targets must be class indices or one-hot rows, got dtype {targets.dtype.name}.")
+        labels = tf.cast(tf.reshape(targets, [-1]), tf.int32)
+        if from_logits:
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
+        chosen = tf.gather(outputs, labels, batch_dims=1)
+        return -tf.math.log(tf.maximum(chosen, _PROBABILITY_FLOOR))
+
+    return loss
+
+
+# ---------------------------------------------------------------------- argument checks
+
+
+def check_non_negative(value: Any, name: str, *, allow_zero: bool = True) -> np.ndarray:
+    """``value`` (scalar or ``[B]``) as a float64 array after checking it is finite and ``≥ 0`` (``> 0``)."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}.")
+    array = np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=np.float64)
+    if array.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a [batch] vector (one per example), got shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    if np.any(array < 0) or (not allow_zero and np.any(array == 0)):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound} (a {'radius' if allow_zero else 'step'}), got {value!r}.")
+    return array
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def check_bounds(lower: Any, upper: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Input bounds as float64 arrays (broadcastable to one example or the batch), ``lower ≤ upper`` everywhere."""
+    arrays: list[np.ndarray | None] = []
+    for name, bound in (("lower_bound", lower), ("upper_bound", upper)):
+        if bound is None:
+            arrays.append(None)
+            continue
+        array = np.asarray(bound.numpy() if hasattr(bound, "numpy") else bound, dtype=np.float64)
+        if np.any(np.isnan(array)):
+            raise ValueError(f"{name} must not contain NaN.")
+        arrays.append(array)
+    low, high = arrays
+    if low is not None and high is not None:
+        try:
+            inverted = np.any(low > high)
+        except ValueError as error:
+            raise ValueError(f"lower_bound {low.shape} and upper_bound {high.shape} do not broadcast.") from error
+        if inverted:
+            raise ValueError("lower_bound must be ≤ upper_bound everywhere; the bounds are inverted.")
+    return low, high
+
+
+def per_example(values: np.ndarray, batch_size: int, name: str) -> np.ndarray:
+    """A scalar or ``[B]`` array as ``[B]``."""
+    if values.ndim == 0:
+        return np.full(batch_size, float(values))
+    if values.shape[0] != batch_size:
+        raise ValueError(f"{name} has {values.shape[0]} values but the inputs have {batch_size} examples.")
+    return values
+
+
+# ---------------------------------------------------------------------- data
+
+
+def is_dataset(inputs: Any) -> bool:
+    return isinstance(inputs, tf.data.Dataset)
+
+
+def as_batch(inputs: Any, targets: Any, owner: str, *, targets_required: bool = True) -> Batch:
+    """One in-memory batch: inputs converted to floating tensors, targets to a tensor."""
+    if targets is None and targets_required:
+        raise ValueError(f"{owner} needs targets with a tensor batch (or pass a tf.data.Dataset of (inputs, targets)).")
+    tensors = tf.nest.map_structure(tf.convert_to_tensor, inputs)
+    for leaf in tf.nest.flatten(tensors):
+        if not leaf.dtype.is_floating:
+            raise TypeError(
+                f"{owner} moves the inputs, so they must be floating point; got dtype {leaf.dtype.name}. "
+                "Cast them (e.g. tf.cast(x, 'float32')) or perturb an embedding model instead."
+            )
+    return Batch(tensors, None if targets is None else tf.convert_to_tensor(targets), None)
+
+
+def iterate(inputs: Any, targets: Any, owner: str, *, targets_required: bool = True) -> Iterator[Batch]:
+    """The batches of a ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])``, or one ``(inputs, targets)``."""
+    if is_dataset(inputs):
+        if targets is not None:
+            raise ValueError(f"{owner}: a dataset carries its own targets; pass targets=None with a tf.data.Dataset.")
+        for element in check_dataset(inputs, name="inputs"):
+            batch = unpack_batch(element)
+            yield as_batch(batch.inputs, batch.targets, owner)._replace(sample_weight=batch.sample_weight)
+        return
+    yield as_batch(inputs, targets, owner, targets_required=targets_required)
+
+
+def batch_size(inputs: Any) -> int:
+    return int(tf.nest.flatten(inputs)[0].shape[0])
+
+
+def progress(
+    iterable: Iterable[Any], show: bool, description: str, total: int | None = None, unit: str = "batch"
+) -> Any:
+    if not show:
+        return iterable
+    return tqdm(iterable, desc=description, total=total, unit=unit, dynamic_ncols=True)
+
+
+def known_cardinality(dataset: Any) -> int | None:
+    if not is_dataset(dataset):
+        return None
+    count = int(dataset.cardinality())
+    return count if count >= 0 else None
+
+
+def rebuild_dataset(batches: list[tuple[Any, ...]], spec: Any) -> tf.data.Dataset:
+    """A dataset that yields these in-memory batches, with the element spec of the dataset they came from."""
+    signature = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
+    return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
