@@ -13,6 +13,7 @@ from influenciae.data import check_dataset
 from influenciae.hessian import InverseHessianVectorProduct, get_ihvp
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin
+from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 from influenciae.types import CACHE
 
@@ -162,6 +163,11 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
             ``H⁻¹∇ℓ(x)`` (one solve per test example), compress them to rank ``r`` (:func:`compress_factors`) and
             score the whole training set in one pass of ``[N, r] × [r, Q]`` products, with no solve per training
             example. Exact for ``r ≥ min(N_test, P)``. ``None`` (default) keeps the training-side influence vectors.
+        measurement: What the test side measures instead of its loss (:mod:`influenciae.language`): a
+            :class:`~influenciae.language.Measurement` or a callable ``(outputs, targets) -> [B]`` (a loss, lower is
+            better). Transforms become ``∇q(x)`` with ``q`` the measurement's query loss; the score
+            ``∇q(x)ᵀ H⁻¹ ∇ℓ(z)`` is positive for proponents of the measurement. Influence vectors, self-influence
+            and their caches are unchanged. ``None`` (default): the test loss.
 
     Example:
         >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="cg", damping=1e-3)
@@ -185,8 +191,11 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         curvature: str = "hessian",
         curvature_options: dict[str, Any] | None = None,
         query_rank: int | None = None,
+        measurement: Measurement | Any = None,
     ) -> None:
         super().__init__(model, show_progress=show_progress, batches_per_shard=batches_per_shard)
+        self.measurement = as_measurement(measurement)
+        self.query_model = query_model(model, self.measurement)
         self.train_dataset = check_dataset(dataset, name="dataset")
         self.n_samples_for_hessian = n_samples_for_hessian
         self.normalize = bool(normalize)
@@ -223,7 +232,7 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         return self._precondition(self.model.batch_jacobian_tensor(batch))
 
     def _transforms(self, batch: Any) -> tf.Tensor:
-        return self.model.batch_jacobian_tensor(batch)
+        return self.query_model.batch_jacobian_tensor(batch)
 
     def _self_influence(self, batch: Any) -> tf.Tensor:
         gradients = self.model.batch_jacobian_tensor(batch)
@@ -331,7 +340,7 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         """Save factors atomically with this calculator's configuration and the model's weight fingerprint."""
         cache = DiskCache(
             path,
-            configuration={**self.configuration(), "kind": "influence_factors"},
+            configuration={**self.configuration(), "kind": "influence_factors", **self._measurement_configuration()},
             weights_fingerprint=self.weights_fingerprint(),
             overwrite=True,
         )
@@ -343,7 +352,7 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         """Load factors saved by :meth:`save_influence_factors`; refused if the model or configuration differ."""
         cache = DiskCache(
             path,
-            configuration={**self.configuration(), "kind": "influence_factors"},
+            configuration={**self.configuration(), "kind": "influence_factors", **self._measurement_configuration()},
             weights_fingerprint=self.weights_fingerprint(),
         )
         if not cache.is_complete:
@@ -377,6 +386,10 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
     def _stream(self, dataset: tf.data.Dataset, function: Any, description: str) -> Any:
         for indices, batch in self._indexed(dataset, "train_set", description):
             yield indices, function(batch)
+
+    def _measurement_configuration(self) -> dict[str, Any]:
+        # factors depend on the measurement; training-side vectors do not, so only factor caches record it
+        return {} if self.measurement is None else {"measurement": self.measurement.configuration()}
 
     def _require_unnormalized(self, method: str) -> None:
         if self.normalize:

@@ -46,6 +46,7 @@ from influenciae._backend import is_keras3_object, keras, keras_module_of, tf, v
 from influenciae.cache import combine_hashes, fingerprint_arrays
 from influenciae.data import check_dataset, unpack_batch, with_indices
 from influenciae.influence.base import BaseInfluenceCalculator
+from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 
 __all__ = ["TracIn", "TracInCP", "TracInCPFast", "TracInCPFastRandProj"]
@@ -410,19 +411,24 @@ class _CheckpointCalculator(BaseInfluenceCalculator):
     def _self_from_terms(self, terms: tuple[tf.Tensor, ...]) -> tf.Tensor:
         return terms[0]
 
+    def _query_features(self, model: InfluenceModel, index: int, batch: Any) -> Any:
+        """Features of a test batch (the transforms' side); the training features unless a measurement is set."""
+        return self._features(model, index, batch)
+
     # ------------------------------------------------------------------ engine hooks (one batch at a time)
 
-    def _all_features(self, batch: Any) -> list[Any]:
+    def _all_features(self, batch: Any, features_of: Callable[..., Any] | None = None) -> list[Any]:
+        compute = features_of or self._features
         features: list[Any] = [None] * len(self.checkpoints)
         for index in self.checkpoints.order():
-            features[index] = self._features(self.checkpoints.activate(index), index, batch)
+            features[index] = compute(self.checkpoints.activate(index), index, batch)
         return features
 
     def _influence_vectors(self, batch: Any) -> tf.Tensor:
         return self._vectors_from(self._all_features(batch))
 
     def _transforms(self, batch: Any) -> tf.Tensor:
-        return self._transforms_from(self._all_features(batch))
+        return self._transforms_from(self._all_features(batch, self._query_features))
 
     def _self_influence(self, batch: Any) -> tf.Tensor:
         features = self._all_features(batch)
@@ -441,19 +447,24 @@ class _CheckpointCalculator(BaseInfluenceCalculator):
 
     # ------------------------------------------------------------------ passes, checkpoint by checkpoint
 
-    def _block_features(self, batches: list[Any]) -> list[list[Any]]:
+    def _block_features(self, batches: list[Any], features_of: Callable[..., Any] | None = None) -> list[list[Any]]:
+        compute = features_of or self._features
         table: list[list[Any]] = [[None] * len(self.checkpoints) for _ in batches]
         for index in self.checkpoints.order():
             model = self.checkpoints.activate(index)
             for row, batch in zip(table, batches, strict=True):
-                row[index] = self._features(model, index, batch)
+                row[index] = compute(model, index, batch)
         return table
 
     def _blockwise(
-        self, indexed: Iterable[tuple[tf.Tensor, Any]], assemble: Callable[[list[Any]], tf.Tensor], size: int | None
+        self,
+        indexed: Iterable[tuple[tf.Tensor, Any]],
+        assemble: Callable[[list[Any]], tf.Tensor],
+        size: int | None,
+        features_of: Callable[..., Any] | None = None,
     ) -> Iterator[Block]:
         for group in _chunks(indexed, size):
-            table: list[list[Any] | None] = list(self._block_features([batch for _, batch in group]))
+            table: list[list[Any] | None] = list(self._block_features([batch for _, batch in group], features_of))
             for position, (indices, _) in enumerate(group):
                 features, table[position] = table[position], None  # keep ~one copy of the block's vectors
                 yield indices, assemble(features or [])
@@ -475,7 +486,7 @@ class _CheckpointCalculator(BaseInfluenceCalculator):
         if validate:
             self._validate_first_batch(test_set)
         indexed = self._indexed(test_set, "test_set", "test transforms")
-        yield from self._blockwise(indexed, self._transforms_from, self.batches_per_load)
+        yield from self._blockwise(indexed, self._transforms_from, self.batches_per_load, self._query_features)
 
     def _self_influence_stream(
         self, train_set: tf.data.Dataset, *, validate: bool = True, with_index: bool = False
@@ -549,10 +560,20 @@ def _reordered_dataset_error() -> ValueError:
 
 
 class _GradientTracIn(_CheckpointCalculator):
-    """Per-sample gradients of the watched weights at each checkpoint."""
+    """Per-sample gradients of the watched weights at each checkpoint (of the measurement's ``q`` on the test side)."""
+
+    measurement: Measurement | None = None
 
     def _features(self, model: InfluenceModel, index: int, batch: Any) -> tf.Tensor:
         return model.batch_jacobian_tensor(batch)
+
+    def _query_features(self, model: InfluenceModel, index: int, batch: Any) -> tf.Tensor:
+        if self.measurement is None:
+            return model.batch_jacobian_tensor(batch)
+        queries: dict[int, InfluenceModel] = self.__dict__.setdefault("_query_models", {})
+        if id(model) not in queries:  # one query model per checkpoint model, sharing its watched weights
+            queries[id(model)] = query_model(model, self.measurement)
+        return queries[id(model)].batch_jacobian_tensor(batch)
 
     def _vectors_from(self, features: list[Any]) -> tf.Tensor:
         return tf.concat([rate * gradients for rate, gradients in zip(self._rates, features, strict=True)], axis=1)
@@ -591,6 +612,9 @@ class TracIn(_GradientTracIn):
         loss_function: Per-example loss; ``None`` uses each model's compiled loss.
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
+        measurement: What the test side measures instead of its loss (:mod:`influenciae.language`): transforms
+            become ``[∇q(x; θ_c)]_c`` with ``q`` the measurement's query loss, so positive scores mark proponents of
+            the measurement; influence vectors and self-influence are unchanged. ``None``: the test loss.
 
     Example:
         >>> tracin = TracIn([model_epoch_1, model_epoch_5, model_epoch_10], learning_rates=[0.1, 0.05, 0.01],
@@ -611,7 +635,9 @@ class TracIn(_GradientTracIn):
         loss_function: Any = None,
         show_progress: bool = False,
         batches_per_shard: int = 16,
+        measurement: Measurement | Any = None,
     ) -> None:
+        self.measurement = as_measurement(measurement)
         items = _checkpoint_list(models, "models")
         rates = _learning_rates(learning_rates, len(items))
         for index, item in enumerate(items):
@@ -678,6 +704,9 @@ class TracInCP(_GradientTracIn):
         custom_objects: Passed to ``keras.models.load_model`` for ``.keras`` files.
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
+        measurement: What the test side measures instead of its loss (:mod:`influenciae.language`): transforms
+            become ``[∇q(x; θ_c)]_c`` with ``q`` the measurement's query loss, so positive scores mark proponents of
+            the measurement; influence vectors and self-influence are unchanged. ``None``: the test loss.
 
     Example:
         >>> tracin = TracInCP(["ckpt/epoch_02.keras", "ckpt/epoch_06.keras", "ckpt/epoch_10.keras"],
@@ -702,7 +731,9 @@ class TracInCP(_GradientTracIn):
         custom_objects: dict[str, Any] | None = None,
         show_progress: bool = False,
         batches_per_shard: int = 16,
+        measurement: Measurement | Any = None,
     ) -> None:
+        self.measurement = as_measurement(measurement)
         items = _checkpoint_list(checkpoints, "checkpoints")
         rates = _learning_rates(learning_rates, len(items))
         batches_per_load = _positive_or_none(batches_per_load, "batches_per_load")

@@ -46,6 +46,7 @@ from influenciae._backend import tf
 from influenciae.cache import combine_hashes, fingerprint_arrays
 from influenciae.data import check_dataset, unpack_batch
 from influenciae.influence.base import BaseInfluenceCalculator
+from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 
 __all__ = ["ModelOutputFunction", "MarginOutput", "RegressionOutput", "TrakCalculator"]
@@ -180,6 +181,11 @@ class TrakCalculator(BaseInfluenceCalculator):
         projection_block_size: Rows of ``P`` generated at once (part of the projection's definition).
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
+        measurement: What the test side measures instead of the output function (:mod:`influenciae.language`):
+            transforms become ``Pᵀ∇(-q)(x)`` with ``q`` the measurement's query loss (``-q`` is the measurement
+            oriented so that higher is better), so the score estimates how much training on ``z`` moves the
+            measurement in its good direction: positive for proponents. ``Measurement(margin,
+            higher_is_better=True)`` reproduces the default. The kernels and influence vectors are unchanged.
 
     Example:
         >>> trak = TrakCalculator([model_a, model_b], train_ds, projection_dim=2048, seed=0)
@@ -202,6 +208,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         projection_block_size: int = 1024,
         show_progress: bool = False,
         batches_per_shard: int = 16,
+        measurement: Measurement | Any = None,
     ) -> None:
         if projection_dim is not None and (
             isinstance(projection_dim, bool) or not isinstance(projection_dim, (int, np.integer)) or projection_dim <= 0
@@ -232,6 +239,10 @@ class TrakCalculator(BaseInfluenceCalculator):
         if not members:
             raise ValueError("model is an empty list: pass a model or a list of checkpoints.")
         self.checkpoints = [self._wrap(member) for member in members]
+        self.measurement = as_measurement(measurement)
+        self.query_checkpoints = [
+            query_model(checkpoint, self.measurement, goodness=True) for checkpoint in self.checkpoints
+        ]
         super().__init__(self.checkpoints[0], show_progress=show_progress, batches_per_shard=batches_per_shard)
         if len({checkpoint.dtype for checkpoint in self.checkpoints}) > 1:
             raise TypeError("All checkpoints must have weights of the same dtype.")
@@ -297,7 +308,11 @@ class TrakCalculator(BaseInfluenceCalculator):
 
     def _transforms(self, batch: Any) -> tf.Tensor:
         inputs, targets, _ = _split(batch, self.model.dtype)
-        return tf.concat([self._features(m, inputs, targets) for m in range(self.num_checkpoints)], axis=1)
+        queries = self.query_checkpoints
+        return tf.concat(
+            [self.project(queries[m].batch_jacobian_tensor((inputs, targets)), m) for m in range(self.num_checkpoints)],
+            axis=1,
+        )
 
     def _influence_vectors(self, batch: Any) -> tf.Tensor:
         inputs, targets, weights = _split(batch, self.model.dtype)
