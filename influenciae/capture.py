@@ -1,4 +1,4 @@
-"""Per-layer capture of layer inputs ``a`` and pre-activation output gradients ``g`` (Dense, Conv2D, Embedding).
+"""Per-layer capture of layer inputs ``a`` and pre-activation output gradients ``g`` (Dense, EinsumDense, Conv, ...).
 
 Kronecker-factored curvature (:mod:`influenciae.hessian.kfac`) needs more structure than flat parameter vectors: for
 a layer ``y = φ(W a + b)`` the per-example gradient of the kernel is ``Σ_t a_t g_tᵀ``, a sum over the positions ``t``
@@ -30,12 +30,33 @@ Three kinds of backward pass (``fisher=``) give the three usual curvature matric
 
 Weights not covered by a supported layer (BatchNorm scales, custom layers, a bias watched without its kernel) get
 their per-example pseudo-gradients from a vectorized Jacobian instead, for a diagonal curvature block.
+
+Which layers are captured (found anywhere in the model, nested ones included: MultiHeadAttention's projections,
+KerasHub blocks, layers of a subclassed model):
+
+* ``Dense`` (Kronecker block): every leading position of an N-D input (``[B, T, D]``: every token).
+* ``EinsumDense`` (Kronecker block): "a Dense over the contracted axes": rows = the kernel axes shared with the
+  input, columns = the kernel's output axes, tokens = the input's other non-batch axes (MultiHeadAttention's
+  ``"abc,cde->abde"`` and ``"abcd,cde->abe"``, ``"...b,bc->...c"``). A bias on exactly the column axes is the
+  appended row; any other bias (broadcast over a column axis, or per token) gets a diagonal block.
+* ``Conv1D``, ``Conv2D`` (Kronecker block): every output position, ``a`` = the unfolded patch (``same``, ``valid``,
+  ``causal``; strides, dilation; channels-last, ``groups=1``).
+* ``Embedding`` (Kronecker block with a diagonal ``A``): every token, ``a`` = its one-hot (never formed); padding
+  tokens count as tokens.
+* Anything else (``LayerNormalization``, ``BatchNormalization``, custom layers, LoRA or quantized layers, EinsumDense
+  equations with a kernel axis shared by the input and the output): not captured, a **diagonal** block ``E[g²]``
+  from a vectorized Jacobian (no error). Leave such weights out with ``InfluenceModel(weights_to_watch=...)``.
+
+Every batch is traced in chunks of a fixed size (the last one padded with zero-weight copies), so the traced graphs,
+and TensorFlow's vectorized Jacobians inside them, only see static shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import string
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -54,21 +75,25 @@ model, or the dataset's labels (the empirical Fisher)."""
 
 @dataclasses.dataclass(frozen=True)
 class CapturedLayer:
-    """A watched Dense, Conv2D or Embedding layer and its slice of the flat parameter vector.
+    """A watched Dense, EinsumDense, Conv1D, Conv2D or Embedding layer and its slice of the flat parameter vector.
 
     The layer's weights are seen as one matrix ``W [num_rows, num_columns]``: the kernel reshaped to
-    ``[-1, c_out]`` with the bias (when watched) appended as a last row, so a layer input gets an appended 1. For an
-    Embedding, rows are vocabulary entries and ``a`` is a one-hot token.
+    ``[-1, c_out]`` (an EinsumDense kernel transposed to ``[contracted axes..., output axes...]`` first) with the bias
+    (when watched) appended as a last row, so a layer input gets an appended 1. For an Embedding, rows are vocabulary
+    entries and ``a`` is a one-hot token.
 
     Attributes:
         name: The layer's name.
-        kind: ``"dense"``, ``"conv2d"`` or ``"embedding"``.
+        kind: ``"dense"``, ``"einsum_dense"``, ``"conv1d"``, ``"conv2d"`` or ``"embedding"``.
         num_rows: ``d_in`` (+1 with a bias), or the vocabulary size for an Embedding.
         num_columns: ``d_out`` (units, filters or embedding dimension).
         has_bias: Whether the last row is the bias.
         parameter_indices: ``[num_rows * num_columns]`` positions in the flat parameter vector of the matrix
             entries, row-major (``W[r, c]`` is ``parameter_indices[r * num_columns + c]``).
         weight_names: Names of the watched weights of the block (kernel, then bias).
+        layer: The Keras layer.
+        einsum: For an EinsumDense, the einsum transposes ``(input -> [B, tokens, rows], output -> [B, tokens,
+            columns], back)``; None otherwise.
     """
 
     name: str
@@ -79,6 +104,7 @@ class CapturedLayer:
     parameter_indices: np.ndarray = dataclasses.field(repr=False)
     weight_names: tuple[str, ...]
     layer: Any = dataclasses.field(repr=False, compare=False)
+    einsum: tuple[str, str, str] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_params(self) -> int:
@@ -90,8 +116,8 @@ class LayerStatistics(NamedTuple):
     """What one capture pass records for one layer, every call of the layer concatenated along positions.
 
     Attributes:
-        activations: ``[B, T, num_rows]`` layer inputs ``a`` (with the appended 1 when there is a bias) for Dense
-            and Conv2D; ``[B, T]`` int64 token ids for an Embedding.
+        activations: ``[B, T, num_rows]`` layer inputs ``a`` (with the appended 1 when there is a bias) for Dense,
+            EinsumDense and convolutions; ``[B, T]`` int64 token ids for an Embedding.
         gradients: ``[K, B, T, num_columns]`` pre-activation pseudo-gradients ``g``, one slice per backward pass
             (``K = 1`` except for ``fisher="expected"``).
     """
@@ -101,10 +127,12 @@ class LayerStatistics(NamedTuple):
 
 
 def supported_layer_kind(layer: Any) -> str | None:
-    """``"dense"``, ``"conv2d"`` or ``"embedding"`` when the layer is captured exactly, else ``None``.
+    """``"dense"``, ``"einsum_dense"``, ``"conv1d"``, ``"conv2d"`` or ``"embedding"`` when captured exactly, else None.
 
-    Subclasses that override ``call``, LoRA-enabled or quantized layers, channels-first or grouped convolutions and
-    legacy ``tf_keras`` layers are not captured (their weights get diagonal curvature blocks).
+    Subclasses that override ``call``, LoRA-enabled or quantized layers, channels-first or grouped convolutions,
+    EinsumDense equations that are not "a Dense over the contracted axes" (a kernel axis shared with the input and the
+    output, an input axis summed without the kernel, repeated letters) and legacy ``tf_keras`` layers are not
+    captured: their weights get diagonal curvature blocks.
     """
     if not is_keras3_object(layer) or getattr(layer, "lora_enabled", False):
         return None
@@ -113,13 +141,92 @@ def supported_layer_kind(layer: Any) -> str | None:
     klass = type(layer)
     if isinstance(layer, keras.layers.Dense) and klass.call is keras.layers.Dense.call:
         return "dense"
-    if isinstance(layer, keras.layers.Conv2D) and klass.call is keras.layers.Conv2D.call:
-        if layer.data_format == "channels_last" and getattr(layer, "groups", 1) == 1:
-            return "conv2d"
-        return None
+    if isinstance(layer, keras.layers.EinsumDense) and klass.call is keras.layers.EinsumDense.call:
+        return "einsum_dense" if _einsum_plan(layer) is not None else None
+    for kind, base in (("conv1d", keras.layers.Conv1D), ("conv2d", keras.layers.Conv2D)):
+        if isinstance(layer, base) and klass.call is base.call:
+            if layer.data_format == "channels_last" and getattr(layer, "groups", 1) == 1:
+                return kind
+            return None
     if isinstance(layer, keras.layers.Embedding) and klass.call is keras.layers.Embedding.call:
         return "embedding"
     return None
+
+
+class _EinsumPlan(NamedTuple):
+    """How an EinsumDense ``x, W -> y`` is a Dense ``W [rows, columns]`` applied at every "token" position.
+
+    ``to_rows``: einsum ``x -> [batch, tokens..., contracted...]``; ``to_canonical``/``from_canonical``: between
+    ``y`` and ``[batch, tokens..., columns...]``; ``kernel_axes``: the transpose of the kernel to
+    ``[contracted..., columns...]``; ``bias_is_column``: the bias spans exactly the column axes (no broadcast over
+    columns, no per-token bias), so it is the appended row.
+    """
+
+    to_rows: str
+    to_canonical: str
+    from_canonical: str
+    kernel_axes: tuple[int, ...]
+    num_contracted: int
+    bias_is_column: bool
+
+
+def _einsum_plan(layer: Any) -> _EinsumPlan | None:
+    """The Dense view of a built EinsumDense layer, or None when its equation has no Kronecker structure."""
+    if not getattr(layer, "built", False) or getattr(layer, "input_spec", None) is None:
+        return None
+    rank = getattr(layer.input_spec, "ndim", None)
+    match = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)", layer.equation.replace(" ", ""))
+    if match is None or rank is None:
+        return None
+    inputs, kernel, outputs = match.groups()
+    if inputs.count("...") != outputs.count("...") or inputs.count("...") > 1:
+        return None
+    if "..." in inputs:  # resolve the ellipsis with fresh letters, as many as the built input rank needs
+        elided = rank - (len(inputs) - 3)
+        fresh = "".join(c for c in string.ascii_letters if c not in layer.equation)[: max(elided, 0)]
+        inputs, outputs = inputs.replace("...", fresh), outputs.replace("...", fresh)
+    if "." in inputs + outputs or len(inputs) != rank:
+        return None
+    if any(len(set(spec)) != len(spec) for spec in (inputs, kernel, outputs)):
+        return None
+    batch = inputs[0]
+    contracted = [c for c in kernel if c in inputs and c not in outputs]
+    columns = [c for c in outputs if c in kernel and c not in inputs]
+    tokens = [c for c in inputs[1:] if c in outputs and c not in kernel]
+    if batch in kernel or batch not in outputs or not contracted or not columns:
+        return None
+    if len(contracted) + len(tokens) + 1 != len(inputs) or len(contracted) + len(columns) != len(kernel):
+        return None  # an input axis summed without the kernel, or a kernel axis shared with the input and output
+    if len(columns) + len(tokens) + 1 != len(outputs):
+        return None
+    canonical = batch + "".join(tokens) + "".join(columns)
+    order = contracted + columns
+    bias_axes = getattr(layer, "bias_axes", None) or ""
+    return _EinsumPlan(
+        to_rows=f"{inputs}->{batch}{''.join(tokens)}{''.join(contracted)}",
+        to_canonical=f"{outputs}->{canonical}",
+        from_canonical=f"{canonical}->{outputs}",
+        kernel_axes=tuple(kernel.index(c) for c in order),
+        num_contracted=len(contracted),
+        bias_is_column=sorted(bias_axes) == sorted(columns),
+    )
+
+
+def _einsum_equations(layer: Any) -> tuple[str, str, str]:
+    plan = _einsum_plan(layer)
+    assert plan is not None  # noqa: S101 -- supported_layer_kind checked it
+    return plan.to_rows, plan.to_canonical, plan.from_canonical
+
+
+def _kernel_view(kind: str, layer: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, int, bool]:
+    """``(order, columns, bias_is_column)``: ``order[r * columns + c]`` is the kernel's flat index of ``W[r, c]``."""
+    flat = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    if kind == "einsum_dense":
+        plan = _einsum_plan(layer)
+        assert plan is not None  # noqa: S101 -- supported_layer_kind checked it
+        columns = int(np.prod([shape[axis] for axis in plan.kernel_axes[plan.num_contracted :]]))
+        return np.transpose(flat, plan.kernel_axes).reshape(-1), columns, plan.bias_is_column
+    return flat.reshape(-1), int(shape[-1]), True
 
 
 class LayerCapture:
@@ -129,6 +236,11 @@ class LayerCapture:
         model: The wrapped model. Its loss (with sample weights) defines the pseudo-gradients.
         max_output_size: Largest number of model outputs per example for ``fisher="expected"``/``"sampled"``, which
             form the ``[C, C]`` output Hessian of each example.
+        chunk_size: Examples per traced pass (None: the size of the first captured batch). Every batch is split
+            into chunks of exactly this many examples, the last one padded by repeating its last example with sample
+            weight 0 (and trimmed from the results), so the traced function only ever sees static shapes: this
+            keeps TensorFlow's vectorized Jacobians (pfor) off the dynamic-shape paths that can abort the
+            interpreter on attention models, and traces once per input shape.
 
     Attributes:
         layers: The captured layers (:class:`CapturedLayer`), in the model's layer order.
@@ -141,11 +253,15 @@ class LayerCapture:
         >>> per_example = capture.per_example_gradients((x, y))  # [B, P], rebuilt from a ⊗ g
     """
 
-    def __init__(self, model: InfluenceModel, *, max_output_size: int = 1024) -> None:
+    def __init__(self, model: InfluenceModel, *, max_output_size: int = 1024, chunk_size: int | None = None) -> None:
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
+        invalid = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        if chunk_size is not None and invalid:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         self.model = model
         self.max_output_size = int(max_output_size)
+        self.chunk_size = chunk_size
         sizes = [int(np.prod(shape)) for shape in model.weight_shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         position = {id(variable_tensor(weight)): index for index, weight in enumerate(model.weights)}
@@ -159,14 +275,14 @@ class LayerCapture:
             kernel_index = position.get(id(variable_tensor(kernel)))
             if kernel_index is None or kernel_index in claimed:
                 continue
-            bias = None if kind == "embedding" else layer.bias
+            shape = tuple(int(d) for d in model.weight_shapes[kernel_index])
+            order, columns, bias_is_column = _kernel_view(kind, layer, shape)
+            bias = None if kind == "embedding" or not bias_is_column else layer.bias
             bias_index = None if bias is None else position.get(id(variable_tensor(bias)))
             if bias_index in claimed:
                 bias_index = None
-            shape = model.weight_shapes[kernel_index]
-            columns = int(shape[-1])
-            rows = int(np.prod(shape[:-1]))
-            indices = [np.arange(offsets[kernel_index], offsets[kernel_index + 1], dtype=np.int64)]
+            rows = int(np.prod(shape)) // columns
+            indices = [offsets[kernel_index] + order]
             names = [variable_name(model.weights[kernel_index])]
             if bias_index is not None:
                 indices.append(np.arange(offsets[bias_index], offsets[bias_index + 1], dtype=np.int64))
@@ -183,6 +299,7 @@ class LayerCapture:
                     parameter_indices=np.concatenate(indices),
                     weight_names=tuple(names),
                     layer=layer,
+                    einsum=_einsum_equations(layer) if kind == "einsum_dense" else None,
                 )
             )
         self._uncovered = [index for index in range(len(model.weights)) if index not in claimed]
@@ -193,7 +310,7 @@ class LayerCapture:
         )
         self._records: list[list[tuple[tf.Tensor, tf.Tensor]]] | None = None
         self._tape: tf.GradientTape | None = None
-        self._capture_fn = tf.function(self._capture, reduce_retracing=True)
+        self._capture_fn = tf.function(self._capture)  # traced per static chunk shape: no relaxed shapes
 
     # ------------------------------------------------------------------ public
 
@@ -220,7 +337,29 @@ class LayerCapture:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
         inputs, targets, weights = self._prepare(batch)
         seed_tensor = tf.constant([0, int(seed)], tf.int32) if isinstance(seed, int) else tf.cast(seed, tf.int32)
-        statistics, uncovered = self._capture_fn(inputs, targets, weights, seed_tensor, fisher)
+        size = int(weights.shape[0])
+        if size == 0:
+            raise ValueError("The batch has no examples; remove empty batches from the dataset.")
+        if self.chunk_size is None:
+            self.chunk_size = max(size, 1)  # fixed by the first batch: later batches are split and padded to it
+        chunk = self.chunk_size
+        pieces = []
+        for number, start in enumerate(range(0, size, chunk)):
+            count = min(chunk, size - start)
+            rows = np.minimum(np.arange(start, start + chunk), start + count - 1)  # pad by repeating the last row
+            padded = tf.nest.map_structure(lambda t, rows=rows: tf.gather(t, rows), (inputs, targets))
+            mask = tf.constant(np.arange(chunk) < count, self.model.dtype)
+            chunk_seed = seed_tensor if number == 0 else tf.random.experimental.stateless_fold_in(seed_tensor, number)
+            statistics, uncovered = self._capture_fn(*padded, tf.gather(weights, rows) * mask, chunk_seed, fisher)
+            pieces.append(([(a[:count], g[:, :count]) for a, g in statistics], uncovered[:, :count]))
+        if len(pieces) == 1:
+            statistics, uncovered = pieces[0]
+        else:
+            statistics = [
+                (tf.concat([p[0][i][0] for p in pieces], 0), tf.concat([p[0][i][1] for p in pieces], 1))
+                for i in range(len(self.layers))
+            ]
+            uncovered = tf.concat([p[1] for p in pieces], 1)
         return [LayerStatistics(a, g) for a, g in statistics], uncovered
 
     def per_example_gradients(self, batch: Any) -> tf.Tensor:
@@ -286,7 +425,7 @@ class LayerCapture:
         statistics = []
         for block, calls, block_gradients_ in zip(self.layers, records, gradients, strict=True):
             activations = tf.concat([_positions(block, a) for a, _ in calls], axis=1)
-            pseudo = tf.concat([_gradient_positions(g) for g in block_gradients_], axis=2)
+            pseudo = tf.concat([_gradient_positions(g, block.num_columns) for g in block_gradients_], axis=2)
             statistics.append((activations, tf.cast(pseudo, self.model.dtype)))
         size = tf.shape(weights)[0]
         if uncovered:
@@ -378,10 +517,15 @@ def _capturing_call(block: CapturedLayer, original: Any, tape: tf.GradientTape, 
         finally:
             if activation is not None:
                 object.__setattr__(layer, "activation", activation)
-        probe = tf.zeros_like(pre_activation)
-        tape.watch(probe)
+        if block.einsum is None:
+            probe = tf.zeros_like(pre_activation)
+            tape.watch(probe)
+            output = pre_activation + probe
+        else:  # the probe in [batch, tokens..., columns...] order, so its gradient needs no transpose
+            probe = tf.zeros_like(tf.einsum(block.einsum[1], pre_activation))
+            tape.watch(probe)
+            output = pre_activation + tf.einsum(block.einsum[2], probe)
         records.append((_layer_input(block, inputs), probe))
-        output = pre_activation + probe
         return output if activation is None else activation(output)
 
     return call
@@ -392,6 +536,20 @@ def _layer_input(block: CapturedLayer, inputs: Any) -> tf.Tensor:
     inputs = tf.convert_to_tensor(inputs)
     if block.kind == "embedding":
         return tf.cast(inputs, tf.int64)
+    if block.kind == "einsum_dense":
+        assert block.einsum is not None  # noqa: S101 -- set for every einsum_dense block
+        return tf.einsum(block.einsum[0], inputs)
+    if block.kind == "conv1d":  # a Conv2D of height 1: [B, L, C] -> [B, 1, L', k * C]
+        layer = block.layer
+        if layer.padding == "causal":
+            inputs = tf.pad(inputs, layer._compute_causal_padding())
+        return tf.image.extract_patches(
+            inputs[:, None],
+            sizes=[1, 1, layer.kernel_size[0], 1],
+            strides=[1, 1, layer.strides[0], 1],
+            rates=[1, 1, layer.dilation_rate[0], 1],
+            padding="VALID" if layer.padding == "causal" else layer.padding.upper(),
+        )
     if block.kind == "conv2d":
         layer = block.layer
         kernel_h, kernel_w = layer.kernel_size
@@ -419,10 +577,10 @@ def _positions(block: CapturedLayer, inputs: tf.Tensor) -> tf.Tensor:
     return flat
 
 
-def _gradient_positions(gradients: tf.Tensor) -> tf.Tensor:
-    """``[K, B, ..., d_out] -> [K, B, T, d_out]``."""
+def _gradient_positions(gradients: tf.Tensor, columns: int) -> tf.Tensor:
+    """``[K, B, ..., d_out] -> [K, B, T, d_out]`` (``d_out`` may span several trailing axes of an EinsumDense)."""
     shape = tf.shape(gradients)
-    return tf.reshape(gradients, [shape[0], shape[1], -1, shape[-1]])
+    return tf.reshape(gradients, [shape[0], shape[1], -1, columns])
 
 
 def block_gradients(block: CapturedLayer, statistics: LayerStatistics) -> tf.Tensor:
