@@ -21,17 +21,27 @@ vectors = cache.load_all("vectors")                       # [num_train, num_para
 The disk format is pickle-free and crash-safe (kronfluence's "saved results carry their arguments", plus
 atomicity):
 
-- ``manifest.json`` records the format version, the calculator configuration, a fingerprint of the watched
-  weights and, per completed shard, its number of rows, first training index, input hash, file name and array
-  schema. Reopening with another configuration or other weights is refused unless ``overwrite=True``.
+- ``manifest.json`` records the format version, the calculator configuration (which includes the model's
+  identity, see :func:`~influenciae.fingerprint.model_identity`), a fingerprint of the weights and, per completed
+  shard, its number of rows, first training index, input hash, file name, array schema and the SHA-256 checksum of
+  its file; once complete, the number of shards and of examples. Reopening with another configuration or other
+  weights is refused unless ``overwrite=True``.
 - Each shard is an uncompressed ``.npz`` written without pickle (object arrays are refused) and read back with
-  ``allow_pickle=False``.
-- Every file is written to a temporary file in the cache directory, flushed, ``fsync``-ed and ``os.replace``-d
-  into place; the manifest is replaced only after the shard file is in place, and each write of a shard uses a
-  fresh file name. A process killed at any moment therefore leaves either a complete shard recorded in the
-  manifest or nothing recorded; leftover temporary and unrecorded shard files are deleted on the next open.
+  ``allow_pickle=False``. It also holds a ``__meta__`` member naming the cache identity, the shard id and its
+  input hash, so a shard file copied from another cache, or swapped with another shard, is refused on read even
+  when its checksum was copied along. Every read checks the checksum and the meta record first; a corrupted file
+  raises a ``ValueError`` naming the shard and how to rebuild.
+- Every file is written by :func:`~influenciae.fingerprint.atomic_write` (unique temporary name, ``fsync``,
+  ``os.replace``); the manifest is replaced only after the shard file is in place, and each write of a shard uses
+  a fresh file name, first recorded as *pending* in the manifest. A process killed at any moment therefore leaves
+  either a complete shard recorded in the manifest or nothing recorded; the next open deletes the pending files
+  and the temporary files of a dead writer. Files the manifest never named are never deleted.
+- Writers take an exclusive ``fcntl`` lock on ``.influenciae.lock`` (:meth:`DiskCache.lock`), and reload the
+  manifest when they get it, so two processes filling the same cache never delete each other's files and never
+  record a missing one: the second waits, then finds the shards the first wrote.
 
-A disk cache assumes one writing process at a time.
+:func:`fill_cache` is the one loop that resumes or reuses a cache for a stream of shards: every shard's input hash
+and row count is checked against the data, and a complete cache must cover exactly the data given now.
 """
 
 from __future__ import annotations
@@ -39,190 +49,81 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import enum
 import hashlib
+import io
 import json
 import numbers
 import os
 import re
 import secrets
-import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from influenciae.fingerprint import (
+    TEMPORARY_PREFIX,
+    _to_numpy,
+    atomic_write,
+    canonical_configuration,
+    checksum_file,
+    combine_hashes,
+    describe_differences,
+    fingerprint_arrays,
+    hash_batch,
+)
+
+try:  # POSIX; elsewhere a disk cache has no inter-process lock (one writer at a time, as before)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "LOCK_NAME",
+    "ShardRecord",
+    "ShardInput",
+    "ShardCache",
+    "MemoryCache",
+    "DiskCache",
+    "fill_cache",
+    "canonical_configuration",
+    "combine_hashes",
+    "fingerprint_arrays",
+    "hash_batch",
+]
+
+FORMAT_VERSION = 2
 """Version of the on-disk layout written in every manifest; a cache of another version is refused."""
 
 MANIFEST_NAME = "manifest.json"
 """File name of the manifest inside a disk-cache directory."""
 
+LOCK_NAME = ".influenciae.lock"
+"""File name of the writers' lock inside a disk-cache directory (created by the cache, never deleted)."""
+
 _MANIFEST_KIND = "influenciae.cache"
-_TEMPORARY_PREFIX = ".influenciae-tmp-"
+_META_NAME = "__meta__"
 _SHARD_FILE_PATTERN = re.compile(r"^shard-(\d{6,})-([0-9a-f]{16})\.npz$")
 _ARRAY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _OVERWRITE_HINT = "pass overwrite=True to rebuild the cache (this deletes its files) or choose another path"
 
 
+def _identity_digest(configuration: Mapping[str, Any], weights_fingerprint: str) -> str:
+    """The digest written into every shard file: which cache (settings and weights) the shard belongs to."""
+    text = json.dumps({"configuration": configuration, "weights": weights_fingerprint}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Hashing and configuration helpers
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    """Converts a numpy array, ``tf.Tensor``, ``tf.Variable`` or Keras variable to a host numpy array."""
-    if hasattr(value, "numpy"):
-        value = value.numpy()
-    return np.asarray(value)
-
-
-def _update_hash(hasher: Any, array: np.ndarray, dtype_name: str) -> None:
-    """Feeds the dtype, shape and content of ``array`` into ``hasher`` without ambiguity between arrays."""
-    header = json.dumps({"dtype": dtype_name, "shape": list(array.shape)}, sort_keys=True).encode()
-    hasher.update(len(header).to_bytes(8, "little"))
-    hasher.update(header)
-    if array.dtype.hasobject:
-        # String tensors come back from TensorFlow as object arrays of bytes: hash them one by one.
-        for element in array.reshape(-1):
-            data = element if isinstance(element, bytes) else str(element).encode()
-            hasher.update(len(data).to_bytes(8, "little"))
-            hasher.update(data)
-        return
-    # Little-endian and C order, so the digest does not depend on the machine or on the memory layout.
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    data = np.ascontiguousarray(array).tobytes()
-    hasher.update(len(data).to_bytes(8, "little"))
-    hasher.update(data)
-
-
-def fingerprint_arrays(arrays: Iterable[np.ndarray | tf.Tensor | Any]) -> str:
-    """Returns a SHA-256 fingerprint of a sequence of arrays (dtype, shape and bytes of each, in order).
-
-    Used for the watched weights of an ``InfluenceModel``: a cache built with other weights is refused.
-
-    Args:
-        arrays: numpy arrays, tensors or (Keras or TensorFlow) variables; their order matters.
-
-    Returns:
-        The hexadecimal SHA-256 digest.
-
-    Example:
-        >>> fingerprint_arrays([np.zeros(2, np.float32)]) == fingerprint_arrays([np.zeros(2, np.float64)])
-        False
-    """
-    hasher = hashlib.sha256(b"influenciae.fingerprint_arrays.v1")
-    count = 0
-    for value in arrays:
-        array = _to_numpy(value)
-        if array.dtype.hasobject:
-            raise ValueError(f"fingerprint_arrays got an object array (element {count}); pass numeric arrays.")
-        _update_hash(hasher, array, array.dtype.str)
-        count += 1
-    hasher.update(count.to_bytes(8, "little"))
-    return hasher.hexdigest()
-
-
-def hash_batch(batch: Any) -> str:
-    """Returns a SHA-256 hash of one ``tf.data`` batch: every tensor's dtype, shape and content, in order.
-
-    The batch is flattened with ``tf.nest.flatten(batch, expand_composites=True)``, so tuples, dicts, ragged
-    and sparse tensors all work. Runs eagerly (it reads tensor values).
-
-    Args:
-        batch: a nested structure of tensors or arrays, e.g. ``(inputs, targets)`` from a batched dataset.
-
-    Returns:
-        The hexadecimal SHA-256 digest.
-    """
-    import tensorflow as tf  # Lazy: the rest of this module, and processes that only read caches, need no TF.
-
-    hasher = hashlib.sha256(b"influenciae.hash_batch.v1")
-    leaves = tf.nest.flatten(batch, expand_composites=True)
-    for leaf in leaves:
-        array = _to_numpy(leaf)
-        # TensorFlow dtype names, so that a numpy batch and the same batch as tensors hash the same.
-        try:
-            dtype_name = tf.as_dtype(leaf.dtype).name
-        except TypeError:
-            dtype_name = array.dtype.str
-        _update_hash(hasher, array, dtype_name)
-    hasher.update(len(leaves).to_bytes(8, "little"))
-    return hasher.hexdigest()
-
-
-def combine_hashes(hashes: Iterable[str]) -> str:
-    """Combines the hashes of consecutive batches (from :func:`hash_batch`) into the input hash of one shard.
-
-    Args:
-        hashes: hexadecimal digests, in dataset order.
-
-    Returns:
-        The hexadecimal SHA-256 digest of the sequence.
-    """
-    hasher = hashlib.sha256(b"influenciae.combine_hashes.v1")
-    for digest in hashes:
-        hasher.update(digest.encode() + b"\n")
-    return hasher.hexdigest()
-
-
-def _canonical_value(value: Any, key_path: str) -> Any:
-    """Returns the JSON-stable form of one configuration value; see :func:`canonical_configuration`."""
-    if isinstance(value, enum.Enum):
-        return _canonical_value(value.value, key_path)
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return repr(float(value))
-    if isinstance(value, Mapping):
-        result = {}
-        for sub_key in value:
-            if not isinstance(sub_key, str):
-                raise TypeError(f"Configuration key {sub_key!r} in {key_path} is not a string; JSON needs string keys.")
-        for sub_key in sorted(value):
-            result[sub_key] = _canonical_value(value[sub_key], f"{key_path}[{sub_key!r}]")
-        return result
-    if isinstance(value, list | tuple):
-        return [_canonical_value(item, f"{key_path}[{index}]") for index, item in enumerate(value)]
-    raise TypeError(
-        f"Configuration value {key_path} = {value!r} of type {type(value).__name__} is not JSON-able; use "
-        "None, bool, int, float, str, an enum, or lists and string-keyed mappings of those."
-    )
-
-
-def canonical_configuration(configuration: Mapping[str, Any]) -> dict[str, Any]:
-    """Returns a JSON-stable copy of a calculator configuration, as stored in a cache manifest.
-
-    Keys are sorted (recursively); floats become their ``repr`` string (exact, and stable for
-    ``nan``/``inf``); enums become their value; numpy scalars become Python scalars; tuples become lists.
-
-    Args:
-        configuration: a mapping from string keys to JSON-able values.
-
-    Returns:
-        A new dictionary that survives a JSON round trip unchanged.
-
-    Raises:
-        TypeError: if a key is not a string or a value is not JSON-able; the message names the key.
-
-    Example:
-        >>> canonical_configuration({"solver": "cg", "damping": 0.1})
-        {'damping': '0.1', 'solver': 'cg'}
-    """
-    if not isinstance(configuration, Mapping):
-        raise TypeError(f"configuration must be a mapping, got {type(configuration).__name__}.")
-    result = _canonical_value(configuration, "configuration")
-    return dict(result)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -240,6 +141,7 @@ class ShardRecord:
         input_hash: hash of the shard's input batches, given by the writer (see :func:`hash_batch`).
         arrays: array name -> ``{"dtype": numpy dtype string, "shape": [num_rows, ...]}``.
         file: name of the shard file inside the cache directory (``None`` in memory).
+        checksum: SHA-256 of the shard file's bytes (``None`` in memory), checked on every read.
     """
 
     num_rows: int
@@ -247,6 +149,7 @@ class ShardRecord:
     input_hash: str
     arrays: dict[str, dict[str, Any]]
     file: str | None = None
+    checksum: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Returns the manifest entry of this shard."""
@@ -261,7 +164,27 @@ class ShardRecord:
             input_hash=str(entry["input_hash"]),
             arrays={str(name): dict(spec) for name, spec in entry["arrays"].items()},
             file=None if entry.get("file") is None else str(entry["file"]),
+            checksum=None if entry.get("checksum") is None else str(entry["checksum"]),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInput:
+    """One shard of the data as :func:`fill_cache` sees it: where it is, what it hashes to, how to compute it.
+
+    Attributes:
+        shard_id: the shard's position in the dataset's iteration order (0, 1, 2, ...).
+        first_index: dataset index of its first example.
+        num_rows: number of examples in it.
+        input_hash: hash of its input batches (:func:`combine_hashes` of :func:`hash_batch`).
+        compute: returns the shard's arrays ``{name: [num_rows, ...]}``; called only if the shard is not cached.
+    """
+
+    shard_id: int
+    first_index: int
+    num_rows: int
+    input_hash: str
+    compute: Callable[[], Mapping[str, Any]]
 
 
 def _check_index(value: Any, name: str) -> int:
@@ -289,6 +212,8 @@ def _prepare_arrays(arrays: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], i
             )
         if array.ndim == 0:
             raise ValueError(f"Array {name!r} is a scalar; shard arrays need one row per training example.")
+        if name == _META_NAME:
+            raise ValueError(f"Array name {_META_NAME!r} is reserved for the cache's own record; choose another.")
         prepared[name] = array
     row_counts = {name: array.shape[0] for name, array in prepared.items()}
     if len(set(row_counts.values())) != 1:
@@ -314,6 +239,7 @@ class ShardCache(abc.ABC):
         self._weights_fingerprint = weights_fingerprint
         self._records: dict[int, ShardRecord] = {}
         self._num_shards: int | None = None
+        self._identity = _identity_digest(self._configuration, weights_fingerprint)
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
@@ -331,6 +257,14 @@ class ShardCache(abc.ABC):
     def _location(self) -> str:
         return "this cache"
 
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """A context holding the cache's writer lock (re-entrant; a no-op in memory).
+
+        A disk cache takes an exclusive ``fcntl`` lock on its ``.influenciae.lock`` file and reloads its manifest,
+        so the writes made inside see (and keep) what another process wrote before.
+        """
+        return contextlib.nullcontext()
+
     # -- public interface ------------------------------------------------------------------------------------
 
     @property
@@ -347,6 +281,11 @@ class ShardCache(abc.ABC):
     def is_complete(self) -> bool:
         """Whether :meth:`mark_complete` was called: every shard of the training set is cached."""
         return self._num_shards is not None
+
+    @property
+    def num_examples(self) -> int:
+        """The number of rows (training examples) of the cached shards."""
+        return sum(record.num_rows for record in self._records.values())
 
     @property
     def num_shards(self) -> int | None:
@@ -393,6 +332,10 @@ class ShardCache(abc.ABC):
         first_index = _check_index(first_index, "first_index")
         if not isinstance(input_hash, str):
             raise ValueError(f"input_hash must be a string, got {type(input_hash).__name__}.")
+        with self.lock():
+            self._write_shard(shard_id, arrays, first_index=first_index, input_hash=input_hash)
+
+    def _write_shard(self, shard_id: int, arrays: Mapping[str, Any], *, first_index: int, input_hash: str) -> None:
         if self.is_complete:
             raise ValueError(
                 f"{self._location().capitalize()} is complete ({self._num_shards} shards) and takes no more "
@@ -439,6 +382,10 @@ class ShardCache(abc.ABC):
                 not follow each other (``first_index`` of a shard must be the previous one's plus its rows).
         """
         num_shards = _check_index(num_shards, "num_shards")
+        with self.lock():
+            self._mark_complete(num_shards)
+
+    def _mark_complete(self, num_shards: int) -> None:
         expected = list(range(num_shards))
         if self.completed_shards() != expected:
             missing = sorted(set(expected) - set(self._records))
@@ -457,6 +404,18 @@ class ShardCache(abc.ABC):
                 )
         self._num_shards = num_shards
         self._save_state()
+
+    def verify_shard(self, shard_id: int) -> None:
+        """Checks that a cached shard is intact (on disk: its file's checksum and meta record; in memory: nothing).
+
+        Raises:
+            KeyError: if the shard is not cached.
+            ValueError: if the shard file is missing, truncated, modified or belongs to another cache or shard.
+        """
+        self._verify(shard_id, self._record(shard_id))
+
+    def _verify(self, shard_id: int, record: ShardRecord) -> None:  # noqa: B027 -- optional hook
+        """Hook of :meth:`verify_shard`."""
 
     def iter_shards(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yields ``(shard_id, arrays)`` for each cached shard in increasing order, one shard at a time."""
@@ -562,42 +521,6 @@ class MemoryCache(ShardCache):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Makes a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _atomic_write(directory: Path, file_name: str, write: Any) -> None:
-    """Writes ``directory / file_name`` atomically: temporary file, fsync, ``os.replace``, fsync directory.
-
-    Args:
-        directory: the cache directory (the temporary file lives there so that ``os.replace`` is atomic).
-        file_name: the final file name.
-        write: a callable taking the open binary file handle.
-    """
-    descriptor, temporary_name = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX, suffix=".part", dir=directory)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary_name, directory / file_name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary_name)
-        raise
-    _fsync_directory(directory)
-
-
 def _write_npz(handle: IO[bytes], arrays: Mapping[str, np.ndarray]) -> None:
     """Writes an uncompressed ``.npz`` archive with ``allow_pickle=False`` (``np.savez`` allows pickle)."""
     with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -606,13 +529,17 @@ def _write_npz(handle: IO[bytes], arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
+def _meta_array(meta: Mapping[str, Any]) -> np.ndarray:
+    return np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+
+
 class DiskCache(ShardCache):
     """A :class:`ShardCache` in a directory: ``manifest.json`` plus one pickle-free ``.npz`` file per shard.
 
     Opening a directory that already holds a cache resumes it when its format version, configuration and
     weights fingerprint all match; otherwise a ``ValueError`` names the fields that differ. With
-    ``overwrite=True`` the cache's own files are deleted (files the cache does not own are left alone) and an
-    empty cache starts.
+    ``overwrite=True`` the files the old manifest recorded are deleted (files it never recorded are left alone)
+    and an empty cache starts.
 
     Args:
         path: the cache directory; created if needed.
@@ -645,28 +572,29 @@ class DiskCache(ShardCache):
         if self._path.exists() and not self._path.is_dir():
             raise ValueError(f"Cache path {self._path} exists and is not a directory; choose another path.")
         self._path.mkdir(parents=True, exist_ok=True)
-        manifest = self._read_manifest()
-        if manifest is not None and not overwrite:
-            differences = self._differences(manifest)
-            if differences:
-                raise ValueError(
-                    f"The cache at {self._path} was built with other settings: "
-                    + "; ".join(differences)
-                    + f"; {_OVERWRITE_HINT}."
-                )
-            self._records = {int(key): ShardRecord.from_json(entry) for key, entry in manifest["shards"].items()}
-            self._num_shards = manifest["num_shards"]
-            missing = [
-                record.file for record in self._records.values() if not (self._path / str(record.file)).is_file()
-            ]
-            if missing:
-                raise ValueError(
-                    f"The cache at {self._path} lists shard files that are missing: {missing}; {_OVERWRITE_HINT}."
-                )
-        if manifest is None or overwrite:
-            # Writing the new manifest first is the atomic switch: old shard files become unrecorded.
-            self._save_state()
-        self._delete_unrecorded_files()
+        self._pending: set[str] = set()
+        self._lock_depth = 0
+        self._lock_handle: IO[bytes] | None = None
+        with self._locked(reload=False):
+            manifest = self._read_manifest()
+            if manifest is not None and not overwrite:
+                self._adopt(manifest)
+                missing = [
+                    record.file for record in self._records.values() if not (self._path / str(record.file)).is_file()
+                ]
+                if missing:
+                    raise ValueError(
+                        f"The cache at {self._path} lists shard files that are missing: {missing}; {_OVERWRITE_HINT}."
+                    )
+                self._delete_dead_writers_files()
+            else:
+                stale = self._recorded_files(manifest) if manifest is not None else set()
+                # Writing the new manifest first is the atomic switch: the old files become unrecorded.
+                self._save_state()
+                for name in stale:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self._path / name).unlink()
+                self._delete_dead_writers_files()
 
     @property
     def path(self) -> Path:
@@ -676,21 +604,113 @@ class DiskCache(ShardCache):
     def __repr__(self) -> str:
         return f"DiskCache({str(self._path)!r}, shards={self.completed_shards()}, complete={self.is_complete})"
 
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Holds the exclusive writer lock of the directory and reloads the manifest (re-entrant).
+
+        Two processes filling one cache serialize on this lock: the second sees the shards the first recorded.
+
+        Raises:
+            ValueError: if, meanwhile, another process rebuilt the cache with other settings.
+        """
+        return self._locked(reload=True)
+
+    @contextlib.contextmanager
+    def _locked(self, *, reload: bool) -> Iterator[None]:
+        if self._lock_depth == 0:
+            handle = open(self._path / LOCK_NAME, "a+b")  # noqa: SIM115 -- closed when the outermost lock ends
+            try:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                if reload:
+                    manifest = self._read_manifest()
+                    if manifest is not None:
+                        self._adopt(manifest)
+            except BaseException:
+                handle.close()
+                raise
+            self._lock_handle = handle
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_handle is not None:
+                if fcntl is not None:
+                    fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+                self._lock_handle.close()
+                self._lock_handle = None
+
     # -- hooks -----------------------------------------------------------------------------------------------
 
     def _location(self) -> str:
         return f"the cache at {self._path}"
 
     def _store(self, shard_id: int, arrays: dict[str, np.ndarray], record: ShardRecord) -> ShardRecord:
-        # A fresh name per write, so a replaced shard's file stays valid until the manifest drops it.
+        # A fresh name per write, so a replaced shard's file stays valid until the manifest drops it; recorded as
+        # pending first, so that only files this cache wrote are ever deleted.
         file_name = f"shard-{shard_id:06d}-{secrets.token_hex(8)}.npz"
-        _atomic_write(self._path, file_name, lambda handle: _write_npz(handle, arrays))
-        return dataclasses.replace(record, file=file_name)
+        self._pending.add(file_name)
+        self._save_state()
+        meta = {"identity": self._identity, "shard_id": shard_id, "input_hash": record.input_hash}
+        members = {**arrays, _META_NAME: _meta_array(meta)}
+        checksum = atomic_write(self._path / file_name, lambda handle: _write_npz(handle, members))
+        return dataclasses.replace(record, file=file_name, checksum=checksum)
+
+    def _corrupted(self, shard_id: int, record: ShardRecord, problem: str) -> ValueError:
+        return ValueError(
+            f"Shard {shard_id} of {self._location()} (file {record.file}) {problem}; its cached values cannot be "
+            f"trusted. Rebuild the cache: {_OVERWRITE_HINT}."
+        )
+
+    def _check_meta(self, shard_id: int, record: ShardRecord, archive: Any) -> None:
+        if f"{_META_NAME}.npy" not in archive.namelist():
+            raise self._corrupted(shard_id, record, "has no meta record (it was not written by this cache)")
+        with archive.open(f"{_META_NAME}.npy") as member:
+            meta = json.loads(np.lib.format.read_array(member, allow_pickle=False).tobytes().decode())
+        expected = {"identity": self._identity, "shard_id": shard_id, "input_hash": record.input_hash}
+        if meta != expected:
+            which = [key for key in sorted(expected) if meta.get(key) != expected[key]]
+            raise self._corrupted(
+                shard_id, record, f"belongs to another cache or shard (its meta record differs in {which})"
+            )
+
+    def _read_file(self, shard_id: int, record: ShardRecord) -> bytes:
+        try:
+            data = (self._path / str(record.file)).read_bytes()
+        except OSError as error:
+            raise self._corrupted(shard_id, record, f"cannot be read ({error})") from error
+        if record.checksum is None or hashlib.sha256(data).hexdigest() != record.checksum:
+            raise self._corrupted(shard_id, record, "does not match its checksum (truncated or modified)")
+        return data
+
+    def _verify(self, shard_id: int, record: ShardRecord) -> None:
+        path = self._path / str(record.file)
+        try:
+            checksum = checksum_file(path)
+        except OSError as error:
+            raise self._corrupted(shard_id, record, f"cannot be read ({error})") from error
+        if checksum != record.checksum:
+            raise self._corrupted(shard_id, record, "does not match its checksum (truncated or modified)")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                self._check_meta(shard_id, record, archive)
+        except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as error:
+            if isinstance(error, ValueError) and str(error).startswith(f"Shard {shard_id} of"):
+                raise
+            raise self._corrupted(shard_id, record, f"cannot be parsed ({error})") from error
 
     def _load(self, shard_id: int, record: ShardRecord, names: list[str]) -> dict[str, np.ndarray]:
-        with np.load(self._path / str(record.file), allow_pickle=False) as archive:
-            stored_names = set(archive.files)
-            arrays = {name: archive[name] for name in names if name in stored_names}
+        data = self._read_file(shard_id, record)
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                self._check_meta(shard_id, record, archive)
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                stored_names = set(archive.files)
+                arrays = {name: archive[name] for name in names if name in stored_names}
+        except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError) as error:
+            if isinstance(error, ValueError) and str(error).startswith(f"Shard {shard_id} of"):
+                raise
+            raise self._corrupted(shard_id, record, f"cannot be parsed ({error})") from error
         if _array_schema(arrays) != {name: record.arrays[name] for name in names}:
             raise ValueError(
                 f"Shard file {record.file} of {self._location()} does not match its manifest entry "
@@ -699,17 +719,21 @@ class DiskCache(ShardCache):
         return arrays
 
     def _save_state(self, replaced: ShardRecord | None = None) -> None:
+        recorded = {record.file for record in self._records.values()}
+        self._pending -= recorded
         manifest = {
             "kind": _MANIFEST_KIND,
             "format_version": FORMAT_VERSION,
             "configuration": self._configuration,
             "weights_fingerprint": self._weights_fingerprint,
             "num_shards": self._num_shards,
+            "num_examples": self.num_examples if self._num_shards is not None else None,
             "shards": {str(shard_id): record.to_json() for shard_id, record in sorted(self._records.items())},
+            "pending_files": sorted(self._pending),
         }
         text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n"
-        _atomic_write(self._path, MANIFEST_NAME, lambda handle: handle.write(text.encode()))
-        if replaced is not None and replaced.file is not None:
+        atomic_write(self._path / MANIFEST_NAME, text.encode())
+        if replaced is not None and replaced.file is not None and replaced.file not in recorded:
             with contextlib.suppress(FileNotFoundError):
                 (self._path / replaced.file).unlink()
 
@@ -731,13 +755,34 @@ class DiskCache(ShardCache):
             raise ValueError(f"{manifest_path} is not an influenciae cache manifest; choose another path.")
         return manifest
 
+    def _adopt(self, manifest: Mapping[str, Any]) -> None:
+        """Takes the records of a stored manifest, after checking it was built with this cache's settings."""
+        differences = self._differences(manifest)
+        if differences:
+            raise ValueError(
+                f"The cache at {self._path} was built with other settings: "
+                + "; ".join(differences)
+                + f"; {_OVERWRITE_HINT}."
+            )
+        records = {int(key): ShardRecord.from_json(entry) for key, entry in manifest["shards"].items()}
+        pending = {str(name) for name in manifest.get("pending_files", [])}
+        for name in [record.file for record in records.values()] + sorted(pending):
+            if not isinstance(name, str) or not _SHARD_FILE_PATTERN.match(name):
+                raise ValueError(
+                    f"The manifest at {self._path} names an invalid shard file {name!r}; {_OVERWRITE_HINT}."
+                )
+        self._records, self._pending = records, pending
+        self._num_shards = manifest["num_shards"]
+
+    @staticmethod
+    def _recorded_files(manifest: Mapping[str, Any]) -> set[str]:
+        """The shard files a manifest names (recorded or pending): the only files an overwrite deletes."""
+        names = {str(entry.get("file")) for entry in manifest.get("shards", {}).values() if entry.get("file")}
+        names |= {str(name) for name in manifest.get("pending_files", [])}
+        return {name for name in names if _SHARD_FILE_PATTERN.match(name)}
+
     def _differences(self, manifest: Mapping[str, Any]) -> list[str]:
         """Describes each field of ``manifest`` that differs from this cache's settings."""
-
-        def short(value: Any) -> str:
-            text = json.dumps(value, sort_keys=True)
-            return text if len(text) <= 60 else text[:57] + "..."
-
         differences = []
         if manifest.get("format_version") != FORMAT_VERSION:
             differences.append(
@@ -745,11 +790,10 @@ class DiskCache(ShardCache):
             )
             return differences  # Nothing else can be compared reliably across formats.
         stored_configuration = manifest.get("configuration", {})
-        for key in sorted(set(stored_configuration) | set(self._configuration)):
-            stored = stored_configuration.get(key, "<missing>")
-            given = self._configuration.get(key, "<missing>")
-            if stored != given:
-                differences.append(f"configuration[{key!r}]: cache has {short(stored)}, given {short(given)}")
+        differences.extend(
+            difference.replace(": stored ", ": cache has ", 1)
+            for difference in describe_differences(stored_configuration, self._configuration, "configuration")
+        )
         if manifest.get("weights_fingerprint") != self._weights_fingerprint:
             differences.append(
                 f"weights_fingerprint: cache has {str(manifest.get('weights_fingerprint'))[:16]}..., given "
@@ -757,11 +801,82 @@ class DiskCache(ShardCache):
             )
         return differences
 
-    def _delete_unrecorded_files(self) -> None:
-        """Deletes temporary and shard files the manifest does not name (left by an interrupted writer)."""
+    def _delete_dead_writers_files(self) -> None:
+        """Deletes, under the lock, what an interrupted writer of this cache left: its pending shard files and
+        the temporary files of the manifest and of those shards. Files the manifest never named stay."""
         recorded = {record.file for record in self._records.values()}
+        dead = self._pending - recorded
+        targets = dead | {MANIFEST_NAME}
         for entry in self._path.iterdir():
-            owned = entry.name.startswith(_TEMPORARY_PREFIX) or _SHARD_FILE_PATTERN.match(entry.name)
-            if owned and entry.name not in recorded and entry.is_file():
+            name = entry.name
+            leftover = name in dead or (
+                name.startswith(TEMPORARY_PREFIX)
+                and name.endswith(".part")
+                and name[len(TEMPORARY_PREFIX) : -22] in targets
+            )
+            if leftover and entry.is_file():
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
+        if dead:
+            self._pending -= dead
+            self._save_state()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The fill loop
+# ------------------------------------------------------------------------------------------------------------
+
+
+def fill_cache(cache: ShardCache, shards: Iterable[ShardInput]) -> None:
+    """Resumes, completes or reuses a cache for the shards of the data given now, under the cache's lock.
+
+    Every shard of the data is hashed and compared with the cached one (input hash, first index, rows), not only
+    the first; missing shards are computed and written; a complete cache must hold exactly the shards and the
+    number of examples of the data, and every cached file is checked (checksum and meta record) before it is
+    reused, so that a corrupted file is reported here, eagerly, rather than inside a later ``tf.data`` pipeline.
+
+    Args:
+        cache: the cache to fill (a :class:`DiskCache` or a :class:`MemoryCache`).
+        shards: the shards of the data in order, as :class:`ShardInput` (computed lazily).
+
+    Raises:
+        ValueError: if the data differs from the data the cache was built from (another example anywhere, more or
+            fewer examples), or a cached shard file is corrupted; the message says how to rebuild.
+    """
+    with cache.lock():
+        complete = cache.is_complete
+        seen = rows = 0
+        for shard in shards:
+            seen += 1
+            rows += shard.num_rows
+            if cache.has_shard(shard.shard_id):
+                cache.check_input_hash(shard.shard_id, shard.input_hash)
+                record = cache.shard_record(shard.shard_id)
+                if (record.num_rows, record.first_index) != (shard.num_rows, shard.first_index):
+                    raise ValueError(
+                        f"Shard {shard.shard_id} of {cache._location()} holds {record.num_rows} examples from index "
+                        f"{record.first_index}, the data now {shard.num_rows} from index {shard.first_index}: the "
+                        f"training dataset changed since the cache was built; {_OVERWRITE_HINT}."
+                    )
+                continue
+            if complete:
+                raise ValueError(
+                    f"The training set has more examples than {cache._location()} holds: the cache is complete "
+                    f"with {cache.num_examples} examples in {cache.num_shards} shards, and the data goes on with "
+                    f"shard {shard.shard_id} from index {shard.first_index}. The training dataset changed since "
+                    f"the cache was built; {_OVERWRITE_HINT}."
+                )
+            cache.write_shard(
+                shard.shard_id, shard.compute(), first_index=shard.first_index, input_hash=shard.input_hash
+            )
+        if not complete:
+            cache.mark_complete(seen)
+            return
+        if seen != cache.num_shards or rows != cache.num_examples:
+            raise ValueError(
+                f"The training set has {rows} examples in {seen} shards, but {cache._location()} holds "
+                f"{cache.num_examples} examples in {cache.num_shards} shards: the training dataset changed since "
+                f"the cache was built; {_OVERWRITE_HINT}."
+            )
+        for shard_id in cache.completed_shards():
+            cache.verify_shard(shard_id)

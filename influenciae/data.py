@@ -22,6 +22,7 @@ __all__ = [
     "from_numpy",
     "with_indices",
     "iterate_batches",
+    "check_stable_order",
 ]
 
 
@@ -153,3 +154,30 @@ def iterate_batches(dataset: tf.data.Dataset) -> Iterator[Batch]:
     """Iterate a checked dataset, yielding :class:`Batch` tuples."""
     for element in check_dataset(dataset):
         yield unpack_batch(element)
+
+
+def check_stable_order(dataset: tf.data.Dataset, *, name: str = "dataset", num_batches: int = 2) -> None:
+    """Refuse a dataset whose order changes from one iteration to the next (e.g. ``.shuffle()`` reshuffling).
+
+    Training examples are named by their position in the iteration order, so a stored result (a cache shard, a
+    solver state's test factors) is only meaningful if every pass yields the same examples in the same order. The
+    first ``num_batches`` batches of two iterations are hashed and compared (public API only: no graph reading).
+
+    Args:
+        dataset: A batched dataset.
+        name: The argument's name, for the message.
+        num_batches: How many leading batches to compare.
+
+    Raises:
+        ValueError: If two iterations start with different batches.
+    """
+    from influenciae.fingerprint import hash_batch
+
+    first = [hash_batch(batch) for batch in dataset.take(num_batches)]
+    second = [hash_batch(batch) for batch in dataset.take(num_batches)]
+    if first != second:
+        raise ValueError(
+            f"{name} yields its examples in another order on every iteration (a `.shuffle()` that reshuffles each "
+            "iteration?). Results name training examples by their position, so the order must be fixed: shuffle once "
+            "with `.shuffle(buffer, seed=0, reshuffle_each_iteration=False)`, or do not shuffle after caching."
+        )

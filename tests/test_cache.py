@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -73,7 +74,8 @@ def write_shards(cache: ShardCache, shard_ids: list[int], rows_per_shard: list[i
 
 
 def owned_files(path: Path) -> list[str]:
-    return sorted(entry.name for entry in path.iterdir())
+    """The directory's entries, without the writers' lock file (which the cache creates and never deletes)."""
+    return sorted(entry.name for entry in path.iterdir() if entry.name != cache_module.LOCK_NAME)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -304,15 +306,19 @@ def test_shard_files_are_plain_npy_archives_read_without_pickle(tmp_path: Path) 
     write_shards(cache, [0], [3])
     shard_file = tmp_path / cache.shard_record(0).file  # type: ignore[operator]
     with zipfile.ZipFile(shard_file) as archive:
-        assert sorted(archive.namelist()) == ["indices.npy", "self_influence.npy", "vectors.npy"]
+        assert sorted(archive.namelist()) == ["__meta__.npy", "indices.npy", "self_influence.npy", "vectors.npy"]
     with np.load(shard_file, allow_pickle=False) as loaded:
         np.testing.assert_array_equal(loaded["vectors"], make_arrays(0, 3, 4)["vectors"])
 
-    # A shard file swapped for one holding a pickled object array is refused on read, not unpickled.
+    # A shard file swapped for one holding a pickled object array is refused on read, not unpickled: first by its
+    # checksum, and, were the checksum forged too, by np.load(allow_pickle=False).
     with open(shard_file, "wb") as handle:
         np.savez(handle, vectors=np.array([object()] * 3, dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="allow_pickle=False"):
+    with pytest.raises(ValueError, match="does not match its checksum"):
         cache.read_shard(0)
+    forged = dataclasses.replace(cache.shard_record(0), checksum=cache_module.checksum_file(shard_file))
+    with pytest.raises(ValueError, match="no meta record|allow_pickle=False"):
+        cache._load(0, forged, ["vectors"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -437,6 +443,16 @@ CHILD_SCRIPT = (
     import numpy as np
 
     cache_file, path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    # cache.py imports influenciae.fingerprint: load it by path too, under a stub package (no TensorFlow import).
+    import types
+    package = types.ModuleType("influenciae")
+    package.__path__ = []
+    sys.modules["influenciae"] = package
+    fingerprint_file = os.path.join(os.path.dirname(cache_file), "fingerprint.py")
+    fingerprint_spec = importlib.util.spec_from_file_location("influenciae.fingerprint", fingerprint_file)
+    fingerprint_module = importlib.util.module_from_spec(fingerprint_spec)
+    sys.modules["influenciae.fingerprint"] = fingerprint_module
+    fingerprint_spec.loader.exec_module(fingerprint_module)
     specification = importlib.util.spec_from_file_location("cache_under_test", cache_file)
     cache_module = importlib.util.module_from_spec(specification)
     sys.modules[specification.name] = cache_module

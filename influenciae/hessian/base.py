@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
+from influenciae.fingerprint import dataset_fingerprint
 from influenciae.hessian.ggn import curvature_of, curvature_operator
 from influenciae.hessian.operator import RowOperator, as_row_operator, damped
 from influenciae.model import InfluenceModel
@@ -77,24 +78,53 @@ class InverseHessianVectorProduct(abc.ABC):
             base = as_row_operator(operator)
         self.model = model
         self.damping = damping
+        self._hessian_dataset = dataset
+        self._hessian_dataset_fingerprint: dict[str, Any] | None = None
         self.hessian: RowOperator = base
         self.operator: RowOperator = damped(base, damping)
         self.curvature = curvature_of(base)
 
-    def configuration(self) -> dict[str, Any]:
-        """The solver's name and scalar settings (stored in cache manifests so different settings never mix).
+    #: Attributes that report what a solve did rather than how the solver is set up: never part of
+    #: :meth:`configuration` (a CG solve sets ``info``; a cache written after it must still match the next pass).
+    result_attributes: ClassVar[frozenset[str]] = frozenset({"info", "timings"})
 
-        Includes the curvature (``"curvature"``) and, for Gauss-Newton and Fisher operators, their options
-        (``"curvature_options"``).
+    def configuration(self) -> dict[str, Any]:
+        """The solver's name and settings (stored in cache manifests so different settings never mix).
+
+        Settings only: the scalar attributes (damping, tolerance, ...) except the results of the last solve
+        (:attr:`result_attributes`, e.g. CG's convergence ``info``), the curvature (``"curvature"``) and, for
+        Gauss-Newton and Fisher operators, their options (``"curvature_options"``), and a fingerprint of the
+        Hessian dataset (``"hessian_dataset"``: its examples as a multiset, so order and batching do not matter;
+        computed once per solver, in one pass over the dataset).
         """
         settings = {
             name: value
             for name, value in vars(self).items()
-            if not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
+            if not name.startswith("_")
+            and name not in self.result_attributes
+            and isinstance(value, (bool, int, float, str, type(None)))
         }
         described = getattr(self.hessian, "configuration", None)
         options = {key: value for key, value in described().items() if key != "curvature"} if described else {}
-        return {"name": self.name, **settings, **({"curvature_options": options} if options else {})}
+        dataset = self.hessian_dataset_fingerprint()
+        return {
+            "name": self.name,
+            **settings,
+            **({"curvature_options": options} if options else {}),
+            **({"hessian_dataset": dataset} if dataset is not None else {}),
+        }
+
+    def hessian_dataset_fingerprint(self) -> dict[str, Any] | None:
+        """The fingerprint of the dataset H is averaged over (:func:`~influenciae.fingerprint.dataset_fingerprint`,
+        order-invariant), or None for an explicit operator without a dataset. Computed once, then kept."""
+        if self._hessian_dataset_fingerprint is None:
+            dataset = getattr(self, "_hessian_dataset", None)
+            if dataset is None:
+                dataset = getattr(self, "dataset", None)
+            if dataset is None:
+                return None
+            self._hessian_dataset_fingerprint = dataset_fingerprint(dataset, order_invariant=True)
+        return dict(self._hessian_dataset_fingerprint)
 
     @property
     def nb_params(self) -> int:

@@ -22,8 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from influenciae._backend import tf
-from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
-from influenciae.data import check_dataset, with_indices
+from influenciae.cache import DiskCache, ShardInput, combine_hashes, fill_cache, fingerprint_arrays, hash_batch
+from influenciae.data import check_dataset, check_stable_order, with_indices
+from influenciae.fingerprint import model_identity
 from influenciae.model import InfluenceModel
 from influenciae.search import NearestNeighbors, get_nearest_neighbors, merge_top_k
 from influenciae.types import CACHE, ORDER
@@ -323,6 +324,8 @@ class BaseInfluenceCalculator(abc.ABC):
             "nb_params": self.model.nb_params,
             # shapes, not names: Keras names layers per session ("dense_5"), so names would refuse a valid cache
             "weight_shapes": [list(shape) for shape in self.model.weight_shapes],
+            # loss configuration, watched weights (position, shape, values), gradient_dtype: see fingerprint.py
+            "model": model_identity(self.model),
             **self._configuration(),
         }
 
@@ -404,26 +407,23 @@ class BaseInfluenceCalculator(abc.ABC):
         return read
 
     def _fill_disk_cache(self, cache: DiskCache, train_set: tf.data.Dataset) -> None:
-        """Compute the missing shards, checking that resumed shards came from the same data."""
-        if cache.is_complete:  # check the first shard's data only: the rest is trusted to the manifest
-            for shard_id, group in _shard_groups(with_indices(train_set), self.batches_per_shard):
-                cache.check_input_hash(shard_id, combine_hashes(hash_batch(batch) for _, batch in group))
-                break
-            return
-        num_shards = 0
-        groups = _shard_groups(with_indices(train_set), self.batches_per_shard)
-        for shard_id, group in self._progress(groups, f"influence vectors ({self.batches_per_shard} batches/shard)"):
-            num_shards += 1
-            input_hash = combine_hashes(hash_batch(batch) for _, batch in group)
-            if cache.has_shard(shard_id):
-                cache.check_input_hash(shard_id, input_hash)
-                continue
-            indices = np.concatenate([index.numpy() for index, _ in group])
-            vectors = self._shard_influence_vectors(group)
-            cache.write_shard(
-                shard_id, {"indices": indices, "vectors": vectors}, first_index=int(indices[0]), input_hash=input_hash
-            )
-        cache.mark_complete(num_shards)
+        """Compute the missing shards; every cached shard's input hash, rows and file checksum is checked."""
+        check_stable_order(train_set, name="train_set")
+
+        def shards() -> Iterator[ShardInput]:
+            groups = _shard_groups(with_indices(train_set), self.batches_per_shard)
+            for shard_id, group in self._progress(
+                groups, f"influence vectors ({self.batches_per_shard} batches/shard)"
+            ):
+                indices = np.concatenate([index.numpy() for index, _ in group])
+
+                def compute(group: list[tuple[Any, Any]] = group, indices: np.ndarray = indices) -> dict[str, Any]:
+                    return {"indices": indices, "vectors": self._shard_influence_vectors(group)}
+
+                input_hash = combine_hashes(hash_batch(batch) for _, batch in group)
+                yield ShardInput(shard_id, int(indices[0]), int(indices.size), input_hash, compute)
+
+        fill_cache(cache, shards())
 
     def _shard_influence_vectors(self, group: list[tuple[tf.Tensor, Any]]) -> np.ndarray:
         """Influence vectors ``[rows, D]`` of one disk-cache shard (a list of ``(indices, batch)``).
