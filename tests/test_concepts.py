@@ -159,6 +159,20 @@ def test_influence_model_and_layer_index_accepted(setting):
     assert list(by_index["along_u-random_0"]) == ["features"]
 
 
+def test_changed_weights_are_not_served_from_memory(setting):
+    _, concept, randoms, _ = setting
+    model = linear_direction_model()
+    tcav = TCAV(model, "features")
+    before = tcav.cav([concept, randoms[0]])
+    assert tcav.cav([concept, randoms[0]]) is before  # memoized while the weights stay
+    rotation = np.linalg.qr(np.random.default_rng(4).normal(size=(DIMENSION, DIMENSION)))[0]
+    model.get_layer("features").set_weights([rotation])
+    after = tcav.cav([concept, randoms[0]])
+    # Activations are rotated, so the CAV rotates with them: the same as a fresh TCAV's.
+    np.testing.assert_allclose(after.vectors, TCAV(model, "features").cav([concept, randoms[0]]).vectors)
+    np.testing.assert_allclose(after.vector, before.vector @ rotation, atol=1e-6)
+
+
 def test_sgd_classifier_matches_captum_default(setting):
     pytest.importorskip("sklearn")
     model, concept, randoms, _ = setting
@@ -237,6 +251,9 @@ def test_bad_inputs(setting):
         tcav.cav([Concept("wide", np.zeros((5, DIMENSION + 1))), randoms[0]])
     with pytest.raises(ValueError, match="do not match the model's input"):
         tcav.interpret(np.zeros((3, DIMENSION + 2)), 1, [[concept, randoms[0]]])
+    labelled = tf.data.Dataset.from_tensor_slices((np.zeros((4, DIMENSION)), np.zeros(4))).batch(2)
+    with pytest.raises(ValueError, match="inputs only"):
+        tcav.cav([Concept("labelled", labelled), randoms[0]])
     with pytest.raises(ValueError, match="at least two concepts"):
         tcav.interpret(class_inputs, 1, [[concept]])
     with pytest.raises(ValueError, match="list of lists"):

@@ -214,7 +214,12 @@ class LayerProbe:
         return tf.linalg.matvec(gradients[layer_index], tf.cast(vector, gradients[layer_index].dtype))
 
     def _cast_inputs(self, inputs: Any) -> Any:
-        if self._single_input and not isinstance(inputs, (dict, list, tuple)):
+        if self._single_input and isinstance(inputs, (list, tuple)):
+            raise ValueError(
+                f"Got a tuple of {len(inputs)} tensors for a single-input model: concept examples and class inputs "
+                "are inputs only; drop the labels, e.g. dataset.map(lambda x, y: x)."
+            )
+        if self._single_input and not isinstance(inputs, dict):
             tensor = tf.convert_to_tensor(inputs)
             expected = tuple(self._model_inputs[0].shape)[1:]
             given = tuple(tensor.shape)[1:]

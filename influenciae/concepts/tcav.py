@@ -100,6 +100,7 @@ class TCAV:
         self.cavs: dict[str, dict[str, CAV]] = {}
         self._concepts: dict[str, Concept] = {}
         self._activations: dict[str, dict[str, np.ndarray]] = {}
+        self._weights: dict[str, str] = {}
 
     # -- concepts and CAVs -----------------------------------------------------------------------------------
 
@@ -123,17 +124,18 @@ class TCAV:
             raise ValueError(f"An experimental set lists a concept twice: {names}.")
         return list(concepts)
 
-    def _concept_activations(self, concept: Concept) -> dict[str, np.ndarray]:
-        if concept.name not in self._activations:
-            self._activations[concept.name] = concept.activations(self.model, self.layers, probe=self.probe)
-        return self._activations[concept.name]
+    def _concept_activations(self, concept: Concept, layer: str) -> np.ndarray:
+        memo = self._activations.setdefault(concept.name, {})
+        if layer not in memo:
+            memo.update(concept.activations(self.model, self.layers, probe=self.probe))
+        return memo[layer]
 
     def _metadata(self, concepts: Sequence[Concept], layer: str) -> dict[str, Any]:
         return {
             "concepts": [concept.name for concept in concepts],
             "concept_fingerprints": [concept.fingerprint for concept in concepts],
             "layer": layer,
-            "weights_fingerprint": self.probe.weights_fingerprint(layer),
+            "weights_fingerprint": self._weights[layer],
             "classifier": self.classifier.to_config(),
         }
 
@@ -150,16 +152,29 @@ class TCAV:
         Raises:
             ValueError: for a bad set or layer, or a stored CAV built from other inputs (see ``overwrite``).
         """
-        concepts = self._check_set(concepts)
-        layer_name = self._layer_name(layer)
+        self._refresh()
+        return self._cav(self._check_set(concepts), self._layer_name(layer))
+
+    def _refresh(self) -> None:
+        """Forgets memoized activations and CAVs of layers whose weights changed since they were computed."""
+        for layer in self.layers:
+            fingerprint = self.probe.weights_fingerprint(layer)
+            if self._weights.get(layer) not in (None, fingerprint):
+                for by_layer in self.cavs.values():
+                    by_layer.pop(layer, None)
+                for by_concept in self._activations.values():
+                    by_concept.pop(layer, None)
+            self._weights[layer] = fingerprint
+
+    def _cav(self, concepts: list[Concept], layer_name: str) -> CAV:
         key = "-".join(concept.name for concept in concepts)
         cached = self.cavs.get(key, {}).get(layer_name)
         if cached is not None:
             return cached
-        metadata = self._metadata(concepts, layer_name) if self.store is not None else None
+        metadata = None if self.store is None else self._metadata(concepts, layer_name)
         cav = None if self.store is None or metadata is None else self.store.load(metadata)
         if cav is None:
-            activations = [self._concept_activations(concept)[layer_name] for concept in concepts]
+            activations = [self._concept_activations(concept, layer_name) for concept in concepts]
             cav = train_cav(
                 activations, concepts=[c.name for c in concepts], layer=layer_name, classifier=self.classifier
             )
@@ -178,10 +193,11 @@ class TCAV:
             ``{set key: {layer: CAV}}``, the set key being ``"-".join(concept names)``.
         """
         sets = self._check_sets(experimental_sets)
+        self._refresh()
         pairs = [(concepts, layer) for concepts in sets for layer in self.layers]
         result: dict[str, dict[str, CAV]] = {}
         for concepts, layer in _progress(pairs, self.show_progress, "CAVs"):
-            cav = self.cav(concepts, layer)
+            cav = self._cav(concepts, layer)
             result.setdefault(cav.key, {})[layer] = cav
         return result
 
@@ -334,13 +350,15 @@ class TCAV:
             raise ValueError(f"significance needs at least two random concepts to compare against, got {len(randoms)}.")
         if concept in randoms or random_counterpart in randoms or concept is random_counterpart:
             raise ValueError("The concept and the random counterpart must not be among the random concepts.")
+        self._check_set([concept, random_counterpart, *randoms])
+        self._refresh()
         gradients = self.sensitivities(inputs, target)
         concept_scores: dict[str, list[float]] = {layer: [] for layer in self.layers}
         random_scores: dict[str, list[float]] = {layer: [] for layer in self.layers}
         for random_concept in _progress(randoms, self.show_progress, "random concepts"):
             for layer in self.layers:
                 for sink, first in ((concept_scores, concept), (random_scores, random_counterpart)):
-                    cav = self.cav([first, random_concept], layer)
+                    cav = self._cav([first, random_concept], layer)
                     sink[layer].append(float(tcav_scores(self._derivatives(gradients[layer], cav))[score][0]))
         results: dict[str, dict[str, Any]] = {}
         for layer in self.layers:
