@@ -10,7 +10,8 @@ import tensorflow as tf
 from helpers import dataset
 
 from influenciae import InfluenceModel
-from influenciae.robustness import FGSM, PGD
+from influenciae.influence.boundary import SampleBoundaryCalculator
+from influenciae.robustness import FGSM, PGD, AttackComparator, MinParamPerturbation
 
 FLOAT = "float64"
 
@@ -207,3 +208,193 @@ def test_attacks_refuse_bad_input():
         FGSM(relu)
     with pytest.raises(ValueError, match="none could be inferred"):
         PGD(lambda inputs: tf.reduce_sum(inputs, axis=1, keepdims=True))
+
+
+# ---------------------------------------------------------------------- minimal perturbations
+
+
+def binary_logit_model(num_examples: int = 10, seed: int = 11):
+    """s = w·x + b with one output column (a logit); class 1 iff s > 0."""
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential([keras.Input((4,), dtype=FLOAT), keras.layers.Dense(1, dtype=FLOAT)])
+    w, b = rng.standard_normal(4), 0.2
+    model.layers[0].kernel.assign(w[:, None])
+    model.layers[0].bias.assign([b])
+    x = 0.5 * rng.standard_normal((num_examples, 4))
+    return model, x, w, x @ w + b
+
+
+def shift_towards_boundary(w):
+    """x - p · sign(s) w / ‖w‖₂: the L2-shortest move towards the boundary, by hand."""
+    unit = w / np.linalg.norm(w)
+
+    def shift(inputs, p):
+        logits = inputs.numpy() @ w
+        return inputs - p * np.sign(logits)[:, None] * unit
+
+    return shift
+
+
+@pytest.mark.parametrize("mode", ["linear", "binary"])
+def test_min_param_finds_the_analytic_flip_point_of_fgsm_and_pgd_l2(mode):
+    model, x, w, logits = binary_logit_model(num_examples=6)
+    step = 0.005
+    cases = [
+        (FGSM(model), {}, np.abs(logits) / np.abs(w).sum()),  # L∞: |w·x+b| / ‖w‖₁
+        (PGD(model), {"num_steps": 1, "norm": "l2"}, np.abs(logits) / np.linalg.norm(w)),  # L2: / ‖w‖₂
+    ]
+    for attack, kwargs, analytic in cases:
+        search = MinParamPerturbation(model, attack, 0.0, 0.6, step, mode=mode, attack_kwargs=kwargs)
+        result = search.evaluate(x)  # targets None: "the prediction changes"
+        assert result.found.all()
+        assert np.all(result.values >= analytic - 1e-12) and np.all(result.values < analytic + step + 1e-12)
+        flipped = model(result.perturbed_inputs).numpy()[:, 0] > 0
+        np.testing.assert_array_equal(flipped, logits <= 0)
+
+
+def test_linear_and_binary_agree_on_a_plain_function_and_report_inf_out_of_range():
+    model, x, w, logits = binary_logit_model(num_examples=12, seed=12)
+    analytic = np.abs(logits) / np.linalg.norm(w)
+    arg_max = float(np.median(analytic))
+    results = {}
+    for mode in ("linear", "binary"):
+        search = MinParamPerturbation(model, shift_towards_boundary(w), 0.0, arg_max, 0.001, mode=mode)
+        results[mode] = search.evaluate(x, (logits > 0).astype("int64"), show_progress=True)
+    np.testing.assert_array_equal(results["linear"].values, results["binary"].values)
+    reachable = analytic <= arg_max - 0.001
+    assert np.all(results["binary"].found[reachable]) and not np.any(results["binary"].found[analytic > arg_max])
+    assert np.all(np.isinf(results["binary"].values[analytic > arg_max]))
+    np.testing.assert_array_equal(
+        results["binary"].perturbed_inputs[~reachable & (analytic > arg_max)], x[analytic > arg_max]
+    )
+    values = results["binary"].values[reachable]
+    assert np.all(values >= analytic[reachable]) and np.all(values < analytic[reachable] + 0.001 + 1e-12)
+
+
+def test_min_param_on_a_dataset_with_a_metric_threshold_and_attempts():
+    model, x, w, logits = binary_logit_model(num_examples=9, seed=13)
+    threshold = np.log(0.7 / 0.3)  # probability of the predicted class ≥ 0.7  ⇔  |s| ≥ logit(0.7)
+
+    def confident(outputs, labels):
+        signed = outputs[:, 0] * (2 * tf.cast(labels, outputs.dtype) - 1)
+        return signed >= threshold
+
+    labels = (logits > 0).astype("int64")
+    search = MinParamPerturbation(model, FGSM(model), 0.0, 2.0, 0.001, mode="binary", correct_fn=confident)
+    result = search.evaluate(dataset(x, labels, batch_size=4), show_progress=True)
+    analytic = np.maximum(np.abs(logits) - threshold, 0) / np.abs(w).sum()
+    assert np.all(result.values >= analytic - 1e-12) and np.all(result.values < analytic + 0.001 + 1e-12)
+    assert np.all(result.values[np.abs(logits) < threshold] == 0.0)  # not confident to begin with: arg_min
+
+    calls = []
+
+    def second_attempt_only(inputs, p):  # a "random" perturbation that moves on the second draw of each value only
+        calls.append(p)
+        return shift_towards_boundary(w)(inputs, p) if calls.count(p) % 2 == 0 else inputs
+
+    single = MinParamPerturbation(model, second_attempt_only, 0.0, 1.0, 0.01).evaluate(x, labels)
+    assert not single.found.any()  # one draw per value never moves
+    calls.clear()
+    double = MinParamPerturbation(model, second_attempt_only, 0.0, 1.0, 0.01, num_attempts=2).evaluate(x, labels)
+    expected = np.abs(logits) / np.linalg.norm(w)
+    assert double.found.all() and np.all(double.values >= expected) and np.all(double.values < expected + 0.01)
+
+
+def test_min_param_refuses_bad_arguments():
+    model, _, _, _ = binary_logit_model()
+    with pytest.raises(ValueError, match="mode must be 'linear' or 'binary'"):
+        MinParamPerturbation(model, FGSM(model), 0.0, 1.0, mode="ternary")
+    with pytest.raises(ValueError, match="must be larger than arg_min"):
+        MinParamPerturbation(model, FGSM(model), 1.0, 0.5)
+    with pytest.raises(ValueError, match="arg_step must be a positive number"):
+        MinParamPerturbation(model, FGSM(model), 0.0, 1.0, -0.1)
+    with pytest.raises(ValueError, match="num_attempts"):
+        MinParamPerturbation(model, FGSM(model), 0.0, 1.0, num_attempts=0)
+    with pytest.raises(TypeError, match="perturb must be"):
+        MinParamPerturbation(model, 3.0, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------- comparator
+
+
+def test_comparator_accuracy_loss_and_flips_equal_hand_counts():
+    model, x, y = softmax_regression(num_examples=10, seed=14)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    fgsm_inputs = FGSM(model).perturb(x, y, 0.3).numpy()
+    noise = np.random.default_rng(0).standard_normal((3, *x.shape))
+    draws = iter(noise)
+
+    comparator = AttackComparator(model)
+    comparator.add_attack(FGSM(model), "FGSM 0.3", attack_kwargs={"epsilon": 0.3})
+    comparator.add_attack(lambda inputs: inputs + next(draws), "noise", num_attempts=3)
+    comparator.add_attack(lambda inputs, scale: inputs * scale, "scale", attack_kwargs={"scale": -1.0})
+    results = comparator.evaluate(x, y, show_progress=True)
+
+    clean = model(x).numpy().argmax(axis=1)
+    assert list(results) == ["Original", "FGSM 0.3", "noise", "scale"]
+    assert results["Original"]["accuracy"]["mean"] == np.mean(clean == y)
+    np.testing.assert_allclose(results["Original"]["loss"]["mean"], loss(y, model(x)).numpy().mean())
+    attacked = model(fgsm_inputs).numpy().argmax(axis=1)
+    assert results["FGSM 0.3"]["accuracy"]["mean"] == np.mean(attacked == y)
+    assert results["FGSM 0.3"]["flip_rate"]["mean"] == np.mean(attacked != clean)
+    np.testing.assert_allclose(results["FGSM 0.3"]["loss"]["mean"], loss(y, model(fgsm_inputs)).numpy().mean())
+    noisy = np.stack([model(x + n).numpy().argmax(axis=1) for n in noise])  # [draws, examples]
+    per_draw = (noisy == y).mean(axis=1)
+    entry = results["noise"]["accuracy"]
+    np.testing.assert_allclose(
+        [entry["mean"], entry["min"], entry["max"]], [per_draw.mean(), per_draw.min(), per_draw.max()]
+    )
+    assert entry["worst"] == np.mean((noisy == y).all(axis=0))  # correct under every draw
+    assert results["noise"]["flip_rate"]["worst"] == np.mean((noisy != clean).any(axis=0))
+    assert results["scale"]["accuracy"]["mean"] == np.mean(model(-x).numpy().argmax(axis=1) == y)
+    rows = comparator.summary()
+    assert len(rows) == 4 * 3
+    row = next(row for row in rows if row["perturbation"] == "noise" and row["metric"] == "accuracy")
+    assert row["attempts"] == 3 and row["worst"] == entry["worst"] and row["mean"] == entry["mean"]
+
+
+def test_comparator_on_a_dataset_with_a_custom_metric_and_preprocessing():
+    model, x, y = softmax_regression(num_examples=11, seed=15)
+
+    def margin(outputs, targets):
+        chosen = tf.gather(outputs, tf.cast(targets, tf.int32), batch_dims=1)
+        return {"margin": chosen - tf.reduce_max(outputs, axis=1)}
+
+    comparator = AttackComparator(model, metric=margin, preproc_fn=lambda inputs: 2.0 * inputs)
+    comparator.add_attack(lambda inputs: inputs + 0.5, "shift before")
+    comparator.add_attack(lambda inputs: inputs + 0.5, "shift after", apply_before_preproc=False)
+    results = comparator.evaluate(dataset(x, y, batch_size=4))
+
+    def expected(inputs):
+        outputs = model(inputs).numpy()
+        return np.mean(outputs[np.arange(len(y)), y] - outputs.max(axis=1))
+
+    np.testing.assert_allclose(results["Original"]["margin"]["mean"], expected(2 * x))
+    np.testing.assert_allclose(results["shift before"]["margin"]["mean"], expected(2 * (x + 0.5)))
+    np.testing.assert_allclose(results["shift after"]["margin"]["mean"], expected(2 * x + 0.5))
+    assert "worst" not in results["Original"]["margin"]  # direction of a custom metric unknown
+    with pytest.raises(ValueError, match="already registered"):
+        comparator.add_attack(lambda inputs: inputs, "shift before")
+
+
+# ---------------------------------------------------------------------- the boundary calculators
+
+
+def test_sample_boundary_with_attacks_equals_the_analytic_distances():
+    model, x, w, logits = binary_logit_model(num_examples=8, seed=16)
+    train = dataset(x, np.zeros(8), batch_size=3)
+    deepfool = SampleBoundaryCalculator(model).distance_to_boundary(train)
+    np.testing.assert_allclose(deepfool, np.abs(logits) / np.linalg.norm(w), rtol=1e-6)
+    search = MinParamPerturbation(
+        model, PGD(model), 0.0, 2.0, 1e-4, mode="binary", attack_kwargs={"num_steps": 1, "norm": "l2"}
+    )
+    with_search = SampleBoundaryCalculator(model, attack=search).distance_to_boundary(train)
+    assert np.all(with_search >= deepfool - 1e-9) and np.all(with_search <= deepfool + 1e-4 + 1e-9)
+    # FGSM moves every coordinate by ε: its L∞ distance is the minimal ε, |s| / ‖w‖₁ (up to the 1/1024 resolution)
+    fgsm = SampleBoundaryCalculator(model, norm=np.inf, attack=FGSM(model)).distance_to_boundary(train)
+    analytic = np.abs(logits) / np.abs(w).sum()
+    assert np.all(fgsm >= analytic - 1e-9) and np.all(fgsm <= analytic + 1 / 1024 + 1e-9)
+    never = SampleBoundaryCalculator(model, attack=lambda inputs, labels: inputs).distance_to_boundary(train)
+    assert np.all(np.isinf(never))
+    with pytest.raises(TypeError, match="attack must be None"):
+        SampleBoundaryCalculator(model, attack=3)

@@ -303,6 +303,14 @@ class SampleBoundaryCalculator(BoundaryCalculator):
         eps: An example counts as on the boundary when its winning margin is ``≤ eps · max(1, |top score|)``.
         max_candidate_classes: Let only this many top-scoring classes compete (``None``: all).
         show_progress: Progress bars on every pass.
+        attack: ``None`` (default): DeepFool. Otherwise the distance of an example is ``‖x' - x‖_p`` for the
+            perturbed input ``x'`` this attack returns, when it changes the prediction (``inf`` when it does not):
+            a function ``attack(inputs, labels) -> perturbed inputs`` (``labels`` ``[B]`` are the model's
+            predictions), e.g. a :class:`~influenciae.robustness.MinParamPerturbation`; or an attack with a
+            ``boundary_attack()`` method (:class:`~influenciae.robustness.FGSM`, :class:`~influenciae.robustness.PGD`),
+            which searches the smallest ε in ``[0, 1]`` that flips each prediction (use
+            ``FGSM(model).boundary_attack(max_epsilon=...)`` for another range). ``step_nbr``, ``eps`` and
+            ``max_candidate_classes`` only concern DeepFool.
 
     Example:
         >>> calculator = SampleBoundaryCalculator(keras_model, step_nbr=50)
@@ -320,11 +328,25 @@ class SampleBoundaryCalculator(BoundaryCalculator):
         eps: float = 1e-6,
         max_candidate_classes: int | None = None,
         show_progress: bool = False,
+        attack: Any | None = None,
     ) -> None:
         super().__init__(
             model, step_nbr, norm, eps=eps, max_candidate_classes=max_candidate_classes, show_progress=show_progress
         )
         self._runners: dict[str, DeepFool] = {}
+        boundary_attack = getattr(attack, "boundary_attack", None)  # FGSM/PGD: search the smallest flipping ε
+        self.attack: Any = boundary_attack() if callable(boundary_attack) else attack
+        if self.attack is not None and not callable(self.attack):
+            raise TypeError(
+                f"attack must be None (DeepFool), a function (inputs, labels) -> perturbed inputs, or an attack of "
+                f"influenciae.robustness; got {type(attack).__name__}."
+            )
+
+    def _configuration(self) -> dict[str, Any]:
+        configuration = super()._configuration()
+        if self.attack is not None:  # cached scores of another attack must not be reused
+            configuration["attack"] = repr(self.attack)
+        return configuration
 
     def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
         check_first_batch(dataset, self._check_outputs, "the model's class scores")
@@ -336,9 +358,20 @@ class SampleBoundaryCalculator(BoundaryCalculator):
 
     def _distances(self, batch: Any) -> tf.Tensor:
         inputs = unpack_batch(batch).inputs
+        if self.attack is not None:
+            return self._attack_distances(inputs)
         perturbations, unreachable = self._runner(inputs).run(self._flatten(inputs))
         distances = tf.norm(perturbations, ord=self.norm, axis=1)
         return tf.where(unreachable, tf.constant(math.inf, distances.dtype), distances)
+
+    def _attack_distances(self, inputs: Any) -> tf.Tensor:
+        """``‖x' - x‖_p`` where ``x' = attack(x, predicted labels)`` changes the prediction, ``inf`` elsewhere."""
+        runner, start = self._runner(inputs), self._flatten(inputs)
+        labels = tf.argmax(runner.scores(start), axis=1)  # DeepFool's decision: one column s reads as [0, s]
+        moved = self._flatten(self.attack(inputs, labels))
+        distances = tf.norm(moved - start, ord=self.norm, axis=1)
+        flipped = tf.argmax(runner.scores(moved), axis=1) != labels
+        return tf.where(flipped, distances, tf.constant(math.inf, distances.dtype))
 
     def _flatten(self, inputs: Any) -> tf.Tensor:
         """All input features of each example in one row ``[B, D]``, in the model's dtype."""

@@ -13,5 +13,7 @@ See ``docs/robustness.md`` for the conventions and examples.
 from __future__ import annotations
 
 from influenciae.robustness.attacks import FGSM, PGD
+from influenciae.robustness.comparator import ORIGINAL, AttackComparator
+from influenciae.robustness.perturbation import MinParamPerturbation, MinParamResult
 
-__all__ = ["FGSM", "PGD"]
+__all__ = ["FGSM", "PGD", "MinParamPerturbation", "MinParamResult", "AttackComparator", "ORIGINAL"]

@@ -4,7 +4,7 @@ checks, batch iteration over tensors or datasets, and progress bars."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,9 +31,17 @@ class ModelFront:
     model: Any
     loss_function: LossFunction | None
     output_kind: str | None
+    _compiled: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compiled", tf.function(self.graph_forward, reduce_retracing=True))
 
     def forward(self, inputs: Any) -> tf.Tensor:
-        """The model's single output ``[B, C]`` in inference mode."""
+        """The model's single output ``[B, C]`` in inference mode (compiled: one trace per input signature)."""
+        return self._compiled(inputs)
+
+    def graph_forward(self, inputs: Any) -> tf.Tensor:
+        """:meth:`forward` without its own ``tf.function``, to call inside another one."""
         if is_keras3_object(self.model) or is_legacy_keras_object(self.model):
             outputs = self.model(inputs, training=False)
         else:

@@ -92,6 +92,30 @@ class _GradientAttack:
         batch = as_batch(inputs, targets, type(self).__name__)
         return self._gradient_function(batch.inputs, batch.targets)
 
+    def boundary_attack(
+        self, max_epsilon: float = 1.0, *, arg_step: float | None = None, mode: str = "binary", **perturb_kwargs: Any
+    ) -> Any:
+        """A search for the smallest ε in ``[0, max_epsilon]`` with which this attack changes each prediction.
+
+        This is what :class:`~influenciae.influence.boundary.SampleBoundaryCalculator` uses when given
+        ``attack=`` this attack: the distance is then the norm of the attack's perturbation at that ε.
+
+        Args:
+            max_epsilon: Largest ε searched (examples still unflipped there get an infinite distance).
+            arg_step: Resolution of the search; ``None``: ``max_epsilon / 1024`` (binary) or ``/ 100`` (linear).
+            mode: ``"binary"`` or ``"linear"``.
+            **perturb_kwargs: Further arguments of :meth:`perturb` (e.g. ``num_steps=10, norm="l2"`` for PGD).
+
+        Returns:
+            A :class:`~influenciae.robustness.MinParamPerturbation`: called on ``(inputs, labels)`` it returns the
+            inputs perturbed with each example's minimal ε (unchanged where none flips it).
+        """
+        from influenciae.robustness.perturbation import MinParamPerturbation
+
+        return MinParamPerturbation(
+            self.front.model, self, 0.0, max_epsilon, arg_step, mode, attack_kwargs=perturb_kwargs
+        )
+
     def clip(self, inputs: Any) -> Any:
         """Inputs clipped to ``[lower_bound, upper_bound]`` (no-op without bounds)."""
         return tf.nest.map_structure(self._clip_leaf, inputs)
@@ -101,7 +125,7 @@ class _GradientAttack:
     def _loss_gradient(self, inputs: Any, targets: Any) -> Any:
         with tf.GradientTape() as tape:
             tape.watch(inputs)
-            outputs = self.front.forward(inputs)
+            outputs = self.front.graph_forward(inputs)
             losses = self.loss_function(targets, outputs)
             loss = tf.reduce_sum(tf.cast(losses, outputs.dtype))
         return tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
