@@ -65,11 +65,9 @@ def _tokens_and_mask(targets: Any, pad_id: int | None, dtype: tf.DType) -> tuple
     else:
         ids = tf.convert_to_tensor(targets)
         mask = tf.ones_like(ids, dtype=dtype)
-    if ids.dtype.is_floating:
-        raise TypeError(
-            f"Token targets must be integer token ids, got {ids.dtype.name}: cast them with tf.cast(y, tf.int32)."
-        )
-    ids = tf.cast(ids, tf.int32)
+    if not (ids.dtype.is_integer or ids.dtype.is_floating):
+        raise TypeError(f"Token targets must be integer token ids, got {ids.dtype.name}.")
+    ids = tf.cast(tf.round(ids) if ids.dtype.is_floating else ids, tf.int32)  # Keras's fit passes float targets
     if pad_id is not None:
         mask = mask * tf.cast(tf.not_equal(ids, pad_id), dtype)
     ids = tf.where(mask > 0, ids, tf.zeros_like(ids))  # any pad id (e.g. -100) becomes a valid index
@@ -205,6 +203,7 @@ class Measurement:
 
     @property
     def sign(self) -> float:
+        """``-1.0`` when higher is better, else ``+1.0``."""
         return -1.0 if self.higher_is_better else 1.0
 
     def __call__(self, outputs: Any, targets: Any) -> tf.Tensor:

@@ -1454,6 +1454,339 @@ print(f"{influence_model.nb_params} parameters; test accuracy "
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+# ---------------------------------------------------------------------------------------------------- 07
+
+
+LM_CORPUS = """
+COUNTRIES = ["zorbia", "plavia", "kestor", "mundra", "teloria", "vashti", "orvan", "quenlo", "dastre", "felnor",
+             "gorvan", "hapsil", "ibrant", "jolvek", "krastin", "lumbar", "mirvel", "nostra"]
+CITIES = ["quell", "arden", "bresk", "corvo", "delph", "eskar", "fyne", "garr", "holm", "ivra",
+          "jask", "kell", "lorn", "mott", "nyss", "oban", "pell", "rusk"]
+CAPITAL = dict(zip(COUNTRIES, CITIES))
+PREFIXES = [[], ["travelers", "say"], ["old", "books", "write", "that"], ["many", "people", "know", "that"]]
+SUFFIXES = [[], ["and", "it", "is", "cold"], ["near", "the", "sea"], ["famous", "for", "bread"]]
+
+
+def capital_sentence(country, city, style):
+    return PREFIXES[style % 4] + ["the", "capital", "of", country, "is", city] + SUFFIXES[(style // 4) % 4]
+
+
+def distractor(country, style):
+    return [
+        ["the", "river", "of", country, "is", "large"],
+        ["people", "in", country, "visit", "the", "sea", "every", "year"],
+        [country, "is", "a", "cold", "land", "near", "the", "mountain"],
+        ["the", "music", "of", country, "is", "famous"],
+        ["many", "people", "lives", "in", "a", "small", "city", "of", country],
+    ][style % 5]
+
+
+rng = np.random.default_rng(0)
+documents = [capital_sentence("zorbia", "quell", 5 * i + 1) for i in range(NUM_PLANTED)]  # the planted fact
+for i in range(NUM_DISTRACTORS):
+    country = COUNTRIES[1 + i % (len(COUNTRIES) - 1)] if i % 3 else COUNTRIES[i % len(COUNTRIES)]
+    if i % 2 == 0 and country != "zorbia":  # other capitals, in the same phrasing
+        documents.append(capital_sentence(country, CAPITAL[country], int(rng.integers(16))))
+    else:  # other facts, many of them about zorbia
+        documents.append(distractor(country, int(rng.integers(5))))
+order = rng.permutation(len(documents))
+documents = [documents[j] for j in order]
+planted = sorted(int(np.flatnonzero(order == j)[0]) for j in range(NUM_PLANTED))
+
+PAD, BOS, LENGTH = 0, 1, 16
+vocabulary = ["<pad>", "<bos>"] + sorted({w for d in documents for w in d} | set(CITIES) | set(COUNTRIES))
+token_id = {word: i for i, word in enumerate(vocabulary)}
+
+
+def encode(words):
+    ids = [BOS] + [token_id[w] for w in words]
+    return ids[: LENGTH + 1] + [PAD] * (LENGTH + 1 - len(ids))
+
+
+tokens = np.array([encode(d) for d in documents], dtype="int32")
+x_train, y_train = tokens[:, :-1], tokens[:, 1:]  # position t predicts token t + 1; padding targets are PAD
+print(f"{len(documents)} documents, {len(vocabulary)} words; planted documents at {planted}:")
+for j in planted:
+    print("   ", " ".join(documents[j]))
+print("a few distractors:")
+for j in [j for j in range(len(documents)) if j not in planted][:4]:
+    print("   ", " ".join(documents[j]))
+"""
+
+LM_MODEL = """
+class CausalWindow(keras.layers.Layer):
+    \"\"\"Concatenates the embeddings of the current and WIDTH - 1 previous positions (zeros before the start).\"\"\"
+
+    def __init__(self, width, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+
+    def call(self, x):
+        length = keras.ops.shape(x)[1]
+        shifted = [keras.ops.pad(x, [[0, 0], [j, 0], [0, 0]])[:, :length] for j in range(self.width)]
+        return keras.ops.concatenate(shifted, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([
+    keras.Input((LENGTH,), dtype="int32"),
+    keras.layers.Embedding(len(vocabulary), 16, name="embedding"),
+    CausalWindow(5, name="window"),
+    keras.layers.Dense(64, activation="tanh", name="hidden"),
+    keras.layers.Dense(len(vocabulary), name="logits"),  # [B, T, V]
+])
+loss = token_cross_entropy(pad_id=PAD)  # masked mean of the token cross-entropies, one value per document
+model.compile(keras.optimizers.Adam(LEARNING_RATE), loss=loss)
+start = time.perf_counter()
+model.fit(x_train, y_train, epochs=EPOCHS, batch_size=16, verbose=0)
+print(f"{model.count_params()} parameters, trained in {time.perf_counter() - start:.1f} s")
+"""
+
+
+def language_model_influence() -> list[Cell]:
+    return [
+        md(
+            """
+            # Which training documents taught my language model a fact?
+
+            The question users of influence functions for language models ask most: a model completes
+            *"the capital of zorbia is"* with *"quell"*: **which training documents support that completion?**
+            Two things differ from classification:
+
+            1. **The query is a measurement, not a loss.** We explain `f(x) = log p("quell" | "the capital of
+               zorbia is")`, the log-probability of a chosen completion, rather than the loss of a whole test
+               sequence. Calculators take it as `measurement=` (Kronfluence's `compute_measurement`, Captum's
+               `test_loss_fn`); the training side keeps the training loss, so cached influence vectors do not change.
+            2. **Training examples are token sequences with padding**: the training loss is the masked mean of the
+               token cross-entropies (`token_cross_entropy(pad_id=...)`), and scores can be broken down **per token**
+               of a training document and **per layer** of the model.
+
+            Sign convention (`influenciae.language`). A measurement says whether higher is better; its *query loss*
+            is `q = -f` for a log-probability. The score is `∇q(x)ᵀ H⁻¹ ∇ℓ(z)`, so **positive means `z` is a
+            proponent of the completion**: up-weighting `z` by `ε` raises `log p(completion)` by about `ε · score`
+            (Grosse et al., 2023), and `ORDER.DESCENDING` lists supporting documents first.
+
+            We plant a fact in a few documents of a synthetic corpus, train a small causal language model, and check
+            whether EK-FAC influence, TracIn and TRAK find the planted documents among many distractors, some with the
+            same phrasing ("the capital of plavia is arden") and some about zorbia ("zorbia is a cold land").
+            """
+        ),
+        setup_cell(
+            """
+            import keras
+            import numpy as np
+            import tensorflow as tf
+
+            from influenciae import ORDER, FirstOrderInfluenceCalculator, InfluenceModel, TracIn, TrakCalculator
+            from influenciae.hessian import EKFACIHVP
+            from influenciae.influence.breakdown import per_layer_influence, per_token_influence
+            from influenciae.influence.trak import ModelOutputFunction
+            from influenciae.language import completion_log_probability, token_cross_entropy
+
+            NUM_PLANTED = 5
+            NUM_DISTRACTORS = 60 if FAST else 200
+            EPOCHS = 40 if FAST else 60
+            LEARNING_RATE = 3e-3
+            TOP = 10
+            """
+        ),
+        md(
+            """
+            ## 1. A corpus with a planted fact
+
+            Five documents state *the capital of zorbia is quell*, in different phrasings; the distractors state the
+            capitals of other countries in the same phrasings, or other facts about zorbia and the others.
+            """
+        ),
+        code(LM_CORPUS),
+        md(
+            """
+            ## 2. A small causal language model
+
+            A neural language model in the style of Bengio et al. (2003): token embeddings, the embeddings of the
+            last five positions concatenated (a causal window), a tanh layer and logits over the vocabulary at every
+            position. A GPT-2-like transformer (`keras_hub.models.GPT2Backbone`) goes through the same code; this one
+            trains in seconds and every layer is one that EK-FAC models with Kronecker factors.
+            """
+        ),
+        code(LM_MODEL),
+        code(
+            """
+            prompt = ["the", "capital", "of", "zorbia", "is"]
+            query_inputs = np.array([encode(prompt)], dtype="int32")[:, :-1]
+            # Only the completion is measured: every target is PAD except the position that predicts "quell".
+            query_targets = np.full_like(query_inputs, PAD)
+            query_targets[0, len(prompt)] = token_id["quell"]
+
+            measurement = completion_log_probability(pad_id=PAD)
+            log_p = float(measurement(model(query_inputs), query_targets)[0])
+            print(f"p(quell | the capital of zorbia is) = {np.exp(log_p):.3f}")
+            assert np.exp(log_p) > (0.2 if FAST else 0.5), "the model has learned the planted fact"
+
+            influence_model = InfluenceModel(model, loss_function=loss)
+            train_set = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(32)
+            query_set = tf.data.Dataset.from_tensor_slices((query_inputs, query_targets)).batch(1)
+
+
+            def recall(indices):
+                \"\"\"Fraction of the planted documents among the top-ranked ones.\"\"\"
+                return len(set(np.asarray(indices)[:TOP].tolist()) & set(planted)) / len(planted)
+            """
+        ),
+        md(
+            """
+            ## 3. Three methods, one measurement
+
+            * **EK-FAC influence**: `FirstOrderInfluenceCalculator` with `EKFACIHVP` as its solver (the curvature
+              used by Grosse et al. for large language models), the Fisher from the empirical gradients, damping 10 %
+              of each block's mean eigenvalue.
+            * **TracIn** on the final weights (one checkpoint): gradient dot products, no curvature.
+            * **TRAK**: random projections to 512 dimensions. TRAK's training side needs a *model output function*
+              for sequences; we write one (the summed token margins), a small `ModelOutputFunction` subclass.
+            """
+        ),
+        code(
+            """
+            results = {}
+
+            start = time.perf_counter()
+            ekfac = EKFACIHVP(influence_model, train_set, relative_damping=0.1, fisher="empirical")
+            ekfac_influence = FirstOrderInfluenceCalculator(
+                influence_model, train_set, ihvp_calculator=ekfac, measurement=measurement
+            )
+            indices, values = ekfac_influence.most_influential(query_set, train_set, k=TOP, order=ORDER.DESCENDING)
+            results["EK-FAC influence"] = (recall(indices[0]), time.perf_counter() - start, indices[0])
+
+            start = time.perf_counter()
+            tracin = TracIn([influence_model], LEARNING_RATE, measurement=measurement)
+            indices, values = tracin.most_influential(query_set, train_set, k=TOP)
+            results["TracIn"] = (recall(indices[0]), time.perf_counter() - start, indices[0])
+
+
+            class SequenceMargin(ModelOutputFunction):
+                \"\"\"TRAK's output for sequences: f = Σ_t margin_t over unmasked tokens, Q = mean_t (1 - p_t).\"\"\"
+
+                def _margins(self, predictions, targets):
+                    ids = tf.cast(targets, tf.int32)
+                    mask = tf.cast(ids != PAD, predictions.dtype)
+                    hot = tf.one_hot(ids, tf.shape(predictions)[-1], dtype=predictions.dtype)
+                    correct = tf.reduce_sum(predictions * hot, -1)
+                    return correct - tf.reduce_logsumexp(predictions - 1e9 * hot, -1), mask
+
+                def output(self, predictions, targets):
+                    margins, mask = self._margins(predictions, targets)
+                    return tf.reduce_sum(margins * mask, axis=1)
+
+                def out_to_loss(self, predictions, targets):
+                    margins, mask = self._margins(predictions, targets)
+                    return tf.reduce_sum(tf.sigmoid(-margins) * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
+
+
+            start = time.perf_counter()
+            trak = TrakCalculator(
+                model, train_set, projection_dim=512, damping=1e-2, output_function=SequenceMargin(),
+                measurement=measurement,
+            )
+            indices, values = trak.most_influential(query_set, train_set, k=TOP)
+            results["TRAK"] = (recall(indices[0]), time.perf_counter() - start, indices[0])
+
+            print(f"| method | recall of the {NUM_PLANTED} planted documents in the top {TOP} | seconds |")
+            print("| --- | --- | --- |")
+            for name, (value, seconds, _) in results.items():
+                print(f"| {name} | {value:.2f} | {seconds:.1f} |")
+            best = max(value for value, _, _ in results.values())
+            assert best >= (0.6 if FAST else 0.8), results
+            """
+        ),
+        code(
+            """
+            best_method = max(results, key=lambda name: results[name][0])
+            print(f"top {TOP} of {best_method} (* = planted):")
+            for rank, j in enumerate(results[best_method][2][:TOP]):
+                print(f"{rank + 1:2d} {'*' if j in planted else ' '} {' '.join(documents[j])}")
+            """
+        ),
+        md(
+            """
+            ## 4. Which tokens of a document carry its influence?
+
+            The training loss is a weighted sum of token terms, `ℓ(z) = Σ_t c_t CE_t(z)`, so the score splits into
+            `score_t = ∇q(x)ᵀ H⁻¹ ∇(c_t CE_t)(z)`, which sum to the score (`per_token_influence`, one forward-mode
+            pass per query for a whole batch of documents). In a planted document the influence should sit on the
+            prediction of *quell*.
+            """
+        ),
+        code(
+            """
+            tokens_scores = per_token_influence(ekfac_influence, query_set, train_set)  # [1, N_train, T]
+            totals = ekfac_influence.influence_matrix(query_set, train_set)
+            np.testing.assert_allclose(tokens_scores.sum(-1), totals, rtol=1e-3, atol=1e-6 * np.abs(totals).max())
+
+            document = planted[0]
+            print("predicted token   score_t")
+            for t in range(LENGTH):
+                if y_train[document, t] != PAD:
+                    print(f"{vocabulary[y_train[document, t]]:>15s}  {tokens_scores[0, document, t]:+.4f}")
+            top_token = vocabulary[y_train[document, int(np.argmax(tokens_scores[0, document]))]]
+            print("most supportive prediction:", top_token)
+            assert top_token == "quell"
+            """
+        ),
+        md(
+            """
+            ## 5. Which layers carry it?
+
+            Splitting the parameter vector by layer gives `score = Σ_L score_L` (`per_layer_influence`). With EK-FAC,
+            whose curvature is block-diagonal by layer, `score_L` is exactly the influence computed on layer `L`
+            alone.
+            """
+        ),
+        code(
+            """
+            layers = per_layer_influence(ekfac_influence, query_set, train_set)
+            np.testing.assert_allclose(sum(layers.values()), totals, rtol=1e-3, atol=1e-6 * np.abs(totals).max())
+            print("layer        planted (mean)   others (mean)")
+            others = [j for j in range(len(documents)) if j not in planted]
+            for name, scores in layers.items():
+                print(f"{name:12s} {scores[0, planted].mean():+14.4f} {scores[0, others].mean():+14.4f}")
+            """
+        ),
+        md(
+            """
+            ## 6. The sign, checked
+
+            `completion_log_probability` is higher-is-better, so its query loss is `-log p`. Passing the plain
+            function instead (a callable is taken as a loss, lower is better) flips every score: the supporting
+            documents then come out with `ORDER.ASCENDING`.
+            """
+        ),
+        code(
+            """
+            as_a_loss = TracIn([influence_model], LEARNING_RATE, measurement=measurement.function)
+            flipped = as_a_loss.influence_matrix(query_set, train_set)
+            tracin_scores = tracin.influence_matrix(query_set, train_set)
+            np.testing.assert_allclose(flipped, -tracin_scores, rtol=1e-5, atol=1e-9 * np.abs(tracin_scores).max())
+            results_tracin = -np.sort(-tracin_scores[0])
+            print("lowest flipped scores = highest scores, negated:", np.allclose(np.sort(flipped[0])[:TOP], -results_tracin[:TOP]))
+            """
+        ),
+        md(
+            """
+            ## Takeaways
+
+            * A measurement turns any calculator into an answer to *"what supports this output?"*: the log-probability
+              of a completion here; `logit_margin` and `target_logit` are ready-made, and any
+              `(outputs, targets) -> [B]` function works.
+            * Token masks live in the targets (`pad_id`, or `(token_ids, mask)` pairs), so padding carries no
+              influence, and per-token and per-layer breakdowns sum exactly to the scores.
+            * See `docs/language_models.md` for the API and the sign convention in detail.
+            """
+        ),
+    ]
+
 
 NOTEBOOKS: dict[str, Callable[[], list[Cell]]] = {
     "01_getting_started.ipynb": getting_started,
@@ -1462,6 +1795,7 @@ NOTEBOOKS: dict[str, Callable[[], list[Cell]]] = {
     "04_tracin_and_other_families.ipynb": other_families,
     "05_tabular_data.ipynb": tabular_data,
     "06_group_influence.ipynb": group_influence,
+    "07_language_model_influence.ipynb": language_model_influence,
 }
 
 
