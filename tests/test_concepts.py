@@ -120,6 +120,23 @@ def test_significance_concept_significant_random_not(setting):
     assert default["concept_scores"].shape == (9,)
 
 
+def test_significance_cyclic_null(setting):
+    model, concept, randoms, class_inputs = setting
+    tcav = TCAV(model, "features")
+    result = tcav.significance(class_inputs, 1, concept, randoms, null="cyclic")["features"]
+    assert result["random_scores"].shape == (10,)
+    expected = [tcav.interpret(class_inputs, 1, [[randoms[i], randoms[(i + 1) % 10]]]) for i in range(10)]
+    np.testing.assert_array_equal(
+        result["random_scores"],
+        [e[f"random_{i}-random_{(i + 1) % 10}"]["features"]["sign_count"][0] for i, e in enumerate(expected)],
+    )
+    assert result["p_value"] < 0.05
+    [null_concept] = random_concepts(np.random.default_rng(3).normal(size=(400, DIMENSION)), 1, 20, prefix="null")
+    assert tcav.significance(class_inputs, 1, null_concept, randoms, null="cyclic")["features"]["p_value"] > 0.05
+    with pytest.raises(ValueError, match="no random counterpart"):
+        tcav.significance(class_inputs, 1, concept, randoms[1:], random_counterpart=randoms[0], null="cyclic")
+
+
 def test_tcav_scores_formulas():
     derivatives = np.array([[2.0, -1.0], [-1.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
     scores = tcav_scores(derivatives)

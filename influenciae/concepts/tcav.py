@@ -308,22 +308,27 @@ class TCAV:
         random_concepts: Sequence[Concept],
         *,
         random_counterpart: Concept | None = None,
+        null: str = "counterpart",
         score: str = "sign_count",
         alpha: float = 0.05,
     ) -> dict[str, dict[str, Any]]:
         """The paper's statistical test: is the concept's TCAV score different from random ones'?
 
-        The concept's scores are those of the sets ``[concept, R_i]`` for each random concept ``R_i``; the random
-        scores are those of ``[R_0, R_i]`` for a random counterpart ``R_0`` (default: ``random_concepts[0]``,
-        the others being the ``R_i``). The two samples are compared with a two-sided Student t-test
-        (``scipy.stats.ttest_ind``). Two constant, equal samples give ``p_value = 1``.
+        The concept's scores are those of the sets ``[concept, R_i]`` for each random concept ``R_i``. The random
+        (null) scores are, with ``null="counterpart"`` (the paper's and tensorflow/tcav's), those of ``[R_0, R_i]``
+        for a random counterpart ``R_0`` (default: ``random_concepts[0]``, the others being the ``R_i``); with
+        ``null="cyclic"``, those of ``[R_i, R_{i+1 mod N}]`` over all the random concepts, so that the null scores
+        do not all share one counterpart's sampling noise (see ``docs/concepts.md``). The two samples are compared
+        with a two-sided Student t-test (``scipy.stats.ttest_ind``). Two constant, equal samples give
+        ``p_value = 1``.
 
         Args:
             inputs: the class examples (array ``[N, ...]`` or batched dataset).
             target: the class (output unit).
             concept: the concept under test.
             random_concepts: random concepts ``R_i`` (at least two besides the counterpart).
-            random_counterpart: the random concept playing the role of the concept in the random sets.
+            random_counterpart: with ``null="counterpart"``, the random concept playing the concept's role.
+            null: ``"counterpart"`` or ``"cyclic"``.
             score: ``"sign_count"`` (the paper's) or ``"magnitude"``.
             alpha: significance level for ``"significant"``.
 
@@ -332,33 +337,46 @@ class TCAV:
             "random_mean", "significant"}}``, ``R`` being the number of random concepts compared against.
 
         Raises:
-            ValueError: for fewer than two random concepts, an unknown score, or the concept among the randoms.
+            ValueError: for too few random concepts, an unknown score or null, or the concept among the randoms.
         """
         if score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {score!r}.")
+        if null not in ("counterpart", "cyclic"):
+            raise ValueError(f"null must be 'counterpart' or 'cyclic', got {null!r}.")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
         randoms = list(random_concepts)
-        if random_counterpart is None:
-            if len(randoms) < 3:
+        if null == "cyclic":
+            if random_counterpart is not None:
+                raise ValueError("null='cyclic' uses no random counterpart; drop random_counterpart.")
+            if len(randoms) < 2:
+                raise ValueError(f"significance needs at least two random concepts, got {len(randoms)}.")
+            null_sets = [[randoms[i], randoms[(i + 1) % len(randoms)]] for i in range(len(randoms))]
+        else:
+            if random_counterpart is None:
+                if len(randoms) < 3:
+                    raise ValueError(
+                        "significance needs at least three random concepts (one counterpart and two to compare "
+                        f"against), got {len(randoms)}; random_concepts(pool, num_concepts, size) draws them."
+                    )
+                random_counterpart, randoms = randoms[0], randoms[1:]
+            if len(randoms) < 2:
                 raise ValueError(
-                    "significance needs at least three random concepts (one counterpart and two to compare "
-                    f"against), got {len(randoms)}; random_concepts(pool, num_concepts, size) draws them."
+                    f"significance needs at least two random concepts to compare against, got {len(randoms)}."
                 )
-            random_counterpart, randoms = randoms[0], randoms[1:]
-        if len(randoms) < 2:
-            raise ValueError(f"significance needs at least two random concepts to compare against, got {len(randoms)}.")
-        if concept in randoms or random_counterpart in randoms or concept is random_counterpart:
-            raise ValueError("The concept and the random counterpart must not be among the random concepts.")
-        self._check_set([concept, random_counterpart, *randoms])
+            null_sets = [[random_counterpart, random_concept] for random_concept in randoms]
+        if concept in randoms or concept is random_counterpart:
+            raise ValueError("The concept must not be among the random concepts or be the random counterpart.")
+        self._check_set([concept, *randoms] + ([] if random_counterpart is None else [random_counterpart]))
         self._refresh()
         gradients = self.sensitivities(inputs, target)
         concept_scores: dict[str, list[float]] = {layer: [] for layer in self.layers}
         random_scores: dict[str, list[float]] = {layer: [] for layer in self.layers}
-        for random_concept in _progress(randoms, self.show_progress, "random concepts"):
+        jobs = list(zip(randoms, null_sets, strict=True))
+        for random_concept, null_set in _progress(jobs, self.show_progress, "random concepts"):
             for layer in self.layers:
-                for sink, first in ((concept_scores, concept), (random_scores, random_counterpart)):
-                    cav = self._cav([first, random_concept], layer)
+                for sink, concepts in ((concept_scores, [concept, random_concept]), (random_scores, null_set)):
+                    cav = self._cav(concepts, layer)
                     sink[layer].append(float(tcav_scores(self._derivatives(gradients[layer], cav))[score][0]))
         results: dict[str, dict[str, Any]] = {}
         for layer in self.layers:
