@@ -120,9 +120,18 @@ def _solver_state(args: argparse.Namespace) -> tuple[Any, str]:
     from influenciae.distributed.strategy import distributed_ihvp
 
     model_path = local_copy(args.model, ".keras")  # the model and the state may live in gs://, s3://...
+    # what the state's arrays depend on besides the model: a saved state made for another request is refused
+    request = {
+        "solver": args.solver,
+        "damping": args.damping,
+        "rank": args.rank if args.solver == "arnoldi" else None,
+        "hessian_data": args.hessian_data or args.train,
+        "hessian_samples": args.hessian_samples,
+        "test": args.test,
+    }
     if exists(args.state):
         model = load_influence_model(model_path, loss=args.loss, from_logits=args.from_logits)
-        return SolverState.load(local_copy(args.state, ".npz"), model=model), "reused"
+        return SolverState.load(local_copy(args.state, ".npz"), model=model, request=request), "reused"
     if args.mode == "top_k" and not args.test:
         raise ValueError("--mode top_k needs --test to compute the solver state (the test factors).")
     if args.mode != "top_k" and args.solver not in ("exact", "arnoldi"):
@@ -138,7 +147,7 @@ def _solver_state(args: argparse.Namespace) -> tuple[Any, str]:
         options = {"subspace_dim": min(2 * rank, model.nb_params), "k_largest_eig_vals": rank}
     ihvp = distributed_ihvp(strategy, model, hessian_data, args.solver, damping=args.damping, **options)
     test = read_tfrecords(args.test, batch_size=args.batch_size) if args.test else None
-    state = SolverState.from_solver(model, ihvp, test_set=test)
+    state = SolverState.from_solver(model, ihvp, test_set=test, request=request)
     if strategy is None or _is_chief(strategy):  # every worker computed it; the chief writes it, atomically
         with tempfile.TemporaryDirectory() as directory:
             copy_to(state.save(Path(directory) / "state.npz"), args.state)

@@ -18,11 +18,9 @@ weights is refused.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,8 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import fingerprint_arrays
 from influenciae.data import check_dataset
+from influenciae.fingerprint import atomic_write, canonical_configuration, dataset_fingerprint, describe_differences
+from influenciae.fingerprint import model_identity as _model_identity
 from influenciae.hessian import ArnoldiIHVP, ExactIHVP, InverseHessianVectorProduct
 from influenciae.model import InfluenceModel
 
@@ -58,6 +58,10 @@ class SolverState:
         eigenvalues: ``[r]`` or None.
         eigenvectors: ``[r, P]`` or None.
         factors: Test factors ``H⁻¹∇ℓ(x)`` ``[m, P]`` (test examples in dataset order) or None.
+        identity: What the arrays depend on, checked by :meth:`load`: ``"model"`` (loss configuration, watched
+            weights, ``gradient_dtype``: :func:`~influenciae.fingerprint.model_identity`), ``"solver"`` (the solver's
+            settings, damping and Hessian dataset fingerprint included), ``"test"`` (the test set's fingerprint) and
+            ``"request"`` (what a command line asked for, e.g. ``--solver``, ``--damping``, ``--test``).
 
     Example:
         >>> state = SolverState.from_solver(im, ExactIHVP(im, train_ds, damping=1e-3), test_set=test_ds)
@@ -72,6 +76,7 @@ class SolverState:
     eigenvalues: np.ndarray | None = None
     eigenvectors: np.ndarray | None = None
     factors: np.ndarray | None = None
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.preconditioner not in _PRECONDITIONERS:
@@ -98,6 +103,7 @@ class SolverState:
         *,
         test_set: tf.data.Dataset | None = None,
         preconditioner: str = "auto",
+        request: dict[str, Any] | None = None,
     ) -> SolverState:
         """Summarize a solver (and optionally the test examples) as arrays.
 
@@ -107,6 +113,7 @@ class SolverState:
             test_set: Batched test dataset whose factors ``H⁻¹∇ℓ(x)`` are stored (needed for ``"top_k"`` scoring).
             preconditioner: ``"auto"`` (``"inverse"`` for :class:`ExactIHVP`, ``"eigen"`` for
                 :class:`ArnoldiIHVP`, ``"none"`` otherwise), or one of those names.
+            request: What the caller asked for (JSON-able), recorded and compared by :meth:`load`'s ``request``.
 
         Raises:
             ValueError: For a preconditioner the solver cannot provide, or a solver of another model.
@@ -135,12 +142,51 @@ class SolverState:
             check_dataset(test_set, name="test_set")
             blocks = [ihvp.solve(model.batch_jacobian_tensor(batch)).numpy() for batch in test_set]
             arrays["factors"] = np.concatenate(blocks) if blocks else np.zeros([0, model.nb_params])
+        configuration = _json_safe(ihvp.configuration())
+        identity = {
+            "model": _model_identity(model),
+            "solver": canonical_configuration(configuration),
+            "test": None if test_set is None else dataset_fingerprint(test_set),
+            "request": None if request is None else canonical_configuration(request),
+        }
         return cls(
             preconditioner=preconditioner,
             weights_fingerprint=model_fingerprint(model),
-            configuration=_json_safe(ihvp.configuration()),
+            configuration=configuration,
+            identity=identity,
             **arrays,
         )
+
+    def check_identity(
+        self,
+        *,
+        model: InfluenceModel | None = None,
+        solver: InverseHessianVectorProduct | None = None,
+        test_set: tf.data.Dataset | None = None,
+        request: dict[str, Any] | None = None,
+    ) -> None:
+        """Refuse the state when what its arrays depend on differs from what is given (each check only if given).
+
+        Raises:
+            ValueError: Naming every difference (loss, watched weights, solver settings, test set, request).
+        """
+        given: dict[str, Any] = {}
+        if model is not None:
+            self.check_model(model)
+            given["model"] = _model_identity(model)
+        if solver is not None:
+            given["solver"] = canonical_configuration(_json_safe(solver.configuration()))
+        if test_set is not None:
+            given["test"] = dataset_fingerprint(test_set)
+        if request is not None:
+            given["request"] = canonical_configuration(request)
+        stored = {key: self.identity.get(key, "<not recorded>") for key in given}
+        differences = describe_differences(stored, given)
+        if differences:
+            raise ValueError(
+                "The solver state was computed for another request: " + "; ".join(differences[:6]) + ". Recompute "
+                "it (delete the state file, or pass another --state path)."
+            )
 
     # ------------------------------------------------------------------ kernels
 
@@ -208,28 +254,31 @@ class SolverState:
             "preconditioner": self.preconditioner,
             "weights_fingerprint": self.weights_fingerprint,
             "configuration": self.configuration,
+            "identity": self.identity,
         }
         arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
         for name in ("inverse", "eigenvalues", "eigenvectors", "factors"):
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = np.asarray(value)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                np.savez(handle, **arrays)  # type: ignore[arg-type]
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        atomic_write(target, lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
         return target
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, model: InfluenceModel | None = None) -> SolverState:
-        """Read a state written by :meth:`save`, checked against ``model``'s weights when given.
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model: InfluenceModel | None = None,
+        solver: InverseHessianVectorProduct | None = None,
+        test_set: tf.data.Dataset | None = None,
+        request: dict[str, Any] | None = None,
+    ) -> SolverState:
+        """Read a state written by :meth:`save`, checked (:meth:`check_identity`) against what is given.
+
+        ``model`` checks the weights, the loss, the watched weights and ``gradient_dtype``; ``solver`` the solver's
+        settings (damping, Hessian dataset...); ``test_set`` the test examples of the factors; ``request`` what a
+        command line asked for.
 
         Raises:
             FileNotFoundError: If there is no file.
@@ -251,10 +300,10 @@ class SolverState:
             preconditioner=meta["preconditioner"],
             weights_fingerprint=meta["weights_fingerprint"],
             configuration=meta.get("configuration", {}),
+            identity=meta.get("identity", {}),
             **arrays,
         )
-        if model is not None:
-            state.check_model(model)
+        state.check_identity(model=model, solver=solver, test_set=test_set, request=request)
         return state
 
 

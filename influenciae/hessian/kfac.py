@@ -34,6 +34,7 @@ from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
 from influenciae.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 from influenciae.data import check_dataset
+from influenciae.fingerprint import model_identity
 from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.ggn import curvature_of
 from influenciae.hessian.operator import RowOperator
@@ -218,6 +219,8 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
             "seed": self.seed,
             "layers": [[layer.name, layer.kind, layer.num_rows, layer.num_columns] for layer in self.capture.layers],
             "uncovered": self.capture.uncovered_weight_names,
+            # the loss configuration, watched weights and gradient dtype the factors were fitted with
+            "model": model_identity(self.model),
         }
 
     def save_factors(self, path: str | Path, *, input_hash: str | None = None) -> None:
