@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, TracIn, TrakCalculator
+from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, TracIn, TracInCP, TrakCalculator
 from influenciae.influence.breakdown import layer_blocks, per_layer_influence, per_token_influence
 from influenciae.influence.trak import MarginOutput
 from influenciae.language import (
@@ -257,3 +257,23 @@ def test_breakdowns_reject_what_they_cannot_split(problem):
         FirstOrderInfluenceCalculator(im, train, measurement="log_prob")
     with pytest.raises(TypeError, match="integer"):
         token_cross_entropy()(np.array([["a", "b"]]), np.zeros((1, 2, 4)))
+
+
+@pytest.mark.slow
+def test_tracincp_from_files_takes_the_measurement_like_tracin(problem, tmp_path):
+    model, im, train, test, _ = problem
+    other = keras.models.clone_model(model)
+    other.set_weights([w * 0.8 for w in model.get_weights()])
+    paths = [str(tmp_path / "a.keras"), str(tmp_path / "b.keras")]
+    model.save(paths[0])
+    other.save(paths[1])
+    measurement = logit_margin(pad_id=PAD)  # (the completion's log-probability would equal the masked query's loss)
+    loss = token_cross_entropy(pad_id=PAD)
+    stored = TracInCP(paths, [0.5, 0.25], loss_function=loss, measurement=measurement)
+    in_memory = TracIn(
+        [im, InfluenceModel(other, loss_function=loss)], [0.5, 0.25], measurement=measurement
+    ).influence_matrix(test, train)
+    np.testing.assert_allclose(stored.influence_matrix(test, train), in_memory, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(per_token_influence(stored, test, train).sum(-1), in_memory, rtol=1e-6, atol=1e-10)
+    plain = TracIn([im, InfluenceModel(other, loss_function=loss)], [0.5, 0.25]).influence_matrix(test, train)
+    assert not np.allclose(plain, in_memory), "the measurement changes the scores"
