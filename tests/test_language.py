@@ -277,3 +277,52 @@ def test_tracincp_from_files_takes_the_measurement_like_tracin(problem, tmp_path
     np.testing.assert_allclose(per_token_influence(stored, test, train).sum(-1), in_memory, rtol=1e-6, atol=1e-10)
     plain = TracIn([im, InfluenceModel(other, loss_function=loss)], [0.5, 0.25]).influence_matrix(test, train)
     assert not np.allclose(plain, in_memory), "the measurement changes the scores"
+
+
+GPT2_SCRIPT = """
+import numpy as np, tensorflow as tf
+from benchmarks.language_model import build_model
+from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
+from influenciae.influence.breakdown import per_layer_influence, per_token_influence
+from influenciae.language import completion_log_probability, token_cross_entropy
+V, T = 64, 8
+model = build_model(V, 16, 1, 2, T)
+rng = np.random.default_rng(0)
+tokens = rng.integers(1, V, size=(12, T + 1)).astype("int32")
+y = tokens[:, 1:].copy()
+y[:3, -2:] = 0
+q = rng.integers(1, V, size=(2, T + 1)).astype("int32")
+qy = np.zeros([2, T], "int32")
+qy[:, -1] = q[:, -1]
+im = InfluenceModel(model, loss_function=token_cross_entropy(pad_id=0))
+train = tf.data.Dataset.from_tensor_slices((tokens[:, :-1], y)).batch(6)
+test = tf.data.Dataset.from_tensor_slices((q[:, :-1], qy)).batch(2)
+calculator = FirstOrderInfluenceCalculator(
+    im, train, ihvp_calculator="ekfac", damping=1e-3, measurement=completion_log_probability(pad_id=0)
+)
+total = calculator.influence_matrix(test, train)
+per_token = per_token_influence(calculator, test, train)
+per_layer = per_layer_influence(calculator, test, train)
+scale = np.abs(total).max()
+assert scale > 0
+assert np.abs(per_token.sum(-1) - total).max() <= 1e-4 * scale
+assert np.abs(sum(per_layer.values()) - total).max() <= 1e-4 * scale
+assert np.all(per_token[:, y == 0] == 0)
+print("ok", len(per_layer))
+"""
+
+
+@pytest.mark.slow
+def test_breakdowns_on_a_gpt2_backbone_in_a_subprocess():
+    """Attention models go through TF's pfor, which may abort an interpreter: run them in a child process."""
+    pytest.importorskip("keras_hub")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", GPT2_SCRIPT], cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith("ok")
