@@ -1,10 +1,10 @@
 """K-FAC and EK-FAC: block-diagonal, Kronecker-factored Gauss-Newton inverse-HVPs (Martens & Grosse 2015,
 Grosse & Martens 2016, George et al. 2018, Grosse et al. 2023).
 
-For a layer ``y = φ(W a + b)`` (Dense, Conv2D, Embedding: :mod:`influenciae.capture`) with ``W`` seen as a matrix
-``[rows, columns]`` (the bias as an appended row, ``a`` with an appended 1), the per-example (pseudo-)gradient is
-``G = Σ_t a_t g_tᵀ`` and the layer's block of the Gauss-Newton matrix is ``E[vec(G) vec(G)ᵀ]``. K-FAC approximates it
-by ``A ⊗ S`` with
+For a layer ``y = φ(W a + b)`` (Dense, EinsumDense, Conv1D, Conv2D, Embedding: :mod:`influenciae.capture`) with ``W``
+seen as a matrix ``[rows, columns]`` (the bias as an appended row, ``a`` with an appended 1), the per-example
+(pseudo-)gradient is ``G = Σ_t a_t g_tᵀ`` and the layer's block of the Gauss-Newton matrix is
+``E[vec(G) vec(G)ᵀ]``. K-FAC approximates it by ``A ⊗ S`` with
 
 * ``A = E[a aᵀ]``, averaged over examples and positions ``t`` (diagonal for an Embedding: token frequencies,
   never ``vocabulary²``),
@@ -15,6 +15,17 @@ so that ``(A ⊗ S + λI)⁻¹ = (Q_A ⊗ Q_S) diag(1 / (λ_A λ_Sᵀ + λ)) (Q_
 eigenvalues ``λ_A λ_Sᵀ`` by the exact second moments in that basis, ``Λ = E[(Q_Aᵀ G Q_S)²]``: the diagonal of the exact
 Gauss-Newton block in the eigenbasis (one more pass over the data). Watched weights outside a supported layer get a
 diagonal block ``E[g²]``. The regularizer Ω of the model is not included: damping plays its role.
+
+Which curvature block each layer gets (positions ``t`` as in :mod:`influenciae.capture`):
+
+* Kronecker blocks (K-FAC, EK-FAC): ``Dense`` on vectors or N-D inputs (``[B, T, D]``: statistics summed over
+  tokens), ``EinsumDense`` as a Dense over its contracted axes (MultiHeadAttention's query/key/value
+  ``"abc,cde->abde"`` and output ``"abcd,cde->abe"`` projections, found inside nested layers), ``Conv1D`` and
+  ``Conv2D`` (unfolded patches), ``Embedding`` on token sequences (diagonal ``A``).
+* Diagonal blocks ``E[g²]`` (no error): every other watched weight: ``LayerNormalization`` and ``BatchNormalization``
+  scales and offsets, EinsumDense biases that are not on exactly the output axes, custom, LoRA or quantized layers.
+  To leave them out of θ altogether, pass ``InfluenceModel(weights_to_watch=...)``.
+* :class:`~influenciae.hessian.diagonal.DiagonalIHVP` uses diagonal blocks for every layer (exact GGN diagonal).
 
 Damping per block is ``damping + relative_damping · mean(block eigenvalues)``: absolute, relative (kronfluence uses
 ``relative_damping=0.1``), or both.
@@ -51,7 +62,7 @@ class CurvatureBlock:
 
     Attributes:
         name: The layer name (``"<uncovered>"`` for the diagonal block of weights outside supported layers).
-        kind: ``"dense"``, ``"conv2d"``, ``"embedding"`` or ``"diagonal"``.
+        kind: ``"dense"``, ``"einsum_dense"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` or ``"diagonal"``.
         parameter_indices: ``[rows * columns]`` flat parameter positions, row-major on ``[rows, columns]``.
         rows, columns: Shape of the block's weight matrix.
         row_factor: ``A`` ``[rows, rows]`` (``[rows]`` when diagonal), float64; None for a diagonal block.
@@ -411,7 +422,7 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
 class KFACIHVP(BlockDiagonalIHVP, name="kfac"):
     """K-FAC inverse-HVPs: ``(A ⊗ S + λI)⁻¹`` per layer (Martens & Grosse 2015; Grosse & Martens 2016 for Conv2D).
 
-    One pass over the dataset fits ``A = E[a aᵀ]`` and ``S = E[Σ_t g gᵀ]`` per Dense/Conv2D/Embedding layer (float64),
+    One pass over the dataset fits ``A = E[a aᵀ]`` and ``S = E[Σ_t g gᵀ]`` per captured layer (float64),
     then each solve is four small matmuls per layer. Cheap and memory-light (two ``d × d`` factors per layer instead of
     ``(d_in d_out)²``), but the Kronecker eigenvalues ``λ_A λ_Sᵀ`` can be far from the true curvature in the
     eigenbasis: prefer :class:`EKFACIHVP`, which costs one more pass.
