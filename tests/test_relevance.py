@@ -182,8 +182,10 @@ def test_batchnorm_folding_equals_the_folded_dense_model():
     folded.get_layer("d2").set_weights(model.get_layer("d2").get_weights())
     np.testing.assert_allclose(model(X), folded(X), rtol=1e-10)
     for rule in [EpsilonRule(0.1), ZPlusRule(), GammaRule(0.25)]:
-        expected = LRP(folded, rules=rule).attribute(X, TARGET).numpy()
-        np.testing.assert_allclose(LRP(model, rules=rule).attribute(X, TARGET), expected, rtol=1e-9, atol=1e-12)
+        expected = LRP(folded, rules=rule, compile=False).attribute(X, TARGET).numpy()
+        np.testing.assert_allclose(
+            LRP(model, rules=rule, compile=False).attribute(X, TARGET), expected, rtol=1e-9, atol=1e-12
+        )
     # the folded BatchNorm's output carries the Dense layer's relevance (the fold is invisible to LayerLRP)
     layer_relevance = LayerLRP(model, ["d1", "bn"]).attribute(X, TARGET)
     np.testing.assert_allclose(layer_relevance[0], layer_relevance[1])
@@ -267,19 +269,21 @@ def test_layerlrp_of_the_input_layer_equals_lrp_and_targets_broadcast():
     model = mlp()
     rules = {"h1": GammaRule(0.25), "h2": EpsilonRule(0.1)}
     expected = LRP(model, rules=rules).attribute(X, 2)
-    np.testing.assert_allclose(LayerLRP(model, model.layers[0], rules=rules).attribute(X, 2), expected)
-    np.testing.assert_allclose(LayerLRP(model, "x", rules=rules).attribute(X, 2), expected)
-    np.testing.assert_allclose(LRP(model, rules=rules).attribute(X, np.full(6, 2)), expected)
-    relevance_h1 = LayerLRP(model, "h1", rules=rules).attribute(X, 2)
+    np.testing.assert_allclose(LayerLRP(model, model.layers[0], rules=rules, compile=False).attribute(X, 2), expected)
+    np.testing.assert_allclose(LayerLRP(model, "x", rules=rules, compile=False).attribute(X, 2), expected)
+    np.testing.assert_allclose(LRP(model, rules=rules, compile=False).attribute(X, np.full(6, 2)), expected)
+    relevance_h1 = LayerLRP(model, "h1", rules=rules, compile=False).attribute(X, 2)
     assert relevance_h1.shape == (6, 7)
     np.testing.assert_allclose(
-        LayerLRP(model, "h2", rules=rules).attribute(X, 2, attribute_to_layer_input=True), relevance_h1
+        LayerLRP(model, "h2", rules=rules, compile=False).attribute(X, 2, attribute_to_layer_input=True), relevance_h1
     )
-    by_callable = LRP(model, rules=lambda layer: rules.get(layer.name)).attribute(X, 2)
+    by_callable = LRP(model, rules=lambda layer: rules.get(layer.name), compile=False).attribute(X, 2)
     np.testing.assert_allclose(by_callable, expected)
     # target=None explains the predicted class
     predicted = np.argmax(model(X), axis=1)
-    np.testing.assert_allclose(LRP(model).attribute(X), LRP(model).attribute(X, predicted))
+    np.testing.assert_allclose(
+        LRP(model, compile=False).attribute(X), LRP(model, compile=False).attribute(X, predicted)
+    )
 
 
 def test_nested_model_is_inlined():
@@ -403,3 +407,28 @@ def test_sensitivity_max_of_lrp_forwards_the_target():
     lrp = LRP(model)
     score = sensitivity_max(lrp.attribute, X, perturb_radius=0.0, num_samples=2, target=TARGET).numpy()
     np.testing.assert_allclose(score, np.zeros(6), atol=1e-12)
+
+
+def test_compiled_equals_eager_and_unbuilt_sequential_works():
+    inputs = keras.Input((6, 6, 1), dtype=F, name="image")
+    z = keras.layers.Conv2D(3, 3, activation="relu", name="conv", dtype=F)(inputs)
+    z = keras.layers.BatchNormalization(name="bn", dtype=F)(z)
+    z = keras.layers.GlobalMaxPooling2D(dtype=F)(z)
+    model = randomize(keras.Model(inputs, dense(2, "out")(z)), seed=12)
+    images = np.random.default_rng(6).uniform(size=(3, 6, 6, 1))
+    rules = {"conv": GammaRule(0.25)}
+    eager, compiled = (
+        LayerLRP(model, ["image", "conv"], rules, compile=False),
+        LayerLRP(model, ["image", "conv"], rules),
+    )
+    for target in (1, None):
+        for got, expected in zip(compiled.attribute(images, target), eager.attribute(images, target), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(LRP(model, rules, compile=False).attribute(images, 1), eager.attribute(images, 1)[0])
+    sequential = keras.Sequential([dense(4, "a", "relu", use_bias=False), dense(2, "b", use_bias=False)])
+    sequential(X[:1])  # built by a call, without keras.Input: a plain chain of layers
+    randomize(sequential, seed=13)
+    relevance = LRP(sequential).attribute(X, 1)
+    np.testing.assert_allclose(relevance, gradient_times_input(sequential, X, np.ones(6, int)), atol=1e-6)
+    with pytest.raises(ValueError, match="target must lie"):
+        LRP(sequential).attribute(X, 2)

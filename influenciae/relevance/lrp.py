@@ -51,6 +51,8 @@ class LRP:
             included, pass relevance through unchanged.
         rules: a :data:`RuleSpec`: ``None`` (LRP-ε, ``ε = 1e-9``), one rule, ``{layer name: rule}`` or a callable
             ``layer -> rule | None``.
+        compile: run the forward and backward passes in one ``tf.function`` (default; traced on the first call and
+            again for a new input shape, then several times faster than eager). ``False`` runs eagerly (debugging).
 
     Raises:
         ValueError: on an unsupported layer (naming it and its class), several outputs, or unknown layer names in
@@ -61,7 +63,7 @@ class LRP:
         >>> relevance = lrp.attribute(images, target=labels)  # [batch, height, width, channels]
     """
 
-    def __init__(self, model: keras.Model, rules: RuleSpec = None) -> None:
+    def __init__(self, model: keras.Model, rules: RuleSpec = None, *, compile: bool = True) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"LRP needs a Keras 3 model, got {type(model).__name__}.")
         self.model = model
@@ -74,6 +76,17 @@ class LRP:
         self._rules = self._resolve_rules(rules)
         self._consumers = self._graph.consumers()
         self._producer = {key: index for index, step in enumerate(self._graph.steps) for key in step.outputs}
+        self._wanted: list[int] = list(self._graph.input_keys)
+        self._compile = bool(compile)
+        self._compiled: Any = None
+        try:
+            outputs = model.outputs
+        except (AttributeError, ValueError):  # a Sequential model that was never built symbolically
+            outputs = None
+        shape = tuple(outputs[0].shape) if outputs else None
+        self._num_outputs: int | None = None
+        if shape is not None and all(size is not None for size in shape[1:]):
+            self._num_outputs = int(np.prod(shape[1:])) if len(shape) > 1 else 1
 
     def _resolve_rules(self, rules: RuleSpec) -> dict[int, PropagationRule]:
         layers = self._graph.layers
@@ -126,25 +139,33 @@ class LRP:
             prepared.append(tensor)
         return prepared
 
-    def _initial_relevance(self, output: tf.Tensor, target: Target) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(R at the output [batch, ...], explained score [batch])``."""
-        batch = output.shape[0]
-        squeeze = output.shape.rank == 1
-        flat = tf.reshape(output, [batch, -1]) if not squeeze else output[:, None]
-        num_outputs = flat.shape[1]
+    def _target_index(self, target: Target, batch: int) -> np.ndarray | None:
+        """Validated target indices ``[batch]`` (``None``: the predicted output)."""
         if target is None:
-            index = tf.argmax(flat, axis=1, output_type=tf.int32) if num_outputs > 1 else tf.zeros([batch], tf.int32)
-        else:
-            index_np = np.asarray(target)
-            if index_np.dtype.kind not in "iu":
-                raise TypeError(f"target must be an int or integer indices [batch], got dtype {index_np.dtype}.")
-            if index_np.ndim == 0:
-                index_np = np.full([batch], int(index_np))
-            if index_np.shape != (batch,):
-                raise ValueError(f"target must be an int or have shape [{batch}], got shape {index_np.shape}.")
-            if index_np.min() < 0 or index_np.max() >= num_outputs:
-                raise ValueError(f"target must lie in [0, {num_outputs}), got {index_np.min()}..{index_np.max()}.")
-            index = tf.constant(index_np, tf.int32)
+            return None
+        index = np.asarray(target)
+        if index.dtype.kind not in "iu":
+            raise TypeError(f"target must be an int or integer indices [batch], got dtype {index.dtype}.")
+        if index.ndim == 0:
+            index = np.full([batch], int(index))
+        if index.shape != (batch,):
+            raise ValueError(f"target must be an int or have shape [{batch}], got shape {index.shape}.")
+        self._check_range(index)
+        return index.astype(np.int32)
+
+    def _check_range(self, index: np.ndarray) -> None:
+        if self._num_outputs is not None and (index.min() < 0 or index.max() >= self._num_outputs):
+            raise ValueError(f"target must lie in [0, {self._num_outputs}), got {index.min()}..{index.max()}.")
+
+    def _initial_relevance(self, output: tf.Tensor, index: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(R at the output [batch, ...], explained score [batch])``; ``index`` ``[batch]`` or ``None`` (argmax)."""
+        if any(size is None for size in output.shape[1:]):
+            raise ValueError(f"LRP needs a static number of outputs, got output shape {output.shape}.")
+        num_outputs = int(np.prod(output.shape[1:]))
+        flat = tf.reshape(output, [-1, num_outputs])
+        self._num_outputs = num_outputs
+        if index is None:
+            index = tf.argmax(flat, axis=1, output_type=tf.int32)
         mask = tf.one_hot(index, num_outputs, dtype=flat.dtype)
         relevance = tf.reshape(mask * flat, tf.shape(output))
         return relevance, tf.reduce_sum(mask * flat, axis=1)
@@ -189,15 +210,29 @@ class LRP:
             return None
         return producer, scale, shift
 
-    def _run(self, inputs: Any, target: Target) -> tuple[Values, dict[int, tf.Tensor], tf.Tensor]:
-        prepared = self._prepare_inputs(inputs)
-        values = self._graph.forward(prepared)
-        output = values[self._graph.output_keys[0]]
-        initial, score = self._initial_relevance(output, target)
-        return values, self._backward(values, initial), score
+    def _core(self, inputs: list[tf.Tensor], index: tf.Tensor | None) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Forward and backward pass: ``(relevance of each wanted key, explained score [batch])``."""
+        values = self._graph.forward(inputs)
+        initial, score = self._initial_relevance(values[self._graph.output_keys[0]], index)
+        relevances = self._backward(values, initial)
+        return [relevances[key] if key in relevances else tf.zeros_like(values[key]) for key in self._wanted], score
 
-    def _relevance_of(self, key: int, values: Values, relevances: dict[int, tf.Tensor]) -> tf.Tensor:
-        return relevances[key] if key in relevances else tf.zeros_like(values[key])
+    def _run(self, inputs: Any, target: Target) -> tuple[dict[int, tf.Tensor], tf.Tensor]:
+        prepared = self._prepare_inputs(inputs)
+        batch = prepared[0].shape[0]
+        if batch is None:
+            raise ValueError("inputs need a known batch size.")
+        index = self._target_index(target, int(batch))
+        index_tensor = None if index is None else tf.constant(index)
+        if self._compile:
+            if self._compiled is None:
+                self._compiled = tf.function(self._core, reduce_retracing=True, autograph=False)
+            results, score = self._compiled(prepared, index_tensor)
+        else:
+            results, score = self._core(prepared, index_tensor)
+        if index is not None:
+            self._check_range(index)  # when the number of outputs was only known after the forward pass
+        return dict(zip(self._wanted, results, strict=True)), score
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -218,8 +253,8 @@ class LRP:
         Raises:
             ValueError: on a target out of range or of the wrong shape, or inputs of the wrong count.
         """
-        values, relevances, score = self._run(inputs, target)
-        result = [self._relevance_of(key, values, relevances) for key in self._graph.input_keys]
+        relevances, score = self._run(inputs, target)
+        result = [relevances[key] for key in self._graph.input_keys]
         relevance = result[0] if len(result) == 1 else result
         return (relevance, score) if return_output else relevance
 
@@ -231,6 +266,7 @@ class LayerLRP(LRP):
         model: as for :class:`LRP`.
         layer: a layer of the model (or its name), or a list of them; the layer must be called once in the model.
         rules: as for :class:`LRP`.
+        compile: as for :class:`LRP`.
 
     Raises:
         ValueError: if the layer is not in the model or is called more than once.
@@ -239,10 +275,13 @@ class LayerLRP(LRP):
         >>> LayerLRP(model, "dense_hidden").attribute(x, target=3)  # [batch, units]
     """
 
-    def __init__(self, model: keras.Model, layer: Any, rules: RuleSpec = None) -> None:
-        super().__init__(model, rules)
+    def __init__(self, model: keras.Model, layer: Any, rules: RuleSpec = None, *, compile: bool = True) -> None:
+        super().__init__(model, rules, compile=compile)
         self._many = isinstance(layer, list | tuple)
         self.layers = [self._find_layer(item) for item in (layer if self._many else [layer])]
+        for item in self.layers:
+            for keys in (self._graph.layer_outputs[id(item)][0], self._graph.layer_inputs[id(item)][0]):
+                self._wanted.extend(key for key in keys if key not in self._wanted)
 
     def _find_layer(self, layer: Any) -> Any:
         candidates = self._graph.layers
@@ -275,14 +314,14 @@ class LayerLRP(LRP):
             Relevance of the layer's activations' shape (its output, or input; a list if the layer has several, and
             a list of those if several layers were given), or ``(relevance, output [batch])``.
         """
-        values, relevances, score = self._run(inputs, target)
+        relevances, score = self._run(inputs, target)
         results = []
         for layer in self.layers:
             table = self._graph.layer_inputs if attribute_to_layer_input else self._graph.layer_outputs
             keys = table[id(layer)][0]
             if attribute_to_layer_input and not keys:  # an InputLayer: its input is its output
                 keys = self._graph.layer_outputs[id(layer)][0]
-            parts = [self._relevance_of(key, values, relevances) for key in keys]
+            parts = [relevances[key] for key in keys]
             results.append(parts[0] if len(parts) == 1 else parts)
         relevance = results if self._many else results[0]
         return (relevance, score) if return_output else relevance
