@@ -258,6 +258,88 @@ def test_cache_written_after_an_iterative_solve_is_reused(tmp_path: Path, solver
     np.testing.assert_array_equal(vectors(calculator(solver=solver, **options), ds(X, Y), tmp_path / "cache"), first)
 
 
+# ---------------------------------------------------------------------- solver states and K-FAC factors
+
+
+def test_solver_state_records_and_checks_its_request(tmp_path: Path) -> None:
+    from influenciae import ExactIHVP
+    from influenciae.distributed.state import SolverState
+
+    im = InfluenceModel(MODEL, loss_function=loss())
+    train, test = ds(X, Y), ds(X_TEST, Y_TEST)
+    request = {"solver": "exact", "damping": 1.0, "test": "test-*.tfrecord"}
+    state = SolverState.from_solver(im, ExactIHVP(im, train, damping=1.0), test_set=test, request=request)
+    path = state.save(tmp_path / "state.npz")
+    loaded = SolverState.load(path, model=im, test_set=test, request=request)
+    np.testing.assert_array_equal(loaded.factors, state.factors)
+    with pytest.raises(ValueError, match="damping"):
+        SolverState.load(path, model=im, request={**request, "damping": 0.5})
+    with pytest.raises(ValueError, match="solver"):
+        SolverState.load(path, model=im, request={**request, "solver": "cg"})
+    with pytest.raises(ValueError, match="test"):
+        SolverState.load(path, model=im, test_set=ds(X_TEST[:4], Y_TEST[:4]))
+    with pytest.raises(ValueError, match="ignore_class"):
+        SolverState.load(path, model=InfluenceModel(MODEL, loss_function=loss(ignore_class=2)))
+    with pytest.raises(ValueError, match="damping"):
+        SolverState.load(path, solver=ExactIHVP(im, train, damping=2.0))
+
+
+def test_ekfac_factors_fitted_with_another_loss_are_refused(tmp_path: Path) -> None:
+    from influenciae.hessian.kfac import EKFACIHVP
+
+    im = InfluenceModel(MODEL, loss_function=loss())
+    EKFACIHVP(im, ds(X, Y), damping=1e-3, factors_path=tmp_path).fit()
+    other = InfluenceModel(MODEL, loss_function=loss(ignore_class=2))
+    with pytest.raises(ValueError, match="ignore_class"):
+        EKFACIHVP(other, ds(X, Y), damping=1e-3, factors_path=tmp_path).fit()
+    assert EKFACIHVP(im, ds(X, Y), damping=1e-3, factors_path=tmp_path).fit().timings == {}  # same loss: reused
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model = make_model()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.save(root / "model.keras")
+    x, y = make_data(NUM_TRAIN + 32, seed=5)
+    x[:NUM_TRAIN], y[:NUM_TRAIN] = X, Y
+    np.savez(root / "train.npz", x=X, y=Y)
+    np.savez(root / "train96.npz", x=x, y=y)
+    np.savez(root / "test.npz", x=X_TEST, y=Y_TEST)
+    return {"root": root, "model": root / "model.keras", "test": root / "test.npz"}
+
+
+def top_k(files: dict[str, Path], train: str, output: str, *extra: str) -> int:
+    from influenciae import cli
+
+    argv = ["top-k", "--model", files["model"], "--npz", files["root"] / train, "--test-npz", files["test"],
+            "-k", "3", "--output", files["root"] / output, "--no-progress", "--damping", "1.0", *extra]  # fmt: skip
+    return cli.main([str(item) for item in argv])
+
+
+@pytest.mark.slow
+def test_cli_top_k_refuses_a_cache_of_a_shorter_training_set(cli_files: dict[str, Path], capsys) -> None:
+    cache = ["--cache-dir", str(cli_files["root"] / "cache")]
+    assert top_k(cli_files, "train.npz", "out64", *cache) == 0
+    capsys.readouterr()
+    assert top_k(cli_files, "train96.npz", "out96", *cache) != 0
+    assert "overwrite" in capsys.readouterr().err
+    assert top_k(cli_files, "train96.npz", "fresh96") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+def test_cli_top_k_with_an_iterative_solver_reuses_its_cache(cli_files: dict[str, Path], solver: str) -> None:
+    cache = ["--cache-dir", str(cli_files["root"] / f"cache-{solver}"), "--solver", solver]
+    assert top_k(cli_files, "train.npz", f"{solver}-1", *cache) == 0
+    assert top_k(cli_files, "train.npz", f"{solver}-2", *cache) == 0
+    first = (cli_files["root"] / f"{solver}-1" / "top_k.csv").read_text()
+    assert (cli_files["root"] / f"{solver}-2" / "top_k.csv").read_text() == first
+
+
 # ---------------------------------------------------------------------- two writers
 
 
