@@ -1453,7 +1453,6 @@ print(f"{influence_model.nb_params} parameters; test accuracy "
     ]
 
 
-# ---------------------------------------------------------------------------------------------------- writing
 # ---------------------------------------------------------------------------------------------------- 07
 
 
@@ -1788,6 +1787,274 @@ def language_model_influence() -> list[Cell]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------------- 08
+
+
+def robustness() -> list[Cell]:
+    return [
+        md(
+            """
+            # How robust is my model, and why?
+
+            A classifier that is 97 % accurate on clean digits can be wrong on almost every one of them after a
+            change of a few grey levels per pixel. This notebook measures that, and then asks *why* for the least
+            robust predictions:
+
+            1. **Accuracy under attack**: FGSM (one signed-gradient step) and PGD (several projected steps) for a
+               range of budgets ε (the largest change of any pixel, pixels in `[0, 1]`).
+            2. **The minimal ε per test image** (`MinParamPerturbation`): how far each image is from a change of
+               prediction, a per-example robustness score.
+            3. **What the model looks at** on the least robust images: layer-wise relevance propagation (`LRP`)
+               heat maps of the predicted class.
+            4. **Which training images hold those predictions up**: influence functions
+               (`FirstOrderInfluenceCalculator.most_influential`), the proponents of each fragile prediction.
+            """
+        ),
+        setup_cell(
+            """
+            import keras
+            import numpy as np
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+
+            from influenciae import ORDER, FirstOrderInfluenceCalculator, InfluenceModel
+            from influenciae.data import from_numpy
+            from influenciae.plots import new_figure, plot_image_grid
+            from influenciae.relevance import LRP, EpsilonRule, ZPlusRule
+            from influenciae.robustness import FGSM, PGD, MinParamPerturbation
+
+            EPOCHS = 12 if FAST else 40
+            EPSILONS = [0.0, 0.05, 0.1, 0.2] if FAST else [0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]
+            PGD_STEPS = 5 if FAST else 20
+            """
+        ),
+        md(
+            """
+            ## 1. A small CNN on digits
+
+            8×8 grey images (kept as `[N, 8, 8, 1]`, values in `[0, 1]`) and a Keras CNN that outputs logits:
+            `Conv2D → ReLU → MaxPool → Flatten → Dense → ReLU → Dense`. Attacks, LRP and influence all take the
+            Keras model as it is.
+            """
+        ),
+        code(
+            """
+            digits = load_digits()
+            images = (digits.images / 16.0).astype("float32")[..., None]  # [1797, 8, 8, 1]
+            labels = digits.target.astype("int64")
+            train_index, test_index = train_test_split(
+                np.arange(len(labels)), test_size=0.25, random_state=0, stratify=labels
+            )
+            if FAST:
+                train_index, test_index = train_index[:600], test_index[:150]
+            x_train, y_train, x_test, y_test = images[train_index], labels[train_index], images[test_index], labels[test_index]
+
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([
+                keras.Input((8, 8, 1)),
+                keras.layers.Conv2D(8, 3, name="conv"),
+                keras.layers.ReLU(),
+                keras.layers.MaxPooling2D(2),
+                keras.layers.Flatten(),
+                keras.layers.Dense(32, name="hidden"),
+                keras.layers.ReLU(),
+                keras.layers.Dense(10, name="logits"),
+            ])
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(x_train, y_train, epochs=EPOCHS, batch_size=64, verbose=0)
+
+
+            def accuracy(inputs, labels=y_test):
+                return float(np.mean(np.argmax(model.predict(inputs, verbose=0), axis=1) == labels))
+
+
+            clean_accuracy = accuracy(x_test)
+            print(f"{len(y_train)} training and {len(y_test)} test images; clean test accuracy {clean_accuracy:.3f}")
+            assert clean_accuracy > 0.8
+            """
+        ),
+        md(
+            """
+            ## 2. Accuracy under FGSM and PGD
+
+            Both attacks are untargeted: they increase the loss of the true label, inside the L∞ ball of radius ε
+            and the pixel range `[0, 1]` (`lower_bound`, `upper_bound`). PGD takes `PGD_STEPS` steps of size
+            `2.5 ε / PGD_STEPS` and projects back onto the ball after each: a stronger search than FGSM's single
+            step, so its accuracy should be lower at every ε.
+            """
+        ),
+        code(
+            """
+            fgsm = FGSM(model, loss_function=loss, lower_bound=0.0, upper_bound=1.0)
+            pgd = PGD(model, loss_function=loss, lower_bound=0.0, upper_bound=1.0)
+            fgsm_accuracy, pgd_accuracy = [], []
+            start = time.perf_counter()
+            for epsilon in EPSILONS:
+                fgsm_accuracy.append(accuracy(fgsm.perturb(x_test, y_test, epsilon)))
+                step = 2.5 * epsilon / PGD_STEPS or 0.01  # any positive step at ε = 0: the ball of radius 0 keeps x
+                adversarial = pgd.perturb(x_test, y_test, epsilon, step, PGD_STEPS, norm="linf")
+                pgd_accuracy.append(accuracy(adversarial))
+                print(f"ε = {epsilon:<6} FGSM accuracy {fgsm_accuracy[-1]:.3f}   PGD accuracy {pgd_accuracy[-1]:.3f}")
+            print(f"{time.perf_counter() - start:.1f} s")
+
+            figure = new_figure((5, 3.2))
+            axis = figure.add_subplot()
+            axis.plot(EPSILONS, fgsm_accuracy, "o-", label="FGSM")
+            axis.plot(EPSILONS, pgd_accuracy, "s-", label=f"PGD ({PGD_STEPS} steps)")
+            axis.set_xlabel("ε (L∞ budget per pixel)")
+            axis.set_ylabel("test accuracy")
+            axis.set_ylim(0, 1.02)
+            axis.legend()
+            axis.grid(alpha=0.3)
+
+            tolerance = 1.0 / len(y_test)  # one image
+            assert fgsm_accuracy[0] == pgd_accuracy[0] == clean_accuracy  # ε = 0 moves nothing
+            assert all(b <= a + tolerance for a, b in zip(fgsm_accuracy, fgsm_accuracy[1:])), fgsm_accuracy
+            assert all(b <= a + tolerance for a, b in zip(pgd_accuracy, pgd_accuracy[1:])), pgd_accuracy
+            assert all(p <= f + tolerance for p, f in zip(pgd_accuracy, fgsm_accuracy)), (pgd_accuracy, fgsm_accuracy)
+            assert pgd_accuracy[-1] < clean_accuracy - 0.3
+            """
+        ),
+        md(
+            """
+            **Reading the plot.** Accuracy falls with ε for both attacks, and PGD sits below FGSM: FGSM's single
+            step overshoots where the loss surface curves, PGD follows it. An ε of 0.1 is a change of 1.6 of the
+            16 grey levels of the original digits.
+
+            ## 3. How far is each image from a wrong prediction?
+
+            `MinParamPerturbation` searches, per test image, the smallest ε for which the attack changes the
+            prediction away from the true label (a misclassified image gets ε = 0). A binary search on the 101
+            values `0, 0.005, ..., 0.5` costs `1 + ⌈log₂ 101⌉ = 8` PGD attacks for the whole batch; images that no
+            ε up to 0.5 fools get `inf`.
+            """
+        ),
+        code(
+            """
+            attack = PGD(model, loss_function=loss, lower_bound=0.0, upper_bound=1.0)
+            search = MinParamPerturbation(
+                model,
+                attack,
+                arg_min=0.0,
+                arg_max=0.5,
+                arg_step=0.005,
+                mode="binary",
+                attack_kwargs={"step_size": 0.05, "num_steps": 10, "norm": "linf"},  # 10 steps reach ε = 0.5
+            )
+            start = time.perf_counter()
+            result = search.evaluate(x_test, y_test)
+            minimal = result.values  # [N_test]: smallest ε that fools each image (0: already wrong, inf: never)
+            print(f"{time.perf_counter() - start:.1f} s; fooled within ε ≤ 0.5: {result.found.mean():.1%} of the test images")
+            print(f"median minimal ε {np.median(minimal[result.found]):.3f}, "
+                  f"10 % of the images fall at ε ≤ {np.quantile(minimal[result.found], 0.1):.3f}")
+
+            figure = new_figure((5, 3))
+            axis = figure.add_subplot()
+            axis.hist(minimal[result.found], bins=25)
+            axis.set_xlabel("minimal ε (PGD, L∞)")
+            axis.set_ylabel("test images")
+
+            assert result.found.mean() > 0.9  # finite for most examples
+            assert np.all(minimal[np.argmax(model.predict(x_test, verbose=0), axis=1) != y_test] == 0.0)  # already wrong
+            """
+        ),
+        md(
+            """
+            ## 4. What does the model look at on its most fragile predictions?
+
+            The least robust images are the correctly classified ones with the smallest minimal ε. LRP
+            redistributes the logit of the predicted class back to the pixels, layer by layer: the z⁺ rule on the
+            convolution (positive evidence only, as recommended for lower layers), the ε rule on the Dense layers.
+            Red pixels push toward the predicted class, blue ones against it. The bottom row shows the same image
+            after its minimal perturbation, with the class it is then given.
+            """
+        ),
+        code(
+            """
+            predictions = np.argmax(model.predict(x_test, verbose=0), axis=1)
+            correct = np.flatnonzero((predictions == y_test) & result.found)
+            fragile = correct[np.argsort(minimal[correct], kind="stable")[:6]]  # the 6 least robust correct images
+            rules = {"conv": ZPlusRule(), "hidden": EpsilonRule(1e-6), "logits": EpsilonRule(1e-6)}
+            relevance = np.asarray(LRP(model, rules=rules).attribute(x_test[fragile], predictions[fragile]))[..., 0]
+            perturbed = result.perturbed_inputs[fragile]
+            flipped = np.argmax(model.predict(perturbed, verbose=0), axis=1)
+
+            figure = new_figure((1.6 * len(fragile), 5))
+            axes = figure.subplots(3, len(fragile))
+            for column, index in enumerate(fragile):
+                scale = np.abs(relevance[column]).max()
+                axes[0, column].imshow(x_test[index, ..., 0], cmap="gray_r")
+                axes[0, column].set_title(f"#{index}: {y_test[index]}, ε* = {minimal[index]:.3f}", fontsize=8)
+                axes[1, column].imshow(relevance[column], cmap="bwr", vmin=-scale, vmax=scale)
+                axes[1, column].set_title("LRP of the prediction", fontsize=8)
+                axes[2, column].imshow(perturbed[column, ..., 0], cmap="gray_r", vmin=0, vmax=1)
+                axes[2, column].set_title(f"attacked → {flipped[column]}", fontsize=8)
+            for axis in axes.ravel():
+                axis.set_axis_off()
+
+            assert np.all(flipped != y_test[fragile])  # each minimal perturbation does change the prediction
+            # The relevance explains the logit: it sums to at most the logit (biases and z⁺ keep a share) and is mostly positive.
+            logits = np.asarray(model.predict(x_test[fragile], verbose=0))[np.arange(len(fragile)), predictions[fragile]]
+            print("logit of the prediction:", np.round(logits, 2))
+            print("sum of the relevances:  ", np.round(relevance.sum(axis=(1, 2)), 2))
+            """
+        ),
+        md(
+            """
+            ## 5. Which training images hold those predictions up?
+
+            Influence functions (notebook 01) score every training image `z` for a test image `x`: positive means
+            `z` helped the model give `x` its label (a proponent). We watch the last Dense layer, whose Hessian is
+            small enough to form exactly. The proponents of a fragile prediction are what the model leans on for
+            it: often few, atypical, or of another class when the prediction is barely right.
+            """
+        ),
+        code(
+            """
+            influence_model = InfluenceModel(model, start_layer=-1, loss_function=loss)
+            train_set = from_numpy(x_train, y_train, batch_size=256)
+            calculator = FirstOrderInfluenceCalculator(influence_model, train_set, ihvp_calculator="exact", damping=1e-3)
+            fragile_set = from_numpy(x_test[fragile], y_test[fragile])
+            indices, values = calculator.most_influential(fragile_set, train_set, k=6, order=ORDER.DESCENDING)
+
+            rows, titles = [], []
+            for row, index in enumerate(fragile):
+                rows.append(x_test[index])
+                titles.append(f"test #{index}\\nlabel {y_test[index]}")
+                for column in range(indices.shape[1]):
+                    rows.append(x_train[indices[row, column]])
+                    titles.append(f"label {y_train[indices[row, column]]}\\n{values[row, column]:+.2f}")
+            plot_image_grid(rows, titles, num_columns=1 + indices.shape[1],
+                            suptitle="Fragile test images (left) and their strongest proponents")
+
+            same_label = np.mean(y_train[indices] == y_test[fragile][:, None])
+            print(f"{same_label:.0%} of the proponents share the test image's label")
+            assert np.all(values[:, 0] > 0) and np.all(np.diff(values, axis=1) <= 1e-6)  # proponents, most positive first
+            assert same_label > 0.5
+            """
+        ),
+        md(
+            """
+            ## What we learned
+
+            * The model loses most of its accuracy well inside budgets a person would not notice, and PGD finds
+              adversarial images FGSM misses: report PGD accuracy, not FGSM's, as the robust accuracy.
+            * The minimal ε ranks test images by robustness at the cost of a few attacks; its smallest values
+              mark the predictions to look at.
+            * LRP shows which strokes carry those predictions, and influence functions which training images:
+              a fragile prediction resting on few or atypical proponents is a data problem (more, or cleaner,
+              examples of that kind), not only a model one.
+
+            `docs/benchmarks.md` (section *Robustness, relevance and concepts*) compares these attacks and LRP with
+            Captum on the same weights.
+            """
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
 NOTEBOOKS: dict[str, Callable[[], list[Cell]]] = {
     "01_getting_started.ipynb": getting_started,
     "02_mislabeled_detection.ipynb": mislabeled_detection,
@@ -1796,6 +2063,7 @@ NOTEBOOKS: dict[str, Callable[[], list[Cell]]] = {
     "05_tabular_data.ipynb": tabular_data,
     "06_group_influence.ipynb": group_influence,
     "07_language_model_influence.ipynb": language_model_influence,
+    "08_robustness.ipynb": robustness,
 }
 
 
