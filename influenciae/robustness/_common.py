@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from influenciae._backend import is_keras3_object, is_legacy_keras_object, keras, tf
+from influenciae._backend import is_keras3_object, is_legacy_keras_object, keras, keras_module_of, tf
 from influenciae.data import Batch, check_dataset, unpack_batch
 
 LossFunction = Callable[[Any, Any], tf.Tensor]  # (targets [B, ...], outputs [B, C]) -> [B] or a scalar
@@ -84,7 +84,7 @@ def model_front(model: Any, loss_function: Any | None = None) -> ModelFront:
     cross-entropy inferred from the last layer's activation (linear → from logits, softmax/sigmoid → from
     probabilities; sparse labels ``[B]`` or one-hot ``[B, C]``; one output column → binary). ``None`` otherwise.
     """
-    from influenciae.model import InfluenceModel, _rebuild_loss
+    from influenciae.model import InfluenceModel, _legacy_loss_class, _rebuild_loss
 
     if isinstance(model, InfluenceModel):
         if loss_function is None:
@@ -101,14 +101,16 @@ def model_front(model: Any, loss_function: Any | None = None) -> ModelFront:
     if isinstance(loss_function, (dict, list, tuple)):
         raise ValueError("Models with several losses are not supported: pass one loss_function(y_true, y_pred).")
     if isinstance(loss_function, str):
-        module = tf.keras if is_legacy_keras_object(model) else keras
-        loss_function = module.losses.get(loss_function)
-    if isinstance(loss_function, keras.losses.Loss):
+        loss_function = keras_module_of(model).losses.get(loss_function)
+    legacy_loss = _legacy_loss_class()
+    if isinstance(loss_function, keras.losses.Loss) or (
+        legacy_loss is not None and isinstance(loss_function, legacy_loss)
+    ):
         dtype = _weights_dtype(model)
         changes: dict[str, Any] = {}
-        if loss_function.reduction not in (None, "none"):
-            changes["reduction"] = "none"
-        if dtype is not None and loss_function.dtype != dtype:
+        if getattr(loss_function, "reduction", None) not in (None, "none"):
+            changes["reduction"] = "none"  # one loss per example (the comparator's worst case needs them)
+        if isinstance(loss_function, keras.losses.Loss) and dtype is not None and loss_function.dtype != dtype:
             changes["dtype"] = dtype  # Keras 3 losses cast to float32 by default: keep float64 models in float64
         if changes:
             loss_function = _rebuild_loss(loss_function, **changes)
