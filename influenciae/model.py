@@ -11,6 +11,8 @@ gradients are gradients of ``w_i ℓ(z_i; θ)`` alone; the regularizer enters th
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = ["InfluenceModel"]
 LossFunction = Callable[[Any, Any], Any]
 
 _DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample gradients
+_MAX_EXACT_LENGTHS = 6  # distinct padded lengths traced exactly per axis before falling back to powers of two
 
 
 class InfluenceModel:
@@ -103,16 +106,32 @@ class InfluenceModel:
         self.gradient_dtype = _resolve_gradient_dtype(gradient_dtype, self.dtype)
         self._checked_signatures: set[str] = set()
         self._shared_functions: dict[Any, Callable[..., Any]] = {}
+        # Functions without a vectorized map may relax their shapes (fewer traces, nothing to break).
         self._loss_fn = tf.function(self._per_example_loss, reduce_retracing=True)
-        self._jacobian_fn = tf.function(self._jacobian, reduce_retracing=True)
         self._gradient_fn = tf.function(self._gradient_sum, reduce_retracing=True)
-        self._hvp_fn = tf.function(self._hvp_sum, reduce_retracing=True)
-        self._perturbation_fn = tf.function(self._perturbation, reduce_retracing=True)
-        self._regularization_hvp_fn = tf.function(self._regularization_hvp, reduce_retracing=True)
         self._regularization_gradient_fn = tf.function(self._regularization_gradient, reduce_retracing=True)
         self._outputs_fn = tf.function(self._outputs, reduce_retracing=True)
-        self._output_jvp_fn = tf.function(self._output_jvp, reduce_retracing=True)
-        self._output_vjp_fn = tf.function(self._output_vjp, reduce_retracing=True)
+        # Vectorized functions (tf.vectorized_map / pfor jacobians) are traced on fully static shapes only: pfor on
+        # unknown dimensions (a relaxed batch axis) has aborted the interpreter on attention models (docs/
+        # transformers.md). Their callers pad every block to a length from _static_length and slice the results.
+        # Each has a looped twin (tf.map_fn / while-loop jacobians), used when pfor cannot convert an op.
+        self._graphs: dict[str, Callable[..., Any]] = {
+            "jacobian": self._jacobian,
+            "hvp": self._hvp_sum,
+            "perturbation": self._perturbation,
+            "regularization_hvp": self._regularization_hvp,
+            "output_jvp": self._output_jvp,
+            "output_vjp": self._output_vjp,
+        }
+        self._vectorized = {
+            name: (
+                tf.function(functools.partial(graph, vectorize=True)),
+                tf.function(functools.partial(graph, vectorize=False)),
+            )
+            for name, graph in self._graphs.items()
+        }
+        self._static_lengths: dict[str, list[int]] = {}
+        self._looped: set[str] = set()
 
     # ------------------------------------------------------------------ flat parameter vectors
 
@@ -171,16 +190,19 @@ class InfluenceModel:
         """
         inputs, targets, weights = self._prepare(batch)
         if tf.inside_function():
-            return tf.cast(self._jacobian(inputs, targets, weights), self.dtype)
+            return tf.cast(self._in_graph("jacobian", inputs, targets, weights), self.dtype)
         size = int(tf.shape(weights)[0])
-        if size <= self.chunk_size:
-            return tf.cast(self._jacobian_fn(inputs, targets, weights), self.dtype)
+        if size == 0:
+            return tf.zeros([0, self.nb_params], self.dtype)
         chunks = []
         for start in range(0, size, self.chunk_size):
             part = _slice((inputs, targets, weights), start, start + self.chunk_size)
-            chunks.append(self._jacobian_fn(*part))
+            count = min(self.chunk_size, size - start)
+            length = self._static_length("examples", count, self.chunk_size)
+            padded = (*_pad_examples(part[:2], length), _pad_zeros(part[2], length))
+            chunks.append(self._call_vectorized("jacobian", *padded)[:count])
         # chunks stay in gradient_dtype until here: the accumulation dtype is the model's
-        return tf.cast(tf.concat(chunks, axis=0), self.dtype)
+        return tf.cast(chunks[0] if len(chunks) == 1 else tf.concat(chunks, axis=0), self.dtype)
 
     def batch_gradient(self, batch: Any) -> tf.Tensor:
         """Gradient of the batch's mean loss ``(1/B) Σ_i ∇_θ w_i ℓ(z_i; θ)`` (no regularization term).
@@ -210,7 +232,12 @@ class InfluenceModel:
         """
         inputs, targets, weights = self._prepare(batch)
         vectors = self._check_vectors(vectors)
-        return self._map_vector_chunks(lambda block: self._hvp_fn(inputs, targets, weights, block), vectors)
+        if tf.inside_function():
+            return self._in_graph("hvp", inputs, targets, weights, vectors)
+        inputs, targets, weights = self._pad_batch(inputs, targets, weights)
+        return self._map_vector_chunks(
+            lambda block: self._call_vectorized("hvp", inputs, targets, weights, block), vectors
+        )
 
     def batch_perturbation(self, batch: Any, vectors: tf.Tensor) -> tf.Tensor:
         """Input gradients of the projections ``v · ∇_θ (w_i ℓ(z_i))`` for each vector ``v`` and example ``i``.
@@ -231,7 +258,13 @@ class InfluenceModel:
                 "Perturbation influence differentiates with respect to the inputs, so it needs one floating-point "
                 "input tensor (not integer tokens or several inputs)."
             )
-        return self._perturbation_fn(inputs, targets, weights, vectors)
+        if tf.inside_function():
+            return self._in_graph("perturbation", inputs, targets, weights, vectors)
+        size = int(tf.shape(weights)[0])
+        inputs, targets, weights = self._pad_batch(inputs, targets, weights)
+        return self._map_vector_chunks(
+            lambda block: self._call_vectorized("perturbation", inputs, targets, weights, block)[:, :size], vectors
+        )
 
     def regularization_loss(self) -> tf.Tensor:
         """The regularization term Ω(θ): the sum of the model's weight regularization losses (0 if none)."""
@@ -246,7 +279,9 @@ class InfluenceModel:
         vectors = self._check_vectors(vectors)
         if not self._has_regularization():
             return tf.zeros_like(vectors)
-        return self._map_vector_chunks(self._regularization_hvp_fn, vectors)
+        if tf.inside_function():
+            return self._in_graph("regularization_hvp", vectors)
+        return self._map_vector_chunks(lambda block: self._call_vectorized("regularization_hvp", block), vectors)
 
     # ------------------------------------------------------------------ outputs (Gauss-Newton and Fisher curvatures)
 
@@ -316,11 +351,15 @@ class InfluenceModel:
         Returns:
             Tensor ``[n, batch, *output_shape]`` in the model's dtype.
         """
-        inputs, _, _ = self._prepare(batch)
+        inputs, _, weights = self._prepare(batch)
         vectors = self._check_vectors(vectors)
         if tf.inside_function():
-            return self._output_jvp(inputs, vectors)
-        return self._map_vector_chunks(lambda block: self._output_jvp_fn(inputs, block), vectors)
+            return self._in_graph("output_jvp", inputs, vectors)
+        size = int(tf.shape(weights)[0])
+        inputs = _pad_examples(inputs, self._static_length("examples", size, max(size, self.chunk_size)))
+        return self._map_vector_chunks(
+            lambda block: self._call_vectorized("output_jvp", inputs, block)[:, :size], vectors
+        )
 
     def batch_output_vjp(self, batch: Any, cotangents: tf.Tensor) -> tf.Tensor:
         """Pull output-space vectors back to the parameters, summed over the batch: ``Σ_i J_iᵀ u_i``.
@@ -340,29 +379,43 @@ class InfluenceModel:
             raise ValueError(f"cotangents must have shape [n, batch, *output_shape], got {cotangents.shape}.")
         cotangents = tf.cast(cotangents, self.dtype)
         if tf.inside_function():
-            return self._output_vjp(inputs, cotangents)
-        return self._map_vector_chunks(lambda block: self._output_vjp_fn(inputs, block), cotangents)
+            return self._in_graph("output_vjp", inputs, cotangents)
+        size = int(tf.shape(tf.nest.flatten(inputs)[0])[0])
+        length = self._static_length("examples", size, max(size, self.chunk_size))
+        inputs = _pad_examples(inputs, length)
+        # zero cotangents for the padded examples: they add nothing to the sum
+        cotangents = tf.transpose(
+            _pad_zeros(tf.transpose(cotangents, _swap_first(cotangents)), length), _swap_first(cotangents)
+        )
+        return self._map_vector_chunks(lambda block: self._call_vectorized("output_vjp", inputs, block), cotangents)
 
     # ------------------------------------------------------------------ graph-side implementations
 
     def _outputs(self, inputs: Any) -> tf.Tensor:
         return tf.cast(_single_output(self.model(inputs, training=False)), self.dtype)
 
-    def _output_jvp(self, inputs: Any, vectors: tf.Tensor) -> tf.Tensor:
+    def _output_jvp(self, inputs: Any, vectors: tf.Tensor, vectorize: bool = True) -> tf.Tensor:
         def one_vector(vector: tf.Tensor) -> tf.Tensor:
             with tf.autodiff.ForwardAccumulator(self._watched, self.unflatten(vector)) as accumulator:
                 outputs = _single_output(self.model(inputs, training=False))
             return tf.cast(accumulator.jvp(outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO), self.dtype)
 
-        return tf.vectorized_map(one_vector, vectors)
+        if vectorize:
+            return tf.vectorized_map(one_vector, vectors)
+        return tf.map_fn(one_vector, vectors, fn_output_signature=tf.TensorSpec(None, self.dtype))
 
-    def _output_vjp(self, inputs: Any, cotangents: tf.Tensor) -> tf.Tensor:
+    def _output_vjp(self, inputs: Any, cotangents: tf.Tensor, vectorize: bool = True) -> tf.Tensor:
         count = tf.shape(cotangents)[0]
         with tf.GradientTape() as tape:
             tape.watch(self._watched)
             outputs = tf.cast(_single_output(self.model(inputs, training=False)), self.dtype)
             projections = tf.reduce_sum(tf.reshape(cotangents, [count, -1]) * tf.reshape(outputs, [1, -1]), axis=1)
-        rows = tape.jacobian(projections, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        rows = tape.jacobian(
+            projections,
+            self._watched,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            experimental_use_pfor=vectorize,
+        )
         return tf.concat([tf.reshape(row, [count, -1]) for row in rows], axis=1)
 
     def _per_example_loss(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
@@ -375,7 +428,7 @@ class InfluenceModel:
             losses = tf.reduce_mean(losses, axis=list(range(1, rank)))
         return losses * weights
 
-    def _jacobian(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+    def _jacobian(self, inputs: Any, targets: Any, weights: tf.Tensor, vectorize: bool = True) -> tf.Tensor:
         def one_example(example: tuple[Any, Any, tf.Tensor]) -> tf.Tensor:
             single = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), example)
             with tf.GradientTape() as tape:
@@ -384,7 +437,10 @@ class InfluenceModel:
             gradients = tape.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return tf.cast(self.flatten(gradients), self.gradient_dtype)
 
-        return tf.vectorized_map(one_example, (inputs, targets, weights))
+        if vectorize:
+            return tf.vectorized_map(one_example, (inputs, targets, weights))
+        signature = tf.TensorSpec([self.nb_params], self.gradient_dtype)
+        return tf.map_fn(one_example, (inputs, targets, weights), fn_output_signature=signature)
 
     def _gradient_sum(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -393,7 +449,9 @@ class InfluenceModel:
         gradients = tape.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self.flatten(gradients)
 
-    def _forward_over_backward(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+    def _forward_over_backward(
+        self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor, vectorize: bool = True
+    ) -> tf.Tensor:
         def one_vector(vector: tf.Tensor) -> tf.Tensor:
             with tf.autodiff.ForwardAccumulator(self._watched, self.unflatten(vector)) as accumulator:
                 with tf.GradientTape() as tape:
@@ -403,9 +461,13 @@ class InfluenceModel:
             tangents = accumulator.jvp(gradients, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return self.flatten(tangents)
 
-        return tf.vectorized_map(one_vector, vectors)
+        if vectorize:
+            return tf.vectorized_map(one_vector, vectors)
+        return tf.map_fn(one_vector, vectors, fn_output_signature=tf.TensorSpec([self.nb_params], self.dtype))
 
-    def _back_over_back(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+    def _back_over_back(
+        self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor, vectorize: bool = True
+    ) -> tf.Tensor:
         with tf.GradientTape() as outer:
             outer.watch(self._watched)
             with tf.GradientTape() as inner:
@@ -413,19 +475,29 @@ class InfluenceModel:
                 value = objective()
             gradients = inner.gradient(value, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             projections = tf.linalg.matvec(vectors, self.flatten(gradients))  # [n] = V · ∇f
-        rows = outer.jacobian(projections, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        rows = outer.jacobian(
+            projections,
+            self._watched,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            experimental_use_pfor=vectorize,
+        )
         count = tf.shape(vectors)[0]
         return tf.concat([tf.reshape(row, [count, -1]) for row in rows], axis=1)
 
-    def _second_order(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
+    def _second_order(self, objective: Callable[[], tf.Tensor], vectors: tf.Tensor, vectorize: bool) -> tf.Tensor:
         if self.hvp_mode == "back_over_back":
-            return self._back_over_back(objective, vectors)
-        return self._forward_over_backward(objective, vectors)
+            return self._back_over_back(objective, vectors, vectorize)
+        return self._forward_over_backward(objective, vectors, vectorize)
 
-    def _hvp_sum(self, inputs: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
-        return self._second_order(lambda: tf.reduce_sum(self._per_example_loss(inputs, targets, weights)), vectors)
+    def _hvp_sum(
+        self, inputs: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor, vectorize: bool = True
+    ) -> tf.Tensor:
+        objective = lambda: tf.reduce_sum(self._per_example_loss(inputs, targets, weights))  # noqa: E731
+        return self._second_order(objective, vectors, vectorize)
 
-    def _perturbation(self, inputs: tf.Tensor, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+    def _perturbation(
+        self, inputs: tf.Tensor, targets: Any, weights: tf.Tensor, vectors: tf.Tensor, vectorize: bool = True
+    ) -> tf.Tensor:
         with tf.GradientTape() as outer:
             outer.watch(inputs)
             with tf.GradientTape() as inner:
@@ -434,7 +506,9 @@ class InfluenceModel:
             gradients = inner.gradient(loss, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             projections = tf.linalg.matvec(vectors, self.flatten(gradients))  # [m]
         # example i's inputs only reach its own loss, so the batch sum separates per example
-        return outer.jacobian(projections, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return outer.jacobian(
+            projections, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=vectorize
+        )
 
     def _regularization_loss(self) -> tf.Tensor:
         terms = [tf.cast(term, self.dtype) for term in _regularization_terms(self.model)]
@@ -447,8 +521,8 @@ class InfluenceModel:
         gradients = tape.gradient(value, self._watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self.flatten(gradients)
 
-    def _regularization_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
-        return self._second_order(self._regularization_loss, vectors)
+    def _regularization_hvp(self, vectors: tf.Tensor, vectorize: bool = True) -> tf.Tensor:
+        return self._second_order(self._regularization_loss, vectors, vectorize)
 
     def _has_regularization(self) -> bool:
         return bool(_regularization_terms(self.model))
@@ -466,12 +540,72 @@ class InfluenceModel:
             raise TypeError(f"vectors must be floating point, got {vectors.dtype.name}.")
         return tf.cast(vectors, self.dtype)
 
+    # ------------------------------------------------------------------ static shapes for vectorized functions
+
     def _map_vector_chunks(self, function: Callable[[tf.Tensor], tf.Tensor], vectors: tf.Tensor) -> tf.Tensor:
-        count = vectors.shape[0]
-        if tf.inside_function() or count is None or count <= self.hvp_chunk_size:
+        """Apply ``function`` to blocks of at most ``hvp_chunk_size`` rows, each zero-padded to a static length."""
+        count = int(vectors.shape[0])
+        if count == 0:
             return function(vectors)
-        parts = [function(vectors[s : s + self.hvp_chunk_size]) for s in range(0, count, self.hvp_chunk_size)]
-        return tf.concat(parts, axis=0)
+        parts = []
+        for start in range(0, count, self.hvp_chunk_size):
+            block = vectors[start : start + self.hvp_chunk_size]
+            rows = int(block.shape[0])
+            parts.append(function(_pad_zeros(block, self._static_length("vectors", rows, self.hvp_chunk_size)))[:rows])
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    def _static_length(self, axis: str, size: int, cap: int) -> int:
+        """The static length a block of ``size`` rows is padded to (``size <= length <= cap``).
+
+        A length already traced is reused when it wastes at most half of the block (a partial last batch pads to
+        the full batch); otherwise the block is traced at its own size, and past ``_MAX_EXACT_LENGTHS`` distinct
+        lengths at the next power of two, so the number of traces stays bounded whatever the batch sizes.
+        """
+        if size <= 0:
+            return size
+        lengths = self._static_lengths.setdefault(axis, [])
+        fitting = [length for length in lengths if size <= length <= min(cap, 2 * size)]
+        if fitting:
+            return min(fitting)
+        length = size if len(lengths) < _MAX_EXACT_LENGTHS else min(cap, 1 << (size - 1).bit_length())
+        lengths.append(length)
+        return length
+
+    def _pad_batch(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tuple[Any, Any, tf.Tensor]:
+        """Pad a batch to a static length with copies of its last example carrying sample weight 0."""
+        size = int(tf.shape(weights)[0])
+        length = self._static_length("examples", size, max(size, self.chunk_size))
+        inputs, targets = _pad_examples((inputs, targets), length)
+        return inputs, targets, _pad_zeros(weights, length)
+
+    def _call_vectorized(self, name: str, *args: Any) -> Any:
+        """Run a vectorized function on static shapes, or its looped twin once pfor has failed on this model."""
+        vectorized, looped = self._vectorized[name]
+        if name not in self._looped:
+            try:
+                return vectorized(*args)
+            except (ValueError, NotImplementedError, LookupError) as error:
+                self._warn_looped(name, f"an op could not be vectorized ({_first_line(error)})")
+        return looped(*args)
+
+    def _in_graph(self, name: str, *args: Any) -> Any:
+        """The vectorized function inlined in a caller's graph, looped instead when a shape there is not static."""
+        graph = self._graphs[name]
+        static = all(t.shape.is_fully_defined() for t in tf.nest.flatten(args))
+        if not static and name not in self._looped:
+            self._warn_looped(name, "it was called inside a tf.function whose shapes are not all static")
+        return graph(*args, vectorize=static and name not in self._looped)
+
+    def _warn_looped(self, name: str, reason: str) -> None:
+        self._looped.add(name)
+        warnings.warn(
+            f"InfluenceModel: {name} runs as a loop (tf.map_fn / while-loop jacobian), which is slower than the "
+            f"vectorized map, because {reason}. Vectorizing on unknown shapes can abort the interpreter on "
+            "attention models; call the InfluenceModel method eagerly (it pads every block to a static shape) "
+            "or trace the caller with a fully static input_signature.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _prepare(self, batch: Any) -> tuple[Any, Any, tf.Tensor]:
         structure = unpack_batch(batch)
@@ -557,6 +691,36 @@ class InfluenceModel:
 
 def _slice(structure: Any, start: int, stop: int) -> Any:
     return tf.nest.map_structure(lambda t: t[start:stop], structure)
+
+
+def _pad_examples(structure: Any, length: int) -> Any:
+    """Pad every tensor of a batch structure to ``length`` rows by repeating its last row (a valid example)."""
+
+    def pad(tensor: tf.Tensor) -> tf.Tensor:
+        missing = length - int(tf.shape(tensor)[0])
+        if missing <= 0 or int(tf.shape(tensor)[0]) == 0:
+            return tensor
+        return tf.concat([tensor, tf.repeat(tensor[-1:], missing, axis=0)], axis=0)
+
+    return tf.nest.map_structure(pad, structure)
+
+
+def _pad_zeros(tensor: tf.Tensor, length: int) -> tf.Tensor:
+    """Pad ``tensor`` to ``length`` rows with zeros."""
+    missing = length - int(tf.shape(tensor)[0])
+    if missing <= 0:
+        return tensor
+    return tf.concat([tensor, tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], 0), tensor.dtype)], axis=0)
+
+
+def _swap_first(tensor: tf.Tensor) -> list[int]:
+    """The permutation exchanging the first two axes of ``tensor``."""
+    return [1, 0, *range(2, int(tensor.shape.rank))]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _single_output(outputs: Any) -> tf.Tensor:
