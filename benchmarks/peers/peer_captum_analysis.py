@@ -164,8 +164,7 @@ def concepts(model: Any, data: dict[str, np.ndarray], config: dict[str, Any]) ->
     from torch.utils.data import DataLoader
 
     layer = config["tcav"]["layer"]
-    target = int(config["tcav"]["target"])
-    inputs = torch.from_numpy(data["tcav_x"])
+    targets = [int(target) for target in config["tcav"]["targets"]]
     concept = Concept(0, "concept", DataLoader(torch.from_numpy(data["concept_x"]), batch_size=64))
     randoms = [
         Concept(1 + index, f"random_{index}", DataLoader(torch.from_numpy(data[f"random_x{index}"]), batch_size=64))
@@ -175,10 +174,11 @@ def concepts(model: Any, data: dict[str, np.ndarray], config: dict[str, Any]) ->
     out: dict[str, np.ndarray] = {}
 
     # Directional derivatives: the layer gradients TCAV uses (LayerGradientXActivation without the activation).
-    gradients = LayerGradientXActivation(model, getattr(model, layer), multiply_by_inputs=False).attribute(
-        inputs, target=target
-    )
-    out["tcav_layer_gradients"] = gradients.reshape(len(inputs), -1).detach().numpy()
+    layer_gradients = LayerGradientXActivation(model, getattr(model, layer), multiply_by_inputs=False)
+    for target in targets:
+        inputs = torch.from_numpy(data[f"tcav_x{target}"])
+        gradients = layer_gradients.attribute(inputs, target=target)
+        out[f"tcav_layer_gradients{target}"] = gradients.reshape(len(inputs), -1).detach().numpy()
 
     class FixedClassifier(Classifier):
         """Returns the CAV of our side for each experimental set (``[v, -v]`` for classes ``[concept, random]``)."""
@@ -208,16 +208,20 @@ def concepts(model: Any, data: dict[str, np.ndarray], config: dict[str, Any]) ->
     for kind, classifier in classifiers:
         with tempfile.TemporaryDirectory(prefix=f"captum_tcav_{kind}_") as directory:
             tcav = TCAV(model, [layer], model_id=f"digits_{kind}", classifier=classifier, save_path=directory)
-            scores = tcav.interpret(inputs, experimental_sets, target=target)
-            for index, experimental_set in enumerate(experimental_sets):
-                key = "-".join(str(member.id) for member in experimental_set)
-                result = scores[key][layer]
-                out[f"tcav_{kind}_sign_count{index}"] = result["sign_count"].numpy()
-                out[f"tcav_{kind}_magnitude{index}"] = result["magnitude"].numpy()
-                if kind == "own":
-                    cav = tcav.cavs[key][layer].stats["weights"]
-                    out[f"tcav_own_cav{index}"] = cav[0].detach().numpy()  # the row of the concept (class 0)
-                    out[f"tcav_own_accuracy{index}"] = np.asarray(float(tcav.cavs[key][layer].stats["accs"]))
+            for target in targets:  # the CAVs are trained once, at the first target
+                inputs = torch.from_numpy(data[f"tcav_x{target}"])
+                scores = tcav.interpret(inputs, experimental_sets, target=target)
+                for index, experimental_set in enumerate(experimental_sets):
+                    key = "-".join(str(member.id) for member in experimental_set)
+                    result = scores[key][layer]
+                    out[f"tcav_{kind}_sign_count{index}_{target}"] = result["sign_count"].numpy()
+                    out[f"tcav_{kind}_magnitude{index}_{target}"] = result["magnitude"].numpy()
+            if kind == "own":
+                for index, experimental_set in enumerate(experimental_sets):
+                    key = "-".join(str(member.id) for member in experimental_set)
+                    stats = tcav.cavs[key][layer].stats
+                    out[f"tcav_own_cav{index}"] = stats["weights"][0].detach().numpy()  # the concept's row (class 0)
+                    out[f"tcav_own_accuracy{index}"] = np.asarray(float(stats["accs"]))
     return out
 
 
