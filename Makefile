@@ -17,7 +17,8 @@ $(BIN)/python:
 # environment on tensorflow-cpu alone.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[cpu,ann,plots,dev,docs]'
-	$(BIN)/pip install --quiet --no-deps 'tf_keras>=2.16'
+	$(BIN)/pip install --quiet regex rich 'kagglehub!=1.0.1' sentencepiece tokenizers
+	$(BIN)/pip install --quiet --no-deps 'tf_keras>=2.16' 'keras-hub>=0.21'
 	touch $(STAMP)
 
 install: $(STAMP)
