@@ -354,6 +354,12 @@ def test_keras_hub_bert_backbone_ekfac():
     result = _run(KERAS_HUB_CODE)
     assert result["finite"]
     assert all(value > 0 for value in result["self_influence"])
-    kinds = {kind for _, kind in result["kronecker"]}
-    assert {"embedding", "einsum_dense", "dense"} <= kinds
+    kinds = [kind for _, kind in result["kronecker"]]
+    # per transformer layer: query, key, value, attention_output (EinsumDense) and the two feed-forward Dense layers;
+    # then the pooler, the head and the segment Embedding. KerasHub's ReversibleEmbedding (token ids, overrides
+    # call) and PositionEmbedding (a custom layer) and every LayerNormalization get diagonal blocks.
+    assert kinds.count("einsum_dense") == 8 and kinds.count("dense") == 6 and kinds.count("embedding") == 1
+    diagonal = {name.split("/")[-2] for name in result["diagonal"]}
+    assert {"token_embedding", "position_embedding", "embeddings_layer_norm"} <= diagonal
+    assert all(name.split("/")[-1] in ("embeddings", "gamma", "beta") for name in result["diagonal"])
     print(json.dumps(result, indent=1))
