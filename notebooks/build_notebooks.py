@@ -2029,9 +2029,9 @@ def robustness() -> list[Cell]:
                             suptitle="Fragile test images (left) and their strongest proponents")
 
             same_label = np.mean(y_train[indices] == y_test[fragile][:, None])
-            print(f"{same_label:.0%} of the proponents share the test image's label")
+            print(f"{same_label:.0%} of the proponents share the test image's label (10 % for random training images)")
             assert np.all(values[:, 0] > 0) and np.all(np.diff(values, axis=1) <= 1e-6)  # proponents, most positive first
-            assert same_label > 0.5
+            assert same_label > 0.3  # far above chance, yet fragile predictions also lean on other classes
             """
         ),
         md(
