@@ -247,6 +247,7 @@ def test_opening_never_deletes_a_users_file(built: Path) -> None:
 # ---------------------------------------------------------------------- iterative solvers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["cg", "lissa"])
 def test_cache_written_after_an_iterative_solve_is_reused(tmp_path: Path, solver: str) -> None:
     options = {"damping": 1.0}
@@ -284,6 +285,7 @@ def test_solver_state_records_and_checks_its_request(tmp_path: Path) -> None:
         SolverState.load(path, solver=ExactIHVP(im, train, damping=2.0))
 
 
+@pytest.mark.slow
 def test_ekfac_factors_fitted_with_another_loss_are_refused(tmp_path: Path) -> None:
     from influenciae.hessian.kfac import EKFACIHVP
 
