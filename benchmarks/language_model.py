@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from typing import Any
 
@@ -81,28 +82,32 @@ def run(
     query_targets[:, -1] = query_tokens[:, -1]  # the measured completion: the last token
     rows: list[tuple[str, float, float]] = []
 
+    def done(phase: str, start: float) -> None:
+        rows.append((phase, time.perf_counter() - start, _peak_rss_mib()))
+        print(f"{phase}: {rows[-1][1]:.1f} s, peak RSS {rows[-1][2]:.0f} MiB", file=sys.stderr, flush=True)
+
     start = time.perf_counter()
     model = build_model(vocabulary, width, blocks, heads, length)
     im = InfluenceModel(model, loss_function=token_cross_entropy(pad_id=0))
-    rows.append((f"build ({im.nb_params / 1e6:.2f}M parameters)", time.perf_counter() - start, _peak_rss_mib()))
+    done(f"build ({im.nb_params / 1e6:.2f}M parameters)", start)
     train_set = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(batch_size)
     query_set = tf.data.Dataset.from_tensor_slices((query_tokens[:, :-1], query_targets)).batch(queries)
 
     start = time.perf_counter()
     ekfac = EKFACIHVP(im, train_set, relative_damping=0.1, fisher="empirical")
     _ = ekfac.blocks  # fits on first access
-    rows.append(("EK-FAC fit", time.perf_counter() - start, _peak_rss_mib()))
+    done("EK-FAC fit", start)
     calculator = FirstOrderInfluenceCalculator(
         im, train_set, ihvp_calculator=ekfac, measurement=completion_log_probability(pad_id=0)
     )
 
     start = time.perf_counter()
     factors = calculator.compute_influence_factors(query_set)
-    rows.append((f"query factors ({queries} queries)", time.perf_counter() - start, _peak_rss_mib()))
+    done(f"query factors ({queries} queries)", start)
 
     start = time.perf_counter()
     scores = calculator.influence_from_factors(factors, train_set)
-    rows.append((f"scoring ({sequences} sequences)", time.perf_counter() - start, _peak_rss_mib()))
+    done(f"scoring ({sequences} sequences)", start)
     if scores.shape != (queries, sequences) or not np.all(np.isfinite(scores)):
         raise RuntimeError(f"unexpected scores: shape {scores.shape}")
     return rows
