@@ -7,7 +7,7 @@ BEAM_VENV := .venv-beam
 BEAM_STAMP := $(BEAM_VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: install venv-beam test test-beam lint bench bench-peers evaluate demo docs clean
+.PHONY: install venv-beam test test-beam lint bench bench-peers bench-analysis evaluate demo docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench: $(STAMP)
 # The peers (original Influenciae 0.3.0, Captum, pyDVL) each get their own virtual environment under .venv-peers/.
 bench-peers: $(STAMP)
 	$(BIN)/python benchmarks/peers/run_peers.py --output docs/benchmarks.md
+
+# Attacks, LRP and TCAV against Captum 0.9 on identical weights (reuses .venv-peers/captum).
+bench-analysis: $(STAMP)
+	$(BIN)/python benchmarks/peers/analysis.py --output docs/benchmarks.md
 
 evaluate: $(STAMP)
 	$(BIN)/python -m influenciae.evaluation.report --output docs/evaluation.md

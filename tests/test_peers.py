@@ -79,6 +79,16 @@ def test_preserve_block_carries_the_peers_block_over_a_rewrite():
     assert blocks.extract_block(f"{blocks.BEGIN} unterminated") is None
 
 
+def test_preserve_block_carries_the_analysis_block_too():
+    analysis = f"{blocks.ANALYSIS_BEGIN}\nCaptum agreement\n{blocks.ANALYSIS_END}"
+    old = blocks.replace_block("# Benchmarks\n\nold body\n", BLOCK) + "\n" + analysis + "\n"
+    new = blocks.preserve_block("# Benchmarks\n\nnew body\n", old)
+    assert "old body" not in new
+    assert blocks.extract_block(new) == BLOCK
+    assert blocks.extract_block(new, blocks.ANALYSIS_BEGIN, blocks.ANALYSIS_END) == analysis
+    assert new.count(blocks.ANALYSIS_BEGIN) == 1
+
+
 def test_run_benchmarks_keeps_the_block(tmp_path, monkeypatch):
     from benchmarks import run_benchmarks
 
