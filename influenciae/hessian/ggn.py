@@ -116,9 +116,10 @@ class _OutputSpaceOperator(CurvatureOperator):
     def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
         inputs, targets, weights = _batch_parts(self.model, batch)
         indices = tf.range(first_index, first_index + tf.shape(weights)[0], dtype=tf.int64)
-        # one traced function per model and settings, shared by every operator alike (tracing is the slow part)
+        # one traced function per model and settings, shared by every operator alike (tracing is the slow part);
+        # traced on static shapes so that the vectorized JVP/VJP inside never see an unknown dimension
         product = self.model.shared_function(
-            (type(self).__name__, *self._trace_key()), lambda: tf.function(self._batch_product, reduce_retracing=True)
+            (type(self).__name__, *self._trace_key()), lambda: tf.function(self._batch_product)
         )
         chunk = self.model.hvp_chunk_size
         parts = [
