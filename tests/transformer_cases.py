@@ -137,7 +137,7 @@ def build_case(name: str) -> dict[str, Any]:
         backbone = keras_hub.models.ResNetBackbone(
             input_conv_filters=[8],
             input_conv_kernel_sizes=[3],
-            stackwise_num_filters=[8, 8],
+            stackwise_num_filters=[64, 8],  # KerasHub requires 64 first
             stackwise_num_blocks=[1, 1],
             stackwise_num_strides=[1, 2],
             block_type="basic_block",
@@ -283,7 +283,9 @@ def run_case(name: str) -> dict[str, Any]:
     if case["float_inputs"]:
 
         def perturbation() -> dict[str, Any]:
-            calculator = inf.FirstOrderInfluenceCalculator(im, train, "cg", damping=1e-2, ihvp_options=cg)
+            calculator = inf.FirstOrderInfluenceCalculator(
+                im, train, "cg", damping=1e-2, curvature="ggn", ihvp_options=cg
+            )
             values = calculator.perturbation_influence(test, train)
             return {"finite": _finite(values), "shape": list(np.shape(values))}
 
