@@ -135,9 +135,9 @@ def build_case(name: str) -> dict[str, Any]:
         import keras_hub
 
         backbone = keras_hub.models.ResNetBackbone(
-            input_conv_filters=[8],
+            input_conv_filters=[64],
             input_conv_kernel_sizes=[3],
-            stackwise_num_filters=[64, 8],  # KerasHub requires 64 first
+            stackwise_num_filters=[64, 64],  # KerasHub requires 64 first
             stackwise_num_blocks=[1, 1],
             stackwise_num_strides=[1, 2],
             block_type="basic_block",
