@@ -314,7 +314,12 @@ def _describe(value: Any, depth: int = 0) -> Any:
         return {str(key): _describe(value[key], depth + 1) for key in sorted(value, key=str)}
     if isinstance(value, list | tuple):
         return [_describe(item, depth + 1) for item in value]
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if kind.startswith("tensorflow.python.data."):  # a dataset captured by a closure: its elements are not settings
+        return f"<{kind}>"
     if hasattr(value, "dtype") and hasattr(value, "shape") and hasattr(value, "numpy"):  # tensors, variables
+        if getattr(value.dtype, "name", str(value.dtype)) in ("variant", "resource"):  # handles have no values
+            return f"<{kind}>"
         return {"array": fingerprint_arrays([value])}
     if isinstance(value, functools.partial):
         return {
@@ -335,7 +340,6 @@ def _describe(value: Any, depth: int = 0) -> Any:
         }
     if isinstance(value, types.BuiltinFunctionType | types.ModuleType | type):
         return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', getattr(value, '__name__', ''))}"
-    kind = f"{type(value).__module__}.{type(value).__qualname__}"
     get_config = getattr(value, "get_config", None)
     if callable(get_config):
         with contextlib.suppress(Exception):
