@@ -115,17 +115,25 @@ class _OutputSpaceOperator(CurvatureOperator):
 
     def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
         inputs, targets, weights = _batch_parts(self.model, batch)
-        indices = tf.range(first_index, first_index + tf.shape(weights)[0], dtype=tf.int64)
-        # one traced function per model and settings, shared by every operator alike (tracing is the slow part);
-        # traced on static shapes so that the vectorized JVP/VJP inside never see an unknown dimension
+        size = int(tf.shape(weights)[0])
+        indices = tf.range(first_index, first_index + size, dtype=tf.int64)
+        # one traced function per model and settings, shared by every operator alike (tracing is the slow part, a
+        # minute on a small transformer): traced on static shapes so that the vectorized JVP/VJP inside never see an
+        # unknown dimension, and on few of them: a partial batch is padded with zero-weight copies of its last
+        # example and a partial block of vectors with zeros (the model's own rule for static lengths)
         product = self.model.shared_function(
             (type(self).__name__, *self._trace_key()), lambda: tf.function(self._batch_product)
         )
+        inputs, targets, weights = self.model._pad_batch(inputs, targets, weights)
+        indices = _pad_indices(indices, int(tf.shape(weights)[0]))
         chunk = self.model.hvp_chunk_size
-        parts = [
-            product(inputs, targets, weights, indices, self._seed_tensor(), vectors[start : start + chunk])
-            for start in range(0, int(vectors.shape[0]), chunk)
-        ]
+        parts = []
+        for start in range(0, int(vectors.shape[0]), chunk):
+            block = vectors[start : start + chunk]
+            rows = int(block.shape[0])
+            length = self.model._static_length("vectors", rows, chunk)
+            padded = tf.concat([block, tf.zeros([length - rows, block.shape[1]], block.dtype)], 0)
+            parts.append(product(inputs, targets, weights, indices, self._seed_tensor(), padded)[:rows])
         return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def _trace_key(self) -> tuple[Any, ...]:
@@ -541,6 +549,12 @@ def _per_example_normal(indices: tf.Tensor, shape: tf.Tensor, seed: Any, dtype: 
         indices,
         fn_output_signature=tf.TensorSpec([None, None], dtype),
     )
+
+
+def _pad_indices(indices: tf.Tensor, length: int) -> tf.Tensor:
+    """Pad example positions ``[B]`` to ``length`` by repeating the last one (padded rows carry weight 0)."""
+    missing = length - int(indices.shape[0])
+    return indices if missing <= 0 else tf.concat([indices, tf.repeat(indices[-1:], missing)], 0)
 
 
 def _example_seed(seed: Any, index: tf.Tensor) -> tf.Tensor:
