@@ -198,6 +198,13 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         self.query_model = query_model(model, self.measurement)
         self.train_dataset = check_dataset(dataset, name="dataset")
         self.n_samples_for_hessian = n_samples_for_hessian
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(
+                f"normalize (RelatIF) must be True or False, got {normalize!r}. The original Influenciae took "
+                "(model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, normalize): "
+                "shuffle_buffer_size is gone here and the fifth positional argument is normalize. Pass "
+                "n_samples_for_hessian= and normalize= by keyword, and shuffle the dataset yourself to sample it."
+            )
         self.normalize = bool(normalize)
         if query_rank is not None:
             if not isinstance(query_rank, int) or isinstance(query_rank, bool) or query_rank <= 0:
