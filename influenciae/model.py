@@ -29,12 +29,25 @@ from influenciae._backend import (
 )
 from influenciae.data import Batch, unpack_batch
 
-__all__ = ["InfluenceModel"]
+__all__ = ["InfluenceModel", "MigrationWarning"]
 
 LossFunction = Callable[[Any, Any], Any]
 
 _DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample gradients
 _MAX_EXACT_LENGTHS = 6  # distinct padded lengths traced exactly per axis before falling back to powers of two
+
+
+class _Removed:
+    """A class attribute the original Influenciae had: reading it raises ``AttributeError`` naming its replacement."""
+
+    def __init__(self, replacement: str) -> None:
+        self.replacement = replacement
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = f"{owner.__name__}.{name}"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        raise AttributeError(f"{self.name} (original Influenciae) is gone: {self.replacement}")
 
 
 class InfluenceModel:
@@ -87,12 +100,15 @@ class InfluenceModel:
         _check_model(model)
         self.model = model
         self.weights = _resolve_weights(model, start_layer, last_layer, weights_to_watch)
+        if start_layer is not None and last_layer is None and weights_to_watch is None:
+            _warn_start_layer_only(model, start_layer, self.weights)
         self._watched = [variable_tensor(weight) for weight in self.weights]
         self.dtype = tf.as_dtype(self._watched[0].dtype)
         self.weight_shapes = [tuple(int(d) for d in weight.shape) for weight in self._watched]
         self._sizes = [int(np.prod(shape)) for shape in self.weight_shapes]
         self.nb_params = int(sum(self._sizes))
         self.loss_function = _resolve_loss(model, loss_function, self.dtype)
+        self._align_targets = _needs_target_alignment(self.loss_function)
         if max_chunk_size is not None and (not isinstance(max_chunk_size, int) or max_chunk_size <= 0):
             raise ValueError(f"max_chunk_size must be a positive integer or None, got {max_chunk_size!r}.")
         if hvp_mode not in ("back_over_back", "forward_over_backward"):
@@ -163,17 +179,53 @@ class InfluenceModel:
         """
         self._prepare(batch)
 
+    @property
+    def layers(self) -> list[Any]:
+        """The wrapped Keras model's layers (``model.layers``), as in the original Influenciae."""
+        return list(self.model.layers)
+
+    # attributes of the original Influenciae's InfluenceModel that have no counterpart: say what replaced them
+    process_batch_for_loss_fn = _Removed(
+        "dataset elements are (inputs, targets) or (inputs, targets, sample_weight); map your dataset into that "
+        "layout instead."
+    )
+    weights_processed = _Removed("weights_to_watch is always a flat list of the model's variables (see .weights).")
+    start_layer = _Removed(
+        "the watched weights are InfluenceModel.weights (their names in .weight_names), chosen at construction."
+    )
+
     def batch_loss(self, batch: Any) -> tf.Tensor:
         """Per-example losses ``w_i ℓ(z_i)`` of a batch.
 
         Args:
-            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)`` with ``batch`` examples.
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)`` with ``batch`` examples, or a
+                batched ``tf.data.Dataset`` of such elements (the original Influenciae's argument): the losses of
+                all its examples, in order.
 
         Returns:
-            Tensor ``[batch]``.
+            Tensor ``[batch]`` (``[N]`` for a dataset).
         """
+        if isinstance(batch, tf.data.Dataset):
+            return _concat_batches([self.batch_loss(element) for element in batch])
         parts = self._prepare(batch)
         return self._loss_fn(*parts)
+
+    def batch_jacobian(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """Per-sample gradients of every example of a batched dataset (the original Influenciae's method).
+
+        Args:
+            dataset: A batched ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` with ``N`` examples.
+
+        Returns:
+            Tensor ``[N, nb_params]``, rows in dataset order.
+        """
+        if not isinstance(dataset, tf.data.Dataset):
+            raise TypeError(
+                f"batch_jacobian takes a batched tf.data.Dataset, got {type(dataset).__name__}; for one batch "
+                "use batch_jacobian_tensor(batch)."
+            )
+        blocks = [self.batch_jacobian_tensor(element) for element in dataset]
+        return _concat_batches(blocks)
 
     def batch_jacobian_tensor(self, batch: Any) -> tf.Tensor:
         """Per-sample gradients ``∇_θ w_i ℓ(z_i; θ)`` of a batch, vectorized and chunked.
@@ -207,15 +259,36 @@ class InfluenceModel:
     def batch_gradient(self, batch: Any) -> tf.Tensor:
         """Gradient of the batch's mean loss ``(1/B) Σ_i ∇_θ w_i ℓ(z_i; θ)`` (no regularization term).
 
+        The original Influenciae's ``batch_gradient(dataset)`` returned the **sum** over each batch of a dataset,
+        ``[n_batches, nb_params]``; its per-batch sum is :meth:`batch_gradient_tensor` here (``B`` times this).
+
         Args:
             batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)``.
 
         Returns:
             Tensor ``[nb_params]``.
         """
+        if isinstance(batch, tf.data.Dataset):
+            raise TypeError(
+                "batch_gradient takes one batch and returns the gradient of its mean loss [nb_params]. The original "
+                "Influenciae's batch_gradient(dataset) returned per-batch sums [n_batches, nb_params]: use "
+                "tf.stack([im.batch_gradient_tensor(batch) for batch in dataset])."
+            )
         inputs, targets, weights = self._prepare(batch)
         total = self._gradient_fn(inputs, targets, weights)
         return total / tf.cast(tf.shape(weights)[0], self.dtype)
+
+    def batch_gradient_tensor(self, batch: Any) -> tf.Tensor:
+        """Gradient of the batch's summed loss ``Σ_i ∇_θ w_i ℓ(z_i; θ)``, the original Influenciae's method.
+
+        Args:
+            batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)``.
+
+        Returns:
+            Tensor ``[nb_params]``; :meth:`batch_gradient` is this divided by the batch size.
+        """
+        inputs, targets, weights = self._prepare(batch)
+        return self._gradient_fn(inputs, targets, weights)
 
     def batch_hvp_sum(self, batch: Any, vectors: tf.Tensor) -> tf.Tensor:
         """Sum over a batch of per-example Hessian-vector products ``Σ_i ∇²_θ (w_i ℓ(z_i)) v`` for each row ``v``.
@@ -418,11 +491,16 @@ class InfluenceModel:
         )
         return tf.concat([tf.reshape(row, [count, -1]) for row in rows], axis=1)
 
+    def _call_loss(self, targets: Any, outputs: Any) -> Any:
+        if self._align_targets:
+            targets, outputs = _align_legacy_targets(targets, outputs)
+        return self.loss_function(targets, outputs)
+
     def _per_example_loss(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
         return self._loss_from_outputs(self.model(inputs, training=False), targets, weights)
 
     def _loss_from_outputs(self, outputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
-        losses = tf.cast(tf.convert_to_tensor(self.loss_function(targets, outputs)), self.dtype)
+        losses = tf.cast(tf.convert_to_tensor(self._call_loss(targets, outputs)), self.dtype)
         rank = losses.shape.rank
         if rank is not None and rank > 1:  # e.g. per-pixel losses: mean over the non-batch axes, like Keras
             losses = tf.reduce_mean(losses, axis=list(range(1, rank)))
@@ -641,7 +719,7 @@ class InfluenceModel:
         size = int(tf.shape(weights)[0])
         try:
             predictions = self.model(inputs, training=False)
-            losses = tf.convert_to_tensor(self.loss_function(targets, predictions))
+            losses = tf.convert_to_tensor(self._call_loss(targets, predictions))
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             shapes = tf.nest.map_structure(lambda t: tuple(t.shape), (inputs, targets))
             raise ValueError(
@@ -937,3 +1015,61 @@ def _check_batch_dimensions(model: Any, batch: Batch) -> None:
             f"Inputs, targets and sample weights disagree on the batch size ({sorted(sizes)}). If the dataset is "
             "unbatched, call `dataset.batch(batch_size)`; otherwise check how the targets are built."
         )
+
+
+def _concat_batches(blocks: list[tf.Tensor]) -> tf.Tensor:
+    if not blocks:
+        raise ValueError("The dataset is empty: there is nothing to compute.")
+    return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
+
+
+def _needs_target_alignment(loss_function: Any) -> bool:
+    """Whether targets one rank below the outputs must get a trailing axis before the loss sees them.
+
+    ``tf_keras`` losses squeeze a ``[B, 1]`` prediction to ``[B]`` when the targets are ``[B]`` and then reduce
+    the last axis, returning one scalar for the batch (Keras 3 expands the targets instead). Sparse losses take
+    targets one rank below the outputs on purpose and are left alone.
+    """
+    legacy = _legacy_loss_class()
+    return (
+        legacy is not None
+        and isinstance(loss_function, legacy)
+        and not type(loss_function).__name__.startswith("Sparse")
+        and "sparse" not in str(getattr(loss_function, "name", "")).lower()
+    )
+
+
+def _align_legacy_targets(targets: Any, outputs: Any) -> tuple[Any, Any]:
+    if not isinstance(targets, tf.Tensor) or not isinstance(outputs, tf.Tensor):
+        return targets, outputs
+    target_rank, output_rank = targets.shape.rank, outputs.shape.rank
+    if (
+        target_rank is not None
+        and output_rank is not None
+        and target_rank == output_rank - 1
+        and outputs.shape[-1] == 1
+    ):
+        targets = tf.expand_dims(targets, -1)
+    return targets, outputs
+
+
+def _warn_start_layer_only(model: Any, start_layer: int | str, weights: list[Any]) -> None:
+    """Warn when ``start_layer`` alone watches more than the original Influenciae's "layer k only"."""
+    first = _layer_index(model, start_layer, "start_layer")
+    own = {id(variable_tensor(weight)) for weight in model.layers[first].trainable_weights}
+    if all(id(variable_tensor(weight)) in own for weight in weights):
+        return
+    layer_only = sum(int(np.prod(variable_tensor(w).shape)) for w in model.layers[first].trainable_weights)
+    watched = sum(int(np.prod(variable_tensor(w).shape)) for w in weights)
+    warnings.warn(
+        f"start_layer={start_layer!r} without last_layer watches layers {first} to the end ({watched} parameters). "
+        f"The original Influenciae watched layer {first} only ({layer_only} parameters). Pass "
+        f"last_layer={start_layer!r} for that layer only, or last_layer=-1 to keep every layer from "
+        f"{start_layer!r} to the end; either silences this warning.",
+        MigrationWarning,
+        stacklevel=3,
+    )
+
+
+class MigrationWarning(UserWarning):
+    """Code written for the original Influenciae would watch other weights or compute another quantity here."""
