@@ -262,8 +262,12 @@ def dataset_size(dataset: tf.data.Dataset) -> int:
 
 
 def dataset_to_tensor(dataset: tf.data.Dataset) -> Any:
-    """Every element of a batched dataset concatenated along the batch axis (same structure as one element)."""
-    check_dataset(dataset, name="dataset")
+    """Every element of a batched dataset concatenated along the batch axis (same structure as one element).
+
+    Elements may be any structure of tensors (inputs alone, ``(inputs, targets)``, ...), as in the original.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(f"dataset must be a batched tf.data.Dataset, got {type(dataset).__name__}.")
     batches = list(dataset)
     if not batches:
         raise ValueError("The dataset is empty.")

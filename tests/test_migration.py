@@ -356,5 +356,7 @@ def test_utils_helpers():
     inputs, targets = compat.dataset_to_tensor(dataset)
     np.testing.assert_array_equal(inputs.numpy(), x)
     np.testing.assert_array_equal(targets.numpy(), y)
+    only_inputs = compat.dataset_to_tensor(tf.data.Dataset.from_tensor_slices(x).batch(4))  # not a tuple
+    np.testing.assert_array_equal(only_inputs.numpy(), x)
     shuffled = compat.dataset_to_tensor(compat.array_to_dataset((x, y), batch_size=3, shuffle=True))[1].numpy()
     assert sorted(shuffled) == list(y)
