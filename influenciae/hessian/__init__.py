@@ -4,7 +4,7 @@ from influenciae.hessian.arnoldi import ArnoldiIHVP
 from influenciae.hessian.base import InverseHessianVectorProduct, get_ihvp, registered_solvers
 from influenciae.hessian.conjugate_gradient import ConjugateGradientDescentIHVP, ConvergenceInfo
 from influenciae.hessian.diagonal import DiagonalIHVP, IdentityIHVP
-from influenciae.hessian.exact import ExactIHVP
+from influenciae.hessian.exact import ExactIHVP, PseudoInverseIHVP
 from influenciae.hessian.ggn import (
     CURVATURES,
     CurvatureOperator,
@@ -39,6 +39,7 @@ __all__ = [
     "InverseHessianVectorProduct",
     "LissaIHVP",
     "NystromIHVP",
+    "PseudoInverseIHVP",
     "RowOperator",
     "as_row_operator",
     "curvature_operator",

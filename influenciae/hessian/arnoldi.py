@@ -25,7 +25,8 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         model: The wrapped model.
         dataset: The Hessian dataset.
         subspace_dim: Krylov subspace dimension ``m`` (default ``min(P, 200)``).
-        k_largest_eig_vals: Eigenpairs kept, ``k ≤ m`` (default ``m``).
+        k_largest_eig_vals: Eigenpairs kept, ``k ≤ m`` (default ``m // 2``: the Ritz values of the last Krylov
+            directions have not converged; ``m`` when ``m = P``, where all are exact). Asking ``k = m < P`` warns.
         force_hermitian: Symmetrize the projected matrix (the Hessian is symmetric; this removes round-off).
         damping: λ ≥ 0.
         seed: Seed of the random start vector.
@@ -66,7 +67,17 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
             curvature_options=curvature_options,
         )
         subspace_dim = min(self.nb_params, 200) if subspace_dim is None else subspace_dim
-        k_largest_eig_vals = subspace_dim if k_largest_eig_vals is None else k_largest_eig_vals
+        if k_largest_eig_vals is None:
+            # the Ritz values of the last Krylov directions have not converged: keep the better half
+            k_largest_eig_vals = subspace_dim if subspace_dim == self.nb_params else max(1, subspace_dim // 2)
+        elif k_largest_eig_vals == subspace_dim < self.nb_params:
+            warnings.warn(
+                f"ArnoldiIHVP keeps all {subspace_dim} Ritz values of a {subspace_dim}-dimensional Krylov subspace "
+                f"(P = {self.nb_params}): the smallest of them have not converged and can spoil the scores. Keep "
+                f"about half (k_largest_eig_vals={max(1, subspace_dim // 2)}, the default) or raise subspace_dim.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not isinstance(subspace_dim, int) or not 0 < subspace_dim <= self.nb_params:
             raise ValueError(
                 f"subspace_dim must be an integer in [1, nb_params={self.nb_params}], got {subspace_dim!r}."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,9 @@ from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.operator import as_row_operator
 from influenciae.model import InfluenceModel
 
-__all__ = ["ConjugateGradientDescentIHVP", "ConvergenceInfo"]
+__all__ = ["ConjugateGradientDescentIHVP", "ConvergenceInfo", "default_tolerance"]
+
+LOGGER = logging.getLogger("influenciae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,9 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         model: The wrapped model.
         dataset: The Hessian dataset.
         damping: λ ≥ 0. CG needs a positive-definite operator; damping makes a PSD Hessian so.
-        tolerance: Stop a right-hand side when ``‖v - (H+λI)x‖ ≤ tolerance · ‖v‖``.
+        tolerance: Stop a right-hand side when ``‖v - (H+λI)x‖ ≤ tolerance · ‖v‖``. None (default) scales it to
+            the dtype: ``max(1e-8, 100 · eps)``, i.e. 1e-8 in float64 and about 1.2e-5 in float32 (a float32
+            residual cannot go much below that, so a fixed 1e-8 never converges there).
         max_iterations: Most operator products per solve (default: ``min(P, 200)``).
         preconditioner: Optional ``M ≈ (H+λI)⁻¹``: a callable on rows ``[n, P] -> [n, P]``, a
             ``tf.linalg.LinearOperator`` or a dense matrix.
@@ -65,7 +70,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         dataset: tf.data.Dataset | None = None,
         *,
         damping: float = 0.0,
-        tolerance: float = 1e-8,
+        tolerance: float | None = None,
         max_iterations: int | None = None,
         preconditioner: Any | None = None,
         operator: Any | None = None,
@@ -80,6 +85,8 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             curvature=curvature,
             curvature_options=curvature_options,
         )
+        if tolerance is None:
+            tolerance = default_tolerance(self.dtype)
         if not tolerance > 0:
             raise ValueError(f"tolerance must be positive, got {tolerance!r}.")
         if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations <= 0):
@@ -120,6 +127,15 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             active[rows] = np.linalg.norm(residual[rows], axis=1) / norms[rows] > self.tolerance
         relative = np.linalg.norm(residual, axis=1) / norms
         self.info = ConvergenceInfo(iterations, relative, relative <= self.tolerance)
+        LOGGER.info(
+            "CG: damping=%.3e, tolerance=%.1e, %d iterations, max relative residual %.2e, converged %d/%d.",
+            self.damping,
+            self.tolerance,
+            iterations,
+            float(relative.max()) if relative.size else 0.0,
+            int(self.info.converged.sum()),
+            int(relative.size),
+        )
         if not self.info.converged.all():
             warnings.warn(
                 f"Conjugate gradient stopped after {iterations} iterations with relative residuals up to "
@@ -134,6 +150,11 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         if self.preconditioner is None:
             return rows.copy()
         return np.array(self.preconditioner(tf.constant(rows, dtype=self.dtype)), copy=True)
+
+
+def default_tolerance(dtype: tf.DType) -> float:
+    """CG's default relative-residual tolerance for ``dtype``: ``max(1e-8, 100 · eps)``."""
+    return max(1e-8, 100.0 * float(np.finfo(dtype.as_numpy_dtype).eps))
 
 
 def _as_row_function(preconditioner: Any | None) -> Callable[[tf.Tensor], Any] | None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct, relative_tolerance
+from influenciae.hessian.operator import damped
 from influenciae.model import InfluenceModel
 
-__all__ = ["ExactIHVP"]
+__all__ = ["AUTO_DAMPING_FRACTION", "ExactIHVP", "PseudoInverseIHVP"]
+
+LOGGER = logging.getLogger("influenciae")
+
+#: ``damping="auto"`` uses this fraction of the curvature's mean eigenvalue ``trace(H) / P`` when H is singular.
+AUTO_DAMPING_FRACTION = 1e-3
 
 
 class ExactIHVP(InverseHessianVectorProduct, name="exact"):
@@ -20,12 +27,21 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
     ``method="eigh"`` inverts through the eigendecomposition and can accept an indefinite (but non-singular) matrix
     with ``allow_indefinite=True``, as in Koh & Liang's non-convex experiments.
 
+    ``damping="auto"`` (the default) inverts H itself when it is numerically positive definite and, when it is not
+    (a softmax classifier's Hessian has an exact null direction, which rounding makes slightly negative), adds
+    ``λ = AUTO_DAMPING_FRACTION · trace(H) / P`` (1e-3 of its mean eigenvalue, the exact trace of the built matrix),
+    logs the choice (logger ``"influenciae"``) and records it in :attr:`info` and :attr:`damping`. ``damping=0.0``
+    means exactly zero (and refuses a singular H); ``pseudo_inverse=True`` (or the solver name ``"pinv"``) inverts
+    only the eigenvalues above rounding and sends the null space to zero.
+
     Args:
         model: The wrapped model.
         dataset: The Hessian dataset.
-        damping: λ ≥ 0.
+        damping: λ ≥ 0, or ``"auto"`` (default; see above).
         method: ``"cholesky"`` or ``"eigh"``.
         allow_indefinite: Accept negative eigenvalues with ``method="eigh"``.
+        pseudo_inverse: Moore-Penrose pseudo-inverse through ``eigh``: eigenvalues of magnitude at most
+            ``eps · P · max|λ|`` are dropped (their directions map to 0).
         max_params: Refuse to form a dense matrix beyond this many parameters (P² memory).
         operator: See :class:`InverseHessianVectorProduct`.
         curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
@@ -42,18 +58,24 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         model: InfluenceModel | None,
         dataset: tf.data.Dataset | None = None,
         *,
-        damping: float = 0.0,
+        damping: float | str = "auto",
         method: str = "cholesky",
         allow_indefinite: bool = False,
+        pseudo_inverse: bool = False,
         max_params: int = 20_000,
         operator: Any | None = None,
         curvature: str = "hessian",
         curvature_options: dict[str, Any] | None = None,
     ) -> None:
+        auto = isinstance(damping, str) or damping is None
+        if auto and damping not in ("auto", None):
+            raise ValueError(f"damping must be a non-negative number or 'auto', got {damping!r}.")
+        if not isinstance(pseudo_inverse, (bool, np.bool_)):
+            raise TypeError(f"pseudo_inverse must be True or False, got {pseudo_inverse!r}.")
         super().__init__(
             model,
             dataset,
-            damping=damping,
+            damping=0.0 if auto else damping,  # type: ignore[arg-type]
             operator=operator,
             curvature=curvature,
             curvature_options=curvature_options,
@@ -65,8 +87,12 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
                 f"ExactIHVP forms a dense {self.nb_params}x{self.nb_params} Hessian, above max_params={max_params}. "
                 "Use 'cg', 'lissa' or 'arnoldi', watch fewer weights (start_layer/last_layer), or raise max_params."
             )
-        self.method = method
+        self.method = "eigh" if pseudo_inverse else method
         self.allow_indefinite = allow_indefinite
+        self.pseudo_inverse = bool(pseudo_inverse)
+        self.auto_damping = bool(auto) and not pseudo_inverse
+        #: What the factorization chose: ``{"damping", "auto_damping", "mean_eigenvalue", "dropped_eigenvalues"}``.
+        self.info: dict[str, Any] = {}
         self._matrix: tf.Tensor | None = None
         self._factor: tf.Tensor | None = None
         self._eigenvalues: tf.Tensor | None = None
@@ -80,7 +106,74 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
             self._matrix = (dense + tf.transpose(dense)) / 2.0
         return self._matrix
 
+    def configuration(self) -> dict[str, Any]:
+        """See :meth:`InverseHessianVectorProduct.configuration`; with ``damping="auto"`` the chosen damping is
+        part of it, so the matrix is factorized first."""
+        if self.auto_damping:
+            self._ensure_factorized()
+        return super().configuration()
+
+    def _ensure_factorized(self) -> None:
+        if self._factor is None and self._eigenvalues is None:
+            self._factorize()
+
     def _factorize(self) -> None:
+        self._check_dtype()
+        if self.pseudo_inverse:
+            self._factorize_pseudo_inverse()
+            return
+        if self.auto_damping:
+            try:
+                self._factorize_damped()
+                self._record(auto=False)
+                return
+            except ValueError:
+                undamped = self.matrix
+                mean = float(tf.linalg.trace(undamped)) / self.nb_params
+                if not mean > 0:
+                    raise
+                chosen = AUTO_DAMPING_FRACTION * mean
+                self.damping = chosen
+                self._matrix = undamped + chosen * tf.eye(self.nb_params, dtype=undamped.dtype)
+                self.operator = damped(self.hessian, chosen)
+                self._factorize_damped()
+                self._record(auto=True, mean=mean)
+                return
+        self._factorize_damped()
+        self._record(auto=False)
+
+    def _record(self, *, auto: bool, mean: float | None = None) -> None:
+        self.info = {"damping": self.damping, "auto_damping": auto, "mean_eigenvalue": mean}
+        if auto:
+            LOGGER.info(
+                "ExactIHVP: the Hessian is singular or not positive definite; damping='auto' chose damping=%.3e "
+                "(%.0e x mean eigenvalue %.3e).",
+                self.damping,
+                AUTO_DAMPING_FRACTION,
+                mean,
+            )
+        else:
+            LOGGER.info("ExactIHVP: damping=%.3e, method=%s.", self.damping, self.method)
+
+    def _check_dtype(self) -> None:
+        if self.dtype not in (tf.float32, tf.float64):
+            raise TypeError(
+                f"ExactIHVP factorizes in {self.dtype.name}, which Cholesky/eigh do not support accurately. Watch "
+                "float32 weights (e.g. keras.mixed_precision with float32 variables), or cast the model to float32."
+            )
+
+    def _factorize_pseudo_inverse(self) -> None:
+        eigenvalues, eigenvectors = tf.linalg.eigh(self.matrix)
+        magnitude = tf.abs(eigenvalues)
+        threshold = relative_tolerance(self.dtype) * self.nb_params * float(tf.reduce_max(magnitude))
+        keep = magnitude > threshold
+        self._eigenvalues = tf.boolean_mask(eigenvalues, keep)
+        self._eigenvectors = tf.boolean_mask(eigenvectors, keep, axis=1)
+        dropped = int(self.nb_params - int(tf.reduce_sum(tf.cast(keep, tf.int32))))
+        self.info = {"damping": self.damping, "auto_damping": False, "dropped_eigenvalues": dropped}
+        LOGGER.info("ExactIHVP: pseudo-inverse, %d of %d eigenvalues dropped as zero.", dropped, self.nb_params)
+
+    def _factorize_damped(self) -> None:
         matrix = self.matrix
         if self.method == "cholesky":
             try:
@@ -116,9 +209,22 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         )
 
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
-        if self._factor is None and self._eigenvalues is None:
-            self._factorize()
+        self._ensure_factorized()
         if self._factor is not None:
             return tf.transpose(tf.linalg.cholesky_solve(self._factor, tf.transpose(vectors)))
         coordinates = tf.matmul(vectors, self._eigenvectors) / self._eigenvalues
         return tf.matmul(coordinates, self._eigenvectors, transpose_b=True)
+
+
+class PseudoInverseIHVP(ExactIHVP, name="pinv"):
+    """:class:`ExactIHVP` with ``pseudo_inverse=True``: the Moore-Penrose pseudo-inverse of the dense H (its null
+    space maps to zero). Registered as ``"pinv"``.
+
+    Example:
+        >>> ihvp = get_ihvp("pinv", im, train_ds)
+    """
+
+    def __init__(self, model: InfluenceModel | None, dataset: tf.data.Dataset | None = None, **options: Any) -> None:
+        options.setdefault("pseudo_inverse", True)
+        options.setdefault("damping", 0.0)
+        super().__init__(model, dataset, **options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -11,6 +13,8 @@ from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.conjugate_gradient import ConvergenceInfo
 from influenciae.hessian.operator import HessianOperator
 from influenciae.model import InfluenceModel
+
+LOGGER = logging.getLogger("influenciae")
 
 __all__ = ["LissaIHVP", "largest_eigenvalue"]
 
@@ -144,6 +148,24 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 break
         converged = np.full([int(vectors.shape[0])], change < self.tolerance)
         self.info = ConvergenceInfo(step, np.full([int(vectors.shape[0])], change), converged)
+        LOGGER.info(
+            "LiSSA: damping=%.3e, scale=%.3e, %d steps, last relative change %.2e, converged=%s.",
+            self.damping,
+            self.scale,
+            step,
+            change,
+            bool(converged.all()),
+        )
+        if self.batches_per_step is None and not converged.all():
+            warnings.warn(
+                f"LiSSA did not converge: after {step} steps (depth {self.depth}) the relative change is "
+                f"{change:.2e} > tolerance {self.tolerance:.1e} (scale {self.scale:.3e}, damping {self.damping}); "
+                "the result may be far from (H + damping·I)⁻¹ v. The series converges only when H + damping·I is "
+                "positive definite: add damping (e.g. damping=1e-3), raise scale or depth, or use 'cg'/'exact'. "
+                "See ihvp.info.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return estimate / scale
 
 

@@ -35,7 +35,7 @@ def build_ihvp(
     ihvp_calculator: str | InverseHessianVectorProduct,
     *,
     n_samples_for_hessian: int | None,
-    damping: float,
+    damping: float | None,
     ihvp_options: dict[str, Any] | None,
     curvature: str = "hessian",
     curvature_options: dict[str, Any] | None = None,
@@ -51,7 +51,8 @@ def build_ihvp(
             )
         solver = ihvp_calculator
     else:
-        options = {"damping": damping, **(ihvp_options or {})}
+        # damping None: the solver's own default (ExactIHVP: "auto", damped only when H is singular)
+        options = {**({"damping": damping} if damping is not None else {}), **(ihvp_options or {})}
         if curvature != "hessian" or curvature_options:
             options.update(curvature=curvature, curvature_options=curvature_options)
         solver = get_ihvp(ihvp_calculator, model, hessian_dataset(dataset, n_samples_for_hessian), **options)
@@ -152,7 +153,8 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         ihvp_calculator: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"nystrom"`` or a solver instance.
         n_samples_for_hessian: Use only the first ``n`` training examples for the Hessian.
         normalize: RelatIF normalization of the training side.
-        damping: λ for a solver given by name.
+        damping: λ for a solver given by name; None (default) keeps the solver's own default (ExactIHVP's
+            ``"auto"``: no damping unless H is singular, then 1e-3 of its mean eigenvalue; 0.0 for the others).
         ihvp_options: Other options for a solver given by name (e.g. ``{"tolerance": 1e-8}``).
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
@@ -184,7 +186,7 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         n_samples_for_hessian: int | None = None,
         normalize: bool = False,
         *,
-        damping: float = 0.0,
+        damping: float | None = None,
         ihvp_options: dict[str, Any] | None = None,
         show_progress: bool = False,
         batches_per_shard: int = 16,

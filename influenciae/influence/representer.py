@@ -615,7 +615,8 @@ class RepresenterPointLJE(_RepresenterCalculator):
         step_size: η of the gradient-ascent step away from the trained weights.
         ihvp_calculator: Name of the solver of the last layer's Hessian: ``"exact"`` (default: a last layer is
             usually small), ``"cg"``, ``"lissa"`` or ``"arnoldi"``.
-        damping: δ ≥ 0 added to that Hessian.
+        damping: δ ≥ 0 added to that Hessian; None (default) keeps the solver's default (the exact solver's
+            ``"auto"``: none unless the Hessian is singular, then 1e-3 of its mean eigenvalue).
         ihvp_options: Other options of the solver (e.g. ``{"tolerance": 1e-10}`` for CG).
         explained_class: ``"prediction"``, ``"label"`` or an output index (module docstring).
         show_progress: Progress bars on every pass.
@@ -641,7 +642,7 @@ class RepresenterPointLJE(_RepresenterCalculator):
         *,
         step_size: float = 1e-2,
         ihvp_calculator: str = "exact",
-        damping: float = 0.0,
+        damping: float | None = None,
         ihvp_options: dict[str, Any] | None = None,
         explained_class: str | int = "prediction",
         show_progress: bool = False,
@@ -670,7 +671,7 @@ class RepresenterPointLJE(_RepresenterCalculator):
             self.model,
             None,
             operator=_LastLayerHessian(self.objective, self.expansion_point),
-            damping=damping,
+            **({"damping": damping} if damping is not None else {}),
             **(ihvp_options or {}),
         )
         constant = self.expansion_point
