@@ -7,7 +7,8 @@ Nothing here reads private dataset attributes or trusts ``cardinality()``: datas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,6 +24,8 @@ __all__ = [
     "with_indices",
     "iterate_batches",
     "check_stable_order",
+    "with_checks",
+    "checked_iteration",
 ]
 
 
@@ -84,8 +87,22 @@ def check_dataset(dataset: Any, *, name: str = "dataset") -> tf.data.Dataset:
             "`influenciae.data.from_numpy(x, y, batch_size=...)` or `tf.data.Dataset.from_tensor_slices((x, y))"
             ".batch(...)`."
         )
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            f"{name} is infinite (it repeats forever, e.g. `.repeat()` without a count), so a pass over it never "
+            f"ends. Pass the finite dataset: drop `.repeat()` or use `{name}.take(number_of_batches)`."
+        )
     spec = dataset.element_spec
     structure = unpack_batch(spec)  # raises the structural TypeError
+    for part, specs in (("inputs", structure.inputs), ("targets", structure.targets)):
+        for leaf in tf.nest.flatten(specs):
+            if getattr(leaf, "dtype", None) == tf.string:
+                raise TypeError(
+                    f"{name} has string {part}: the model needs numbers. Encode them first, e.g. with "
+                    "`keras.layers.StringLookup` or `keras.layers.TextVectorization` in a `dataset.map`."
+                )
+    if structure.sample_weight is not None and getattr(structure.sample_weight, "dtype", None) == tf.string:
+        raise TypeError(f"{name} has string sample weights: pass float weights of shape [batch].")
     target_specs = tf.nest.flatten(structure.targets)
     if any(s.shape.rank == 0 for s in target_specs) or (
         structure.sample_weight is not None and structure.sample_weight.shape.rank == 0
@@ -181,3 +198,99 @@ def check_stable_order(dataset: tf.data.Dataset, *, name: str = "dataset", num_b
             "iteration?). Results name training examples by their position, so the order must be fixed: shuffle once "
             "with `.shuffle(buffer, seed=0, reshuffle_each_iteration=False)`, or do not shuffle after caching."
         )
+
+
+def with_checks(dataset: tf.data.Dataset, *, num_classes: int | None = None) -> tf.data.Dataset:
+    """Add cheap in-graph checks to every batch: finite values, and sparse labels that are class indices.
+
+    The checks are ``tf.debugging`` assertions inside a ``dataset.map`` (no Python per batch). A failing batch
+    raises ``tf.errors.InvalidArgumentError`` when it is fetched; iterate with :func:`checked_iteration` to turn it
+    into a ``ValueError`` naming the batch.
+
+    Args:
+        dataset: A batched dataset of ``(inputs, targets[, sample_weight])``.
+        num_classes: When the targets are sparse class labels (one rank below a ``[B, C]`` output), ``C``: the
+            labels must then be whole numbers in ``[0, C)``.
+
+    Returns:
+        The same batches, checked.
+    """
+
+    def check(*element: Any) -> Any:
+        batch = unpack_batch(element if len(element) > 1 else element[0])
+        deps = []
+        for part, tensors in (
+            ("inputs", batch.inputs),
+            ("targets", batch.targets),
+            ("sample weights", batch.sample_weight),
+        ):
+            for tensor in tf.nest.flatten(tensors):
+                if tensor is not None and tensor.dtype.is_floating:
+                    deps.append(tf.debugging.assert_all_finite(tensor, f"influenciae-check{{non-finite {part}}}"))
+        if num_classes is not None:
+            for labels in tf.nest.flatten(batch.targets):
+                values = tf.cast(labels, tf.float64)
+                deps.append(
+                    tf.debugging.assert_equal(
+                        values, tf.round(values), message="influenciae-check{fractional sparse labels}"
+                    )
+                )
+                deps.append(
+                    tf.debugging.assert_non_negative(values, message="influenciae-check{negative sparse labels}")
+                )
+                deps.append(
+                    tf.debugging.assert_less(
+                        values,
+                        tf.constant(num_classes, tf.float64),
+                        message=f"influenciae-check{{sparse labels >= the {num_classes} classes of the model output}}",
+                    )
+                )
+        with tf.control_dependencies(deps):
+            return tf.nest.map_structure(tf.identity, element if len(element) > 1 else element[0])
+
+    return dataset.map(check)
+
+
+_FIXES = {
+    "non-finite": "remove or repair the examples with NaN/inf values (or mask them with a zero sample weight "
+    "before building the dataset)",
+    "fractional": "sparse losses take whole-number class labels: round or fix the labels, or use a "
+    "categorical (one-hot) loss for soft labels",
+    "negative": "class labels must be in [0, number of classes): fix the negative labels",
+    ">=": "class labels must be in [0, number of classes): fix the labels or give the model more outputs",
+}
+
+
+def checked_iteration(iterable: Iterable[Any], *, name: str) -> Iterator[Any]:
+    """Iterate a dataset built with :func:`with_checks`, re-raising a failed check as a ``ValueError``.
+
+    Args:
+        iterable: ``(indices, batch)`` elements, as from :func:`with_indices` (possibly behind a progress bar).
+        name: The argument's name, for the message.
+
+    Yields:
+        The elements of ``iterable``.
+
+    Raises:
+        ValueError: If a batch fails a check; the message names the batch (position and example range) and the fix.
+    """
+    iterator = iter(iterable)
+    position, examples = 0, 0
+    while True:
+        try:
+            element = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as error:
+            text = str(error)
+            found = re.search(r"influenciae-check\{([^}]*)\}", text)
+            if found is None:
+                raise
+            what = found.group(1)
+            fix = next((advice for key, advice in _FIXES.items() if key in what), "fix the data")
+            raise ValueError(
+                f"{name}: batch {position} (examples from index {examples} on) has {what}. Fix: {fix}."
+            ) from None
+        position += 1
+        examples += int(tf.size(element[0]))
+        yield element

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, ShardInput, combine_hashes, fill_cache, fingerprint_arrays, hash_batch
-from influenciae.data import check_dataset, check_stable_order, with_indices
+from influenciae.data import check_dataset, check_stable_order, checked_iteration, with_checks, with_indices
 from influenciae.fingerprint import model_identity
 from influenciae.model import InfluenceModel
 from influenciae.search import NearestNeighbors, get_nearest_neighbors, merge_top_k
@@ -99,7 +99,7 @@ class BaseInfluenceCalculator(abc.ABC):
             Array ``[N_train]``.
         """
         values = [values.numpy() for _, values in self._self_influence_stream(train_set)]
-        return np.concatenate(values) if values else np.zeros([0])
+        return _check_finite(np.concatenate(values) if values else np.zeros([0]), "self_influence", "training")
 
     def influence_matrix(
         self,
@@ -126,7 +126,9 @@ class BaseInfluenceCalculator(abc.ABC):
         for _, transforms in self._transform_stream(test_set):
             blocks = [self._inner(transforms, vectors).numpy() for _, vectors in source()]
             rows.append(np.concatenate(blocks, axis=1) if blocks else np.zeros([int(transforms.shape[0]), 0]))
-        return np.concatenate(rows, axis=0) if rows else np.zeros([0, 0])
+        return _check_finite(
+            np.concatenate(rows, axis=0) if rows else np.zeros([0, 0]), "influence_matrix", "test/training"
+        )
 
     def most_influential(
         self,
@@ -161,7 +163,9 @@ class BaseInfluenceCalculator(abc.ABC):
             block_indices, block_values = search(transforms, k, order)
             indices.append(block_indices.numpy())
             values.append(block_values.numpy())
-        return np.concatenate(indices), np.concatenate(values)
+        if not values:
+            raise ValueError("test_set is empty: pass a dataset with at least one test example.")
+        return np.concatenate(indices), _check_finite(np.concatenate(values), "most_influential", "test")
 
     # ------------------------------------------------------------------ streaming methods (Influenciae vocabulary)
 
@@ -348,9 +352,45 @@ class BaseInfluenceCalculator(abc.ABC):
         for batch in dataset.take(1):
             self.model.validate_batch(batch)
 
+    def check_batches(self, dataset: tf.data.Dataset, *, name: str = "dataset") -> None:
+        """Run the per-batch input checks over a whole dataset without computing anything.
+
+        The same in-graph checks every pass of the engine applies (finite inputs, targets and sample weights;
+        sparse labels that are whole numbers in ``[0, C)`` for a ``[B, C]`` output), for datasets that a solver
+        reads before the engine does (e.g. the Hessian dataset). Costs one read of the data.
+
+        Args:
+            dataset: A batched dataset of ``(inputs, targets[, sample_weight])``.
+            name: The argument's name, for the message.
+
+        Raises:
+            ValueError: If a batch fails a check; the message names the batch and the fix.
+        """
+        check_dataset(dataset, name=name)
+        checked = with_indices(with_checks(dataset, num_classes=self._sparse_classes(dataset)))
+        for _ in checked_iteration(checked, name=name):
+            pass
+
     def _indexed(self, dataset: tf.data.Dataset, name: str, description: str) -> Iterator[tuple[tf.Tensor, Any]]:
         check_dataset(dataset, name=name)
-        yield from self._progress(with_indices(dataset), description)
+        checked = with_indices(with_checks(dataset, num_classes=self._sparse_classes(dataset)))
+        yield from checked_iteration(self._progress(checked, description), name=name)
+
+    def _sparse_classes(self, dataset: tf.data.Dataset) -> int | None:
+        """``C`` when the targets are sparse class labels for a ``[B, C]`` output (``C > 1``), else ``None``."""
+        try:
+            outputs = self.model.model.outputs
+        except (AttributeError, ValueError):
+            return None
+        targets = tf.nest.flatten(check_dataset(dataset).element_spec[1])
+        if not outputs or len(outputs) != 1 or len(targets) != 1:
+            return None
+        output_shape, target_shape = tf.TensorShape(outputs[0].shape), tf.TensorShape(targets[0].shape)
+        if output_shape.rank != 2 or output_shape[-1] is None or output_shape[-1] < 2 or target_shape.rank is None:
+            return None
+        if target_shape.rank == 1 or (target_shape.rank == 2 and target_shape[-1] == 1):
+            return int(output_shape[-1])
+        return None
 
     def _self_influence_stream(
         self, train_set: tf.data.Dataset, *, validate: bool = True, with_index: bool = False
@@ -411,7 +451,8 @@ class BaseInfluenceCalculator(abc.ABC):
         check_stable_order(train_set, name="train_set")
 
         def shards() -> Iterator[ShardInput]:
-            groups = _shard_groups(with_indices(train_set), self.batches_per_shard)
+            checked = with_indices(with_checks(train_set, num_classes=self._sparse_classes(train_set)))
+            groups = _shard_groups(checked_iteration(checked, name="train_set"), self.batches_per_shard)
             for shard_id, group in self._progress(
                 groups, f"influence vectors ({self.batches_per_shard} batches/shard)"
             ):
@@ -478,3 +519,17 @@ def _shard_groups(indexed: tf.data.Dataset, batches_per_shard: int) -> Iterator[
             shard_id, group = shard_id + 1, []
     if group:
         yield shard_id, group
+
+
+def _check_finite(values: np.ndarray, method: str, kind: str) -> np.ndarray:
+    """Return ``values`` if all are finite, else raise a ``ValueError`` naming the first offending examples."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return values
+    bad = np.argwhere(~finite)
+    shown = ", ".join(str(tuple(int(i) for i in row)) if row.size > 1 else str(int(row[0])) for row in bad[:5])
+    raise ValueError(
+        f"{method} produced {int(bad.shape[0])} non-finite value(s), at {kind} example index(es) {shown}"
+        f"{' ...' if bad.shape[0] > 5 else ''}. Check those examples' inputs for huge or invalid values, and if the "
+        "inputs are sound the inverse Hessian is ill-conditioned: pass a larger damping to the IHVP solver."
+    )

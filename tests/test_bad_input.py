@@ -1,0 +1,82 @@
+"""Bad input gets a clear error in every batch (issue 14 §2): ValueError/TypeError naming the batch and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import classification_data, dataset, small_mlp, sparse_ce
+
+from influenciae import ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel
+from influenciae._backend import tf
+from influenciae.influence.base import _check_finite
+
+
+@pytest.fixture(scope="module")
+def calculator():
+    model = small_mlp(seed=0)
+    x, y = classification_data(num_examples=12)
+    im = InfluenceModel(model, loss_function=sparse_ce())
+    train = dataset(x, y, batch_size=4)
+    return FirstOrderInfluenceCalculator(im, train, ihvp_calculator=ExactIHVP(im, train, damping=1.0))
+
+
+def good_data(num_examples: int = 12):
+    return classification_data(num_examples=num_examples, seed=3)
+
+
+@pytest.mark.parametrize(
+    ("label", "words"), [(7, "sparse labels >= the 3 classes"), (-1, "negative"), (1.5, "fractional")]
+)
+def test_a_bad_label_after_the_first_batch_names_its_batch(calculator, label, words):
+    x, y = good_data()
+    y = y.astype("float64")
+    y[9] = label
+    with pytest.raises(ValueError, match=rf"batch 2 \(examples from index 8 on\) has .*{words}"):
+        calculator.self_influence(dataset(x, y, batch_size=4))
+
+
+@pytest.mark.parametrize("part", ["inputs", "sample weights"])
+def test_nan_in_a_later_batch_is_refused(calculator, part):
+    x, y = good_data()
+    weights = np.ones(12)
+    (x[10] if part == "inputs" else weights[10:11])[0] = np.nan
+    with pytest.raises(ValueError, match=rf"batch 2 .*non-finite {part}.*NaN/inf"):
+        calculator.self_influence(dataset(x, y, batch_size=4, sample_weight=weights))
+
+
+def test_inf_in_a_test_input_is_refused_not_returned(calculator):
+    x, y = good_data()
+    x[5, 2] = np.inf
+    with pytest.raises(ValueError, match=r"test_set: batch 1 .*non-finite inputs"):
+        calculator.influence_matrix(dataset(x, y, batch_size=4), dataset(*good_data(), batch_size=4))
+
+
+def test_valid_sample_weights_and_a_one_example_set_give_finite_answers(calculator):
+    x, y = good_data(1)
+    values = calculator.self_influence(dataset(x, y, batch_size=4, sample_weight=np.ones(1)))
+    assert values.shape == (1,) and np.isfinite(values).all() and values[0] > 0
+
+
+def test_string_inputs_are_a_type_error(calculator):
+    strings = tf.data.Dataset.from_tensor_slices((["a", "b"], [0, 1])).batch(2)
+    with pytest.raises(TypeError, match="string inputs.*StringLookup"):
+        calculator.self_influence(strings)
+
+
+def test_an_infinite_dataset_is_refused(calculator):
+    with pytest.raises(ValueError, match=r"infinite.*\.take"):
+        calculator.self_influence(dataset(*good_data(), batch_size=4).repeat())
+
+
+def test_an_empty_test_set_is_refused(calculator):
+    x, y = good_data()
+    empty = dataset(x, y, batch_size=4).take(0)
+    with pytest.raises(ValueError, match="test_set is empty"):
+        calculator.most_influential(empty, dataset(x, y, batch_size=4), k=2)
+
+
+def test_non_finite_results_name_the_examples():
+    values = np.array([1.0, np.nan, 2.0, np.inf])
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\), at training example index\(es\) 1, 3.*damping"):
+        _check_finite(values, "self_influence", "training")
+    np.testing.assert_array_equal(_check_finite(values[[0, 2]], "self_influence", "training"), [1.0, 2.0])
