@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import tempfile
 import time
@@ -627,7 +628,57 @@ def _check_method_options(args: argparse.Namespace) -> dict[str, Any]:
                 f"--solver-option {unknown[0]} is not an option of the {args.solver or 'exact'} solver "
                 f"(options: {', '.join(accepted)})"
             )
+        for key, value in options.items():
+            _check_solver_value(key, value)
     return options
+
+
+_COUNT_WORDS = ("iter", "dim", "rank", "size", "samples", "steps", "batch", "num_", "depth", "block", "chunk")
+
+
+def _check_solver_value(key: str, value: Any) -> None:
+    """Refuse a solver option whose number cannot be right (a count below 1, a negative or non-finite number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not np.isfinite(value):
+        raise _UsageError(f"--solver-option {key}={value}: expected a finite number")
+    if any(word in key for word in _COUNT_WORDS) and (value < 1 or value != int(value)):
+        raise _UsageError(f"--solver-option {key}={value}: expected a whole number >= 1")
+    if value < 0:
+        raise _UsageError(f"--solver-option {key}={value}: expected a number >= 0")
+
+
+def _check_start_layer(args: argparse.Namespace, model: Any) -> None:
+    """Refuse a ``--start-layer`` the model does not have, listing the valid indices and names."""
+    layer = getattr(args, "start_layer", None)
+    if layer is None or "start_layer" not in METHODS[args.method].options:
+        return
+    layers = list(getattr(model, "layers", []))
+    names = [item.name for item in layers]
+    valid = (-len(layers) <= layer < len(layers)) if isinstance(layer, int) else layer in names
+    if not valid:
+        raise _UsageError(
+            f"--start-layer {layer} is not a layer of the model: give an index in [{-len(layers)}, {len(layers) - 1}] "
+            f"or one of the names {', '.join(names)}"
+        )
+
+
+def _make_output(path: str) -> Path:
+    """Create the output directory, or refuse (usage error) a path under a file or in an unwritable directory."""
+    output = Path(path)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise _UsageError(
+            f"--output {path}: a file is in the way (the path or one of its parents is a file); give a directory"
+        ) from None
+    except OSError as error:
+        raise _UsageError(
+            f"--output {path}: cannot create the directory ({error.strerror}); give a writable one"
+        ) from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise _UsageError(f"--output {path}: the directory is not writable; give a writable one")
+    return output
 
 
 def _prepare(args: argparse.Namespace, *, command: str) -> _Setup:
@@ -642,14 +693,14 @@ def _prepare(args: argparse.Namespace, *, command: str) -> _Setup:
     train_spec.check_exists("training data")
     if test_spec is not None:
         test_spec.check_exists("test data")
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = _make_output(args.output)
 
     log = _Logger(command, enabled=not args.no_progress)
     timings: dict[str, float] = {}
     with _timer(timings, "loading"):
         log(f"loading the model {args.model}")
         model = io.load_model(args.model)
+        _check_start_layer(args, model)
         loss = io.resolve_loss(model, args.loss, from_logits=args.from_logits)
         log(f"reading the training data: {train_spec.describe()}")
         train = io.prepare_dataset(model, io.load_data(train_spec, batch_size=args.batch_size), loss)

@@ -80,3 +80,44 @@ def test_non_finite_results_name_the_examples():
     with pytest.raises(ValueError, match=r"2 non-finite value\(s\), at training example index\(es\) 1, 3.*damping"):
         _check_finite(values, "self_influence", "training")
     np.testing.assert_array_equal(_check_finite(values[[0, 2]], "self_influence", "training"), [1.0, 2.0])
+
+
+# ---------------------------------------------------------------------- CLI: user mistakes are usage errors (exit 2)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    import keras
+
+    root = tmp_path_factory.mktemp("cli")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.save(root / "model.keras")
+    rng = np.random.default_rng(0)
+    np.savez(root / "train.npz", x=rng.standard_normal((8, 4)).astype("float32"), y=rng.integers(0, 3, 8))
+    (root / "a_file").write_text("not a directory")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--solver", "cg", "--solver-option", "max_iterations=-5"], "max_iterations=-5: expected a whole number >= 1"),
+        (["--solver", "cg", "--solver-option", "tolerance=-1e-3"], "tolerance=-0.001: expected a number >= 0"),
+        (["--start-layer", "7"], "--start-layer 7 is not a layer of the model: give an index in [-1, 0]"),
+        (["--start-layer", "nope"], "--start-layer nope is not a layer of the model"),
+        (["--output", "{root}/a_file/sub"], "a file is in the way"),
+    ],
+)
+def test_cli_user_mistakes_are_usage_errors(saved_model, tmp_path, capsys, flags, message):
+    from influenciae import cli
+
+    flags = [flag.format(root=saved_model) for flag in flags]
+    output = [] if "--output" in flags else ["--output", str(tmp_path / "out")]
+    argv = ["self-influence", "--model", str(saved_model / "model.keras"), "--npz", str(saved_model / "train.npz")]
+    code = cli.main([*argv, "--no-progress", *output, *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "usage: influenciae self-influence" in err and "influenciae self-influence: error: --" in err
+    assert message in err and "ValueError" not in err
