@@ -121,3 +121,24 @@ def test_cli_user_mistakes_are_usage_errors(saved_model, tmp_path, capsys, flags
     assert code == 2, err
     assert "usage: influenciae self-influence" in err and "influenciae self-influence: error: --" in err
     assert message in err and "ValueError" not in err
+
+
+def test_the_reliability_trials_script_classifies_its_input_cases():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "reliability_trials.py"
+    spec = importlib.util.spec_from_file_location("reliability_trials", path)
+    trials = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = trials  # dataclasses look their module up
+    spec.loader.exec_module(trials)
+    by_name = {case.name: case for case in trials.CASES}
+    assert len(by_name) == len(trials.CASES) >= 15
+    for name in ("label >= classes in batch 3", "inf in a test input", "one-example training set (valid)"):
+        clear, message = trials.classify(by_name[name])
+        assert clear, message
+    not_clear = trials.Case("a crash", "test", lambda: (_ for _ in ()).throw(RuntimeError("deep inside TF")))
+    assert trials.classify(not_clear) == (False, "RuntimeError: deep inside TF")
+    vague = trials.Case("vague", "test", lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert trials.classify(vague) == (False, "ValueError: bad")
