@@ -29,7 +29,8 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
 
     ``damping="auto"`` (the default) inverts H itself when it is numerically positive definite and, when it is not
     (a softmax classifier's Hessian has an exact null direction, which rounding makes slightly negative), adds
-    ``λ = AUTO_DAMPING_FRACTION · trace(H) / P`` (1e-3 of its mean eigenvalue, the exact trace of the built matrix),
+    ``λ = max(AUTO_DAMPING_FRACTION · trace(H) / P, 2 · max(-λ_min, 0))``: 1e-3 of its mean eigenvalue (the exact
+    trace of the built matrix) for a singular H, twice the most negative eigenvalue for weights not at a minimum,
     logs the choice (logger ``"influenciae"``) and records it in :attr:`info` and :attr:`damping`. ``damping=0.0``
     means exactly zero (and refuses a singular H); ``pseudo_inverse=True`` (or the solver name ``"pinv"``) inverts
     only the eigenvalues above rounding and sends the null space to zero.
@@ -132,25 +133,34 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
                 mean = float(tf.linalg.trace(undamped)) / self.nb_params
                 if not mean > 0:
                     raise
-                chosen = AUTO_DAMPING_FRACTION * mean
+                smallest = float(tf.reduce_min(tf.linalg.eigvalsh(undamped)))
+                # a singular H (rounding makes its null directions about -1e-9): a small fraction of the mean
+                # eigenvalue; a truly indefinite H (weights not at a minimum): twice its most negative eigenvalue
+                chosen = max(AUTO_DAMPING_FRACTION * mean, 2.0 * max(-smallest, 0.0))
                 self.damping = chosen
                 self._matrix = undamped + chosen * tf.eye(self.nb_params, dtype=undamped.dtype)
                 self.operator = damped(self.hessian, chosen)
                 self._factorize_damped()
-                self._record(auto=True, mean=mean)
+                self._record(auto=True, mean=mean, smallest=smallest)
                 return
         self._factorize_damped()
         self._record(auto=False)
 
-    def _record(self, *, auto: bool, mean: float | None = None) -> None:
-        self.info = {"damping": self.damping, "auto_damping": auto, "mean_eigenvalue": mean}
+    def _record(self, *, auto: bool, mean: float | None = None, smallest: float | None = None) -> None:
+        self.info = {
+            "damping": self.damping,
+            "auto_damping": auto,
+            "mean_eigenvalue": mean,
+            "smallest_eigenvalue": smallest,
+        }
         if auto:
             LOGGER.info(
                 "ExactIHVP: the Hessian is singular or not positive definite; damping='auto' chose damping=%.3e "
-                "(%.0e x mean eigenvalue %.3e).",
+                "= max(%.0e x mean eigenvalue %.3e, 2 x -smallest eigenvalue %.3e).",
                 self.damping,
                 AUTO_DAMPING_FRACTION,
                 mean,
+                smallest,
             )
         else:
             LOGGER.info("ExactIHVP: damping=%.3e, method=%s.", self.damping, self.method)
