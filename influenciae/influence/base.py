@@ -47,6 +47,8 @@ class BaseInfluenceCalculator(abc.ABC):
     """
 
     method_name: ClassVar[str] = "base"
+    #: Whether ``±inf`` is a meaningful result (e.g. a decision boundary that cannot be reached); NaN never is.
+    infinite_results_allowed: ClassVar[bool] = False
     #: Default directory of the disk cache, used when ``CACHE.DISK`` or ``compute_influence_vector`` get no path.
     cache_dir: str | None = None
 
@@ -99,7 +101,12 @@ class BaseInfluenceCalculator(abc.ABC):
             Array ``[N_train]``.
         """
         values = [values.numpy() for _, values in self._self_influence_stream(train_set)]
-        return _check_finite(np.concatenate(values) if values else np.zeros([0]), "self_influence", "training")
+        return _check_finite(
+            np.concatenate(values) if values else np.zeros([0]),
+            "self_influence",
+            "training",
+            allow_infinite=self.infinite_results_allowed,
+        )
 
     def influence_matrix(
         self,
@@ -521,9 +528,9 @@ def _shard_groups(indexed: tf.data.Dataset, batches_per_shard: int) -> Iterator[
         yield shard_id, group
 
 
-def _check_finite(values: np.ndarray, method: str, kind: str) -> np.ndarray:
+def _check_finite(values: np.ndarray, method: str, kind: str, *, allow_infinite: bool = False) -> np.ndarray:
     """Return ``values`` if all are finite, else raise a ``ValueError`` naming the first offending examples."""
-    finite = np.isfinite(values)
+    finite = ~np.isnan(values) if allow_infinite else np.isfinite(values)
     if finite.all():
         return values
     bad = np.argwhere(~finite)

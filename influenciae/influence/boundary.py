@@ -200,6 +200,7 @@ class BoundaryCalculator(BaseInfluenceCalculator):
     """
 
     method_name = "boundary"
+    infinite_results_allowed = True  # an unreachable boundary is at distance inf
 
     def __init__(
         self,
