@@ -126,3 +126,45 @@ def test_exact_refuses_float16_clearly():
     ds = tf.data.Dataset.from_tensor_slices((x, x[:, 0])).batch(4)
     with pytest.raises(TypeError, match="float16"):
         ExactIHVP(im, ds).solve(np.ones(im.nb_params, "float16"))
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def update(self, count: int = 1) -> None:
+        self.steps += count
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", ["cg", "lissa", "arnoldi"])
+def test_show_progress_reaches_the_solver_and_counts_its_steps(name, monkeypatch, caplog):
+    im, x, y, hessian = ridge_problem()
+    options = {"arnoldi": {"subspace_dim": 5}, "lissa": {"depth": 400}}.get(name, {})
+    calculator = FirstOrderInfluenceCalculator(
+        im, dataset(x, y), name, damping=0.1, ihvp_options=options, show_progress=True
+    )
+    assert calculator.ihvp.show_progress is True
+    assert FirstOrderInfluenceCalculator(im, dataset(x, y), name, damping=0.1).ihvp.show_progress is False
+    assert "show_progress" not in calculator.ihvp.configuration()  # never part of cache manifests
+    from tqdm.auto import tqdm
+
+    bar = calculator.ihvp.progress(3, "steps")
+    assert isinstance(bar, tqdm)
+    bar.close()
+    counters: list[_Counter] = []
+
+    def progress(total, description):
+        counters.append(_Counter())
+        return counters[-1]
+
+    monkeypatch.setattr(calculator.ihvp, "progress", progress)
+    with caplog.at_level(logging.INFO, logger="influenciae"):
+        solution = calculator.ihvp.solve(np.eye(5)).numpy()
+    np.testing.assert_allclose(solution, np.linalg.inv(hessian + 0.1 * np.eye(5)), rtol=1e-4, atol=1e-6)
+    steps = sum(counter.steps for counter in counters)
+    iterations = 5 if name == "arnoldi" else calculator.ihvp.info.iterations
+    assert steps == iterations >= 2
+    assert any("damping=1.000e-01" in record.getMessage() for record in caplog.records)

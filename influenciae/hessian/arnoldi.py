@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -10,6 +11,8 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct, relative_tolerance
 from influenciae.model import InfluenceModel
+
+LOGGER = logging.getLogger("influenciae")
 
 __all__ = ["ArnoldiIHVP", "arnoldi_iteration"]
 
@@ -109,7 +112,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
     def _decompose(self) -> None:
         if self._eigenvalues is not None:
             return
-        basis, projected = arnoldi_iteration(self.operator, self.subspace_dim, seed=self.seed)
+        bar = self.progress(self.subspace_dim, "Arnoldi steps")
+        basis, projected = arnoldi_iteration(self.operator, self.subspace_dim, seed=self.seed, progress=bar)
+        bar.close()
         if self.force_hermitian:
             projected = (projected + projected.T) / 2.0
             values, vectors = np.linalg.eigh(projected)
@@ -131,6 +136,14 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
                 f"ArnoldiIHVP kept an eigenvalue of magnitude {np.min(np.abs(values)):.3e}, numerically zero: the "
                 "Hessian is singular on the kept subspace. Add damping or lower k_largest_eig_vals."
             )
+        LOGGER.info(
+            "Arnoldi: damping=%.3e, subspace_dim=%d, kept k=%d eigenvalues in [%.3e, %.3e] (magnitude).",
+            self.damping,
+            self.subspace_dim,
+            self.k_largest_eig_vals,
+            float(np.min(np.abs(values))),
+            float(np.max(np.abs(values))),
+        )
         eigenvectors = vectors.T @ basis  # [k, P]
         self._eigenvalues = tf.constant(values, dtype=self.dtype)
         self._eigenvectors = tf.constant(eigenvectors, dtype=self.dtype)
@@ -140,7 +153,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         return tf.matmul(coordinates, self.eigenvectors)
 
 
-def arnoldi_iteration(operator: Any, subspace_dim: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def arnoldi_iteration(
+    operator: Any, subspace_dim: int, *, seed: int = 0, progress: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Orthonormal Krylov basis and projected matrix of a square row operator.
 
     Classical Gram-Schmidt applied twice per step (numerically as good as modified Gram-Schmidt, and one matmul).
@@ -151,6 +166,7 @@ def arnoldi_iteration(operator: Any, subspace_dim: int, *, seed: int = 0) -> tup
         operator: A :class:`~influenciae.hessian.operator.RowOperator` ``[P, P]``.
         subspace_dim: ``m ≤ P`` basis vectors.
         seed: Seed of the random start (and restart) vectors.
+        progress: Optional bar with ``update(1)`` called once per operator product.
 
     Returns:
         ``basis [m, P]`` with orthonormal rows and ``projected [m, m] = basis A basisᵀ`` (upper Hessenberg).
@@ -164,6 +180,8 @@ def arnoldi_iteration(operator: Any, subspace_dim: int, *, seed: int = 0) -> tup
     scale = 0.0
     for step in range(subspace_dim):
         product = operator.matmul_rows(tf.constant(basis[step : step + 1])).numpy()[0]
+        if progress is not None:
+            progress.update(1)
         scale = max(scale, float(np.linalg.norm(product)))
         residual = product
         for _ in range(2):

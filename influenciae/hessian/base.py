@@ -83,6 +83,30 @@ class InverseHessianVectorProduct(abc.ABC):
         self.hessian: RowOperator = base
         self.operator: RowOperator = damped(base, damping)
         self.curvature = curvature_of(base)
+        self._show_progress = False
+
+    @property
+    def show_progress(self) -> bool:
+        """Whether the solver's iterative phases (dense build, CG iterations, LiSSA steps, Arnoldi steps) show a
+        tqdm bar. Not part of :meth:`configuration`; a calculator's ``show_progress=True`` sets it."""
+        return self._show_progress
+
+    @show_progress.setter
+    def show_progress(self, value: bool) -> None:
+        self._show_progress = bool(value)
+
+    def progress(self, total: int, description: str) -> Any:
+        """A tqdm bar over ``total`` steps when :attr:`show_progress`, else a silent stand-in (``update``, ``close``).
+
+        Args:
+            total: Expected number of steps.
+            description: What the steps are (shown after the solver's name).
+        """
+        if not self._show_progress:
+            return _NoProgress()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{type(self).__name__}: {description}", leave=False, dynamic_ncols=True)
 
     #: Attributes that report what a solve did rather than how the solver is set up: never part of
     #: :meth:`configuration` (a CG solve sets ``info``; a cache written after it must still match the next pass).
@@ -179,6 +203,14 @@ class InverseHessianVectorProduct(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nb_params={self.nb_params}, damping={self.damping})"
+
+
+class _NoProgress:
+    def update(self, count: int = 1) -> None:
+        """Nothing to show."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def registered_solvers() -> list[str]:

@@ -106,10 +106,12 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         residual_dot = np.einsum("ij,ij->i", residual, search)
         active = np.linalg.norm(residual, axis=1) / norms > self.tolerance
         iterations = 0
+        bar = self.progress(self.max_iterations, "CG iterations")
         while active.any() and iterations < self.max_iterations:
             rows = np.flatnonzero(active)
             product = self.operator.matmul_rows(tf.constant(search[rows])).numpy()
             iterations += 1
+            bar.update(1)
             curvature = np.einsum("ij,ij->i", search[rows], product)
             if np.any(curvature <= 0):
                 raise ValueError(
@@ -125,6 +127,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             search[rows] = preconditioned + (new_dot / residual_dot[rows])[:, None] * search[rows]
             residual_dot[rows] = new_dot
             active[rows] = np.linalg.norm(residual[rows], axis=1) / norms[rows] > self.tolerance
+        bar.close()
         relative = np.linalg.norm(residual, axis=1) / norms
         self.info = ConvergenceInfo(iterations, relative, relative <= self.tolerance)
         LOGGER.info(

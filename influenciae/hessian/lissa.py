@@ -133,8 +133,10 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
         change = np.inf
         step = 0
+        bar = self.progress(self.depth, "LiSSA steps")
         for step in range(1, self.depth + 1):  # noqa: B007 - the last step is reported in info
             updated = vectors + estimate - product(estimate) / scale
+            bar.update(1)
             norm = float(tf.reduce_max(tf.norm(updated, axis=1)))
             if not np.isfinite(norm) or norm > 1e8 * start_norm * max(1.0, self.scale):
                 raise ValueError(
@@ -146,6 +148,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
             estimate = updated
             if self.batches_per_step is None and change < self.tolerance:
                 break
+        bar.close()
         converged = np.full([int(vectors.shape[0])], change < self.tolerance)
         self.info = ConvergenceInfo(step, np.full([int(vectors.shape[0])], change), converged)
         LOGGER.info(

@@ -227,6 +227,8 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
             curvature=curvature,
             curvature_options=curvature_options,
         )
+        if show_progress:  # the solver's own phases (CG iterations, LiSSA/Arnoldi steps) show bars too
+            self.ihvp.show_progress = True
 
     def _configuration(self) -> dict[str, Any]:
         return {

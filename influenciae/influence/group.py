@@ -153,6 +153,7 @@ class SecondOrderInfluenceCalculator(GroupInfluenceMixin):
             dataset's first batch size); N stays the size of the whole dataset. ``None`` uses all of it.
         damping: λ ≥ 0 added to the Hessian's diagonal (only for solvers given by name).
         ihvp_options: Extra options for the solver's constructor (e.g. ``{"subspace_dim": 50}``).
+        show_progress: Progress bars of the solver's iterative phases (CG iterations, LiSSA/Arnoldi steps).
 
     Raises:
         TypeError: If ``model`` is not an :class:`InfluenceModel` or ``dataset`` not a batched ``tf.data.Dataset``.
@@ -173,6 +174,7 @@ class SecondOrderInfluenceCalculator(GroupInfluenceMixin):
         *,
         damping: float = 0.0,
         ihvp_options: dict[str, Any] | None = None,
+        show_progress: bool = False,
     ) -> None:
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
@@ -186,6 +188,8 @@ class SecondOrderInfluenceCalculator(GroupInfluenceMixin):
         if isinstance(ihvp_calculator, str) or damping != 0.0:
             options["damping"] = damping  # an already built solver keeps its own damping (get_ihvp says so)
         self.ihvp = get_ihvp(ihvp_calculator, model, self.hessian_set, **options)
+        if show_progress:
+            self.ihvp.show_progress = True
         self._train_size: int | None = None
 
     @property
