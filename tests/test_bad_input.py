@@ -142,3 +142,58 @@ def test_the_reliability_trials_script_classifies_its_input_cases():
     assert trials.classify(not_clear) == (False, "RuntimeError: deep inside TF")
     vague = trials.Case("vague", "test", lambda: (_ for _ in ()).throw(ValueError("bad")))
     assert trials.classify(vague) == (False, "ValueError: bad")
+
+
+# ---------------------------------------------------------------------- test set only, disk cache, check_batches
+
+
+def test_a_bad_label_only_in_the_test_set_is_refused(calculator):
+    x, y = good_data()
+    y[6] = 3  # classes 0..2: only the test set is wrong
+    with pytest.raises(ValueError, match=r"test_set: batch 1 \(examples from index 4 on\) has sparse labels >= the 3"):
+        calculator.most_influential(dataset(x, y, batch_size=4), dataset(*good_data(), batch_size=4), k=2)
+
+
+def test_the_disk_cache_pass_checks_every_batch(calculator, tmp_path):
+    x, y = good_data()
+    y[11] = -2
+    with pytest.raises(ValueError, match=r"train_set: batch 2 .*negative sparse labels"):
+        calculator.compute_influence_vector(dataset(x, y, batch_size=4), str(tmp_path / "cache"))
+
+
+def test_check_batches_reads_the_whole_dataset(calculator):
+    x, y = good_data()
+    calculator.check_batches(dataset(x, y, batch_size=4), name="dataset")  # clean data: no error
+    x[11, 0] = np.inf
+    with pytest.raises(ValueError, match=r"dataset: batch 2 \(examples from index 8 on\) has non-finite inputs"):
+        calculator.check_batches(dataset(x, y, batch_size=4), name="dataset")
+
+
+def test_the_checks_change_nothing_on_valid_data(calculator):
+    """Same values as the unchecked per-batch hook; weights 2 double each loss, so self-influence quadruples."""
+    x, y = good_data()
+    expected = np.concatenate([calculator._self_influence(batch).numpy() for batch in dataset(x, y, batch_size=4)])
+    assert np.all(expected > 0)  # damped positive-definite Hessian
+    np.testing.assert_allclose(calculator.self_influence(dataset(x, y, batch_size=4)), expected, rtol=1e-10)
+    weighted = calculator.self_influence(dataset(x, y, batch_size=4, sample_weight=np.full(12, 2.0)))
+    np.testing.assert_allclose(weighted, 4 * expected, rtol=1e-8)
+
+
+def test_other_tensorflow_errors_pass_through():
+    """Only the library's own assertions become ValueErrors; an unrelated InvalidArgumentError is left as it is."""
+    from influenciae.data import checked_iteration, with_checks, with_indices
+
+    x, y = good_data()
+    x[1, 0] = np.nan
+    with pytest.raises(ValueError, match="data: batch 0 .*non-finite inputs"):
+        list(checked_iteration(with_indices(with_checks(dataset(x, y, batch_size=4))), name="data"))
+
+    def user_check(inputs, targets):
+        with tf.control_dependencies(
+            [tf.debugging.assert_less(inputs, tf.cast(-100.0, inputs.dtype), message="user assertion")]
+        ):
+            return tf.identity(inputs), targets
+
+    other = dataset(*good_data(), batch_size=4).map(user_check)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="user assertion"):
+        list(checked_iteration(with_indices(other), name="data"))
