@@ -197,3 +197,13 @@ def test_other_tensorflow_errors_pass_through():
     other = dataset(*good_data(), batch_size=4).map(user_check)
     with pytest.raises(tf.errors.InvalidArgumentError, match="user assertion"):
         list(checked_iteration(with_indices(other), name="data"))
+
+
+def test_score_output_under_a_file_is_a_usage_error(tmp_path, capsys):
+    from influenciae import cli
+
+    (tmp_path / "a_file").write_text("x")
+    argv = ["score", "--model", "m.keras", "--train", "t*.tfrecord", "--state", "s.npz", "--output"]
+    assert cli.main([*argv, str(tmp_path / "a_file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "usage: influenciae score" in err and "a_file is a file" in err and "give a directory" in err

@@ -53,6 +53,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _output_dir(text: str) -> str:
+    """A local output path must not be, or lie under, a file (remote ``scheme://`` paths are left to Beam)."""
+    if "://" in text:
+        return text
+    path = Path(text)
+    for candidate in (path, *path.parents):
+        if candidate.is_file():
+            raise argparse.ArgumentTypeError(
+                f"{candidate} is a file, so {text} cannot be a directory: give a directory"
+            )
+        if candidate.exists():
+            break
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``influenciae score``."""
     data = parser.add_argument_group("inputs and outputs")
@@ -60,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--train", required=True, help="glob of the training TFRecord files (records with an 'index', 'x', 'y')"
     )
-    data.add_argument("--output", "-o", required=True, help="output directory (parts, top_k.npz, _MANIFEST.json)")
+    data.add_argument(
+        "--output", "-o", required=True, type=_output_dir, help="output directory (parts, top_k.npz, _MANIFEST.json)"
+    )
     data.add_argument("--state", required=True, help="solver state file: reused if present, else computed and saved")
     data.add_argument("--test", help="glob of the test TFRecord files (to compute the state for --mode top_k)")
     data.add_argument("--loss", help="Keras loss name instead of the compiled loss")
