@@ -122,6 +122,20 @@ def _one_example() -> None:
         raise RuntimeError(f"one example gave {values}")
 
 
+def _bad_hessian_set(edit: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> Callable[[], None]:
+    """The bad value is in the dataset the calculator (its Hessian) is built on, not in a scored one."""
+
+    def run() -> None:
+        model, x, y = _problem()
+        edit(x, y, np.ones(len(y)))
+        calculator = _calculator(model, x, y)  # the Hessian pass reads every batch here
+        _, clean_x, clean_y = _problem()
+        values = calculator.self_influence(from_numpy(clean_x, clean_y, batch_size=4))
+        raise RuntimeError(f"accepted silently: the Hessian was built on the bad batch ({values.size} results)")
+
+    return run
+
+
 def _multi_output() -> None:
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,))
@@ -164,6 +178,8 @@ CASES: tuple[Case, ...] = (
     Case("NaN label in a later batch", "2-input", _with(_set("y", 10, np.nan))),
     Case("inf sample weight in a later batch", "2-input", _with(_set("w", 10, np.inf))),
     Case("inf in a test input", "2-input", _with(_set("x", (5, 2), np.inf), method="influence_matrix")),
+    Case("label >= classes in the Hessian set's batch 3", "2-input", _bad_hessian_set(_set("y", 9, 7.0))),
+    Case("NaN input in the Hessian set's batch 3", "2-input", _bad_hessian_set(_set("x", (10, 0), np.nan))),
     Case("string inputs", "2-input", _strings),
     Case("infinite (.repeat()) dataset", "2-input", _repeat),
     Case("empty test set", "2-input", _empty_test),
