@@ -149,7 +149,7 @@ def _multi_output() -> None:
             train
         )
     except ValueError as error:  # clear only if it says what to do with several outputs
-        if "one output" not in str(error) and "wrap" not in str(error):
+        if "outputs" not in str(error) or "wrap" not in str(error):
             raise RuntimeError(f"unclear for several outputs: {error}") from None
         raise
 

@@ -350,7 +350,10 @@ class LayerCapture:
             padded = tf.nest.map_structure(lambda t, rows=rows: tf.gather(t, rows), (inputs, targets))
             mask = tf.constant(np.arange(chunk) < count, self.model.dtype)
             chunk_seed = seed_tensor if number == 0 else tf.random.experimental.stateless_fold_in(seed_tensor, number)
-            statistics, uncovered = self._capture_fn(*padded, tf.gather(weights, rows) * mask, chunk_seed, fisher)
+            try:
+                statistics, uncovered = self._capture_fn(*padded, tf.gather(weights, rows) * mask, chunk_seed, fisher)
+            except ValueError as error:  # raised while tracing: autograph buries the message under "in user code"
+                raise ValueError(traced_error_message(error)) from error
             pieces.append(([(a[:count], g[:, :count]) for a, g in statistics], uncovered[:, :count]))
         if len(pieces) == 1:
             statistics, uncovered = pieces[0]
@@ -602,3 +605,13 @@ def _all_layers(model: Any) -> list[Any]:
     if flatten is None:
         return list(getattr(model, "layers", []))
     return list(flatten(include_self=False, recursive=True))
+
+
+def traced_error_message(error: Exception) -> str:
+    """The message of an error raised inside a traced function, without autograph's "in user code" frames."""
+    text = str(error)
+    if "in user code:" not in text:
+        return text
+    marker = f"{type(error).__name__}: "
+    tail = text.rsplit(marker, 1)[-1] if marker in text else text
+    return " ".join(line.strip() for line in tail.strip().splitlines())

@@ -26,6 +26,8 @@ __all__ = [
     "check_stable_order",
     "with_checks",
     "checked_iteration",
+    "CheckedBatches",
+    "sparse_classes",
 ]
 
 
@@ -249,6 +251,58 @@ def with_checks(dataset: tf.data.Dataset, *, num_classes: int | None = None) -> 
             return tf.nest.map_structure(tf.identity, element if len(element) > 1 else element[0])
 
     return dataset.map(check)
+
+
+def sparse_classes(keras_model: Any, dataset: tf.data.Dataset) -> int | None:
+    """``C`` when ``dataset``'s targets are sparse class labels for ``keras_model``'s ``[B, C]`` output, else None.
+
+    Args:
+        keras_model: The wrapped Keras model (one output of shape ``[B, C]`` with ``C > 1`` for a class count).
+        dataset: A batched dataset of ``(inputs, targets[, sample_weight])`` with targets ``[B]`` or ``[B, 1]``.
+
+    Returns:
+        The number of classes the labels must lie in, or ``None`` when the targets are not sparse labels.
+    """
+    try:
+        outputs = keras_model.outputs
+    except (AttributeError, ValueError):
+        return None
+    targets = tf.nest.flatten(check_dataset(dataset).element_spec[1])
+    if not outputs or len(outputs) != 1 or len(targets) != 1:
+        return None
+    output_shape, target_shape = tf.TensorShape(outputs[0].shape), tf.TensorShape(targets[0].shape)
+    if output_shape.rank != 2 or output_shape[-1] is None or output_shape[-1] < 2 or target_shape.rank is None:
+        return None
+    if target_shape.rank == 1 or (target_shape.rank == 2 and target_shape[-1] == 1):
+        return int(output_shape[-1])
+    return None
+
+
+class CheckedBatches:
+    """A dataset's batches behind the per-batch checks, re-iterable: what solvers read to build a curvature.
+
+    The checked pipeline is built once (no retracing per pass), so an iterative solver that reads the data at every
+    iteration pays only the in-graph assertions. A batch that fails a check raises the ``ValueError`` of
+    :func:`checked_iteration`, naming the batch and the fix, on whichever pass first reads it.
+
+    Args:
+        dataset: A batched dataset of ``(inputs, targets[, sample_weight])`` (may be infinite, e.g. ``.repeat()``
+            for stochastic solvers).
+        num_classes: See :func:`with_checks`.
+        name: The argument's name, for the message.
+
+    Example:
+        >>> for batch in CheckedBatches(train_ds, num_classes=10, name="dataset"):
+        ...     total += model.batch_hvp_sum(batch, vectors)
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, *, num_classes: int | None, name: str) -> None:
+        self.name = name
+        self._checked = with_indices(with_checks(dataset, num_classes=num_classes))
+
+    def __iter__(self) -> Iterator[Any]:
+        for _, batch in checked_iteration(self._checked, name=self.name):
+            yield batch
 
 
 _FIXES = {

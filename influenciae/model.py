@@ -717,15 +717,26 @@ class InfluenceModel:
     def _check_loss(self, probe: tuple[Any, Any, tf.Tensor]) -> None:
         inputs, targets, weights = probe
         size = int(tf.shape(weights)[0])
+        predictions: Any = None
         try:
             predictions = self.model(inputs, training=False)
             losses = tf.convert_to_tensor(self._call_loss(targets, predictions))
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             shapes = tf.nest.map_structure(lambda t: tuple(t.shape), (inputs, targets))
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            outputs = tf.nest.flatten(predictions) if predictions is not None else []
+            if len(outputs) > 1 and _is_keras_loss(self.loss_function):
+                raise ValueError(
+                    f"The model has {len(outputs)} outputs (shapes {[tuple(t.shape) for t in outputs]}) and its loss "
+                    f"failed on them with targets of shapes {shapes[1]}: {reason}. Influence needs one loss value "
+                    "per example: pass loss_function=a callable (targets, outputs) -> [B] that combines the outputs "
+                    "(e.g. a weighted sum of per-output losses, targets as a matching tuple), or wrap the model to "
+                    "keep one output: keras.Model(model.inputs, model.outputs[0])."
+                ) from error
             raise ValueError(
-                f"The model or its loss failed on a batch with (inputs, targets) shapes {shapes}: "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Check that the targets fit "
-                "the model outputs and the loss (sparse integer labels for sparse losses, one-hot for categorical)."
+                f"The model or its loss failed on a batch with (inputs, targets) shapes {shapes}: {reason}. Check "
+                "that the targets fit the model outputs and the loss (sparse integer labels for sparse losses, "
+                "one-hot for categorical)."
             ) from error
         output_shapes = [tuple(t.shape) for t in tf.nest.flatten(predictions)]
         target_shapes = [tuple(t.shape) for t in tf.nest.flatten(targets)]
@@ -1073,3 +1084,8 @@ def _warn_start_layer_only(model: Any, start_layer: int | str, weights: list[Any
 
 class MigrationWarning(UserWarning):
     """Code written for the original Influenciae would watch other weights or compute another quantity here."""
+
+
+def _is_keras_loss(loss: Any) -> bool:
+    """Whether ``loss`` is a Keras ``Loss`` object (of Keras 3 or tf_keras), not a user's own callable."""
+    return any(cls.__name__ == "Loss" and "keras" in cls.__module__ for cls in type(loss).__mro__)

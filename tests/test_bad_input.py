@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import classification_data, dataset, small_mlp, sparse_ce
 
-from influenciae import ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae._backend import tf
+from influenciae import EKFACIHVP, ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel, LissaIHVP
+from influenciae._backend import keras, tf
 from influenciae.influence.base import _check_finite
 
 
@@ -207,3 +207,55 @@ def test_score_output_under_a_file_is_a_usage_error(tmp_path, capsys):
     assert cli.main([*argv, str(tmp_path / "a_file" / "out")]) == 2
     err = capsys.readouterr().err
     assert "usage: influenciae score" in err and "a_file is a file" in err and "give a directory" in err
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda im, ds: ExactIHVP(im, ds, damping=1.0).solve(tf.ones([1, im.nb_params])), id="exact"),
+        pytest.param(
+            lambda im, ds: FirstOrderInfluenceCalculator(
+                im, ds, "cg", damping=1.0, curvature="ggn", ihvp_options={"max_iterations": 2}
+            ).self_influence(dataset(*good_data(), batch_size=4)),
+            id="cg-ggn",
+        ),
+        pytest.param(lambda im, ds: EKFACIHVP(im, ds, damping=1.0).solve(tf.ones([1, im.nb_params])), id="ekfac"),
+        pytest.param(
+            lambda im, ds: LissaIHVP(im, ds, damping=1.0, depth=3, scale=10.0, batches_per_step=1).solve(
+                tf.ones([1, im.nb_params])
+            ),
+            id="stochastic-lissa",
+        ),
+    ],
+)
+@pytest.mark.parametrize(("label", "words"), [(7, "sparse labels >= the 3 classes"), (np.nan, "non-finite targets")])
+def test_a_bad_batch_in_the_dataset_a_curvature_is_built_on_names_its_batch(build, label, words):
+    """Solvers read the Hessian dataset themselves (in the constructor or on the first solve): same checks there."""
+    im = InfluenceModel(small_mlp(seed=0), loss_function=sparse_ce())
+    x, y = good_data()
+    y = y.astype("float64")
+    y[9] = label
+    with pytest.raises(ValueError, match=rf"dataset: batch \d \(examples from index \d+ on\) has {words}"):
+        build(im, dataset(x, y, batch_size=4))
+
+
+def test_a_multi_output_model_is_told_how_to_give_one_loss_per_example():
+    keras.utils.set_random_seed(0)
+    x, y = good_data(8)
+    x = x.astype("float32")
+    inputs = keras.Input(x.shape[1:])
+    model = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(1)(inputs)])
+    wrong = InfluenceModel(model, loss_function=keras.losses.SparseCategoricalCrossentropy(reduction="none"))
+    with pytest.raises(ValueError, match=r"2 outputs .*callable \(targets, outputs\) -> \[B\].*model.outputs\[0\]"):
+        wrong.batch_loss(next(iter(dataset(x, y, batch_size=4))))
+
+    sparse = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    def combined(targets, outputs):  # the advice works: one loss value per example from both outputs
+        return sparse(targets[0], outputs[0]) + tf.reduce_mean(tf.square(outputs[1] - targets[1]), axis=-1)
+
+    right = InfluenceModel(model, loss_function=combined)
+    pairs = tf.data.Dataset.from_tensor_slices((x, (y, x[:, :1]))).batch(4)
+    calculator = FirstOrderInfluenceCalculator(right, pairs, ihvp_calculator=ExactIHVP(right, pairs, damping=1.0))
+    values = calculator.self_influence(pairs)
+    assert values.shape == (8,) and np.isfinite(values).all() and (values > 0).all()

@@ -9,12 +9,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import classification_data, dataset, fit, ridge_problem, sparse_ce
 
 from influenciae import InfluenceModel
 from influenciae.hessian import ArnoldiIHVP, ConjugateGradientDescentIHVP, ExactIHVP, LissaIHVP, get_ihvp
 from influenciae.hessian.exact import AUTO_DAMPING_FRACTION
 from influenciae.influence.first_order import FirstOrderInfluenceCalculator
-from tests.helpers import classification_data, dataset, fit, ridge_problem, sparse_ce
 
 
 def softmax_mlp(dtype: str = "float64"):
@@ -86,7 +86,7 @@ def test_cg_default_tolerance_reachable_in_float32():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5,), dtype="float32"), keras.layers.Dense(1, use_bias=False)])
     model.layers[0].kernel.assign(np.ones((5, 1), "float32"))
-    from tests.helpers import half_squared_error
+    from helpers import half_squared_error
 
     im32 = InfluenceModel(model, loss_function=half_squared_error)
     ds = dataset(x.astype("float32"), y.astype("float32"))
@@ -119,7 +119,7 @@ def test_arnoldi_default_keeps_half_and_warns_on_full_subspace():
 
 def test_exact_refuses_float16_clearly():
     model = keras.Sequential([keras.Input((3,), dtype="float16"), keras.layers.Dense(1, dtype="float16")])
-    from tests.helpers import half_squared_error
+    from helpers import half_squared_error
 
     im = InfluenceModel(model, loss_function=half_squared_error)
     x = np.random.default_rng(0).standard_normal((8, 3)).astype("float16")

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import check_dataset, unpack_batch
+from influenciae.data import CheckedBatches, check_dataset, sparse_classes, unpack_batch
 from influenciae.hessian.operator import HessianOperator, RowOperator
 from influenciae.model import InfluenceModel
 
@@ -65,6 +65,7 @@ class CurvatureOperator(RowOperator):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
         self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
+        self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
         self._num_examples: int | None = None
         super().__init__(model.nb_params, model.dtype, type(self).__name__, parameters={"model": model})
 
@@ -101,7 +102,7 @@ class CurvatureOperator(RowOperator):
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         total = tf.zeros_like(vectors)
         count = 0
-        for batch in self.dataset:
+        for batch in self.batches:
             total += self.batch_sum(batch, vectors, first_index=count)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:

@@ -44,7 +44,7 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
 from influenciae.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
-from influenciae.data import check_dataset
+from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.fingerprint import model_identity
 from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.ggn import curvature_of
@@ -174,6 +174,7 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         super().__init__(None, None, damping=damping, operator=undamped)
         self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
+        self._checked = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
         self.relative_damping = float(relative_damping)
         self.fisher = fisher
         self.curvature = "empirical_fisher" if fisher == "empirical" else "ggn"
@@ -336,7 +337,7 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         return tf.constant([self.seed, batch_number], tf.int32)
 
     def _batches(self, description: str) -> Iterator[Any]:
-        iterator: Any = self.dataset
+        iterator: Any = self._checked
         if self._show_progress:
             from tqdm.auto import tqdm
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
+from influenciae.data import CheckedBatches, sparse_classes
 from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.conjugate_gradient import ConvergenceInfo
 from influenciae.hessian.operator import HessianOperator
@@ -114,7 +115,10 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         if not isinstance(hessian, HessianOperator):  # pragma: no cover - guarded in __init__
             raise TypeError("Stochastic LiSSA needs a HessianOperator.")
         model = hessian.model
-        batches = iter(hessian.dataset.shuffle(256, seed=self.seed).repeat())
+        shuffled = hessian.dataset.shuffle(256, seed=self.seed).repeat()
+        batches = iter(
+            CheckedBatches(shuffled, num_classes=sparse_classes(model.model, hessian.dataset), name="dataset")
+        )
         damping = tf.constant(self.damping, self.dtype)
 
         def product(rows: tf.Tensor) -> tf.Tensor:

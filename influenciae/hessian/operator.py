@@ -10,7 +10,7 @@ import numbers
 from typing import Any
 
 from influenciae._backend import tf
-from influenciae.data import check_dataset
+from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.model import InfluenceModel
 
 __all__ = ["RowOperator", "HessianOperator", "DampedOperator", "damped", "as_row_operator"]
@@ -91,6 +91,7 @@ class HessianOperator(RowOperator):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
         self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
+        self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
         self._num_examples: int | None = None
         super().__init__(
             model.nb_params, model.dtype, "HessianOperator", parameters={"model": model, "dataset": dataset}
@@ -106,7 +107,7 @@ class HessianOperator(RowOperator):
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         total = tf.zeros_like(vectors)
         count = 0
-        for batch in self.dataset:
+        for batch in self.batches:
             total += self.model.batch_hvp_sum(batch, vectors)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:

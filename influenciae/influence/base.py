@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, ShardInput, combine_hashes, fill_cache, fingerprint_arrays, hash_batch
-from influenciae.data import check_dataset, check_stable_order, checked_iteration, with_checks, with_indices
+from influenciae.data import (
+    check_dataset,
+    check_stable_order,
+    checked_iteration,
+    sparse_classes,
+    with_checks,
+    with_indices,
+)
 from influenciae.fingerprint import model_identity
 from influenciae.model import InfluenceModel
 from influenciae.search import NearestNeighbors, get_nearest_neighbors, merge_top_k
@@ -385,19 +392,7 @@ class BaseInfluenceCalculator(abc.ABC):
 
     def _sparse_classes(self, dataset: tf.data.Dataset) -> int | None:
         """``C`` when the targets are sparse class labels for a ``[B, C]`` output (``C > 1``), else ``None``."""
-        try:
-            outputs = self.model.model.outputs
-        except (AttributeError, ValueError):
-            return None
-        targets = tf.nest.flatten(check_dataset(dataset).element_spec[1])
-        if not outputs or len(outputs) != 1 or len(targets) != 1:
-            return None
-        output_shape, target_shape = tf.TensorShape(outputs[0].shape), tf.TensorShape(targets[0].shape)
-        if output_shape.rank != 2 or output_shape[-1] is None or output_shape[-1] < 2 or target_shape.rank is None:
-            return None
-        if target_shape.rank == 1 or (target_shape.rank == 2 and target_shape[-1] == 1):
-            return int(output_shape[-1])
-        return None
+        return sparse_classes(self.model.model, dataset)
 
     def _self_influence_stream(
         self, train_set: tf.data.Dataset, *, validate: bool = True, with_index: bool = False
