@@ -34,7 +34,7 @@ from influenciae.influence import (
     TrakCalculator,
     WeightsBoundaryCalculator,
 )
-from influenciae.model import InfluenceModel
+from influenciae.model import InfluenceModel, MigrationWarning
 from influenciae.types import CACHE, ORDER
 
 __version__ = "0.1.0"
@@ -57,6 +57,7 @@ __all__ = [
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "InfluenceModel",
+    "MigrationWarning",
     "InverseHessianVectorProduct",
     "LissaIHVP",
     "RepresenterPointL2",

@@ -137,6 +137,39 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-size", type=_integer_at_least(20), default=None, help="use a random subset of the training set"
     )
+
+    def budgets(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+        if not all(0.0 < value <= 1.0 for value in values) or any(
+            b <= a for a, b in zip(values, values[1:], strict=False)
+        ):
+            raise argparse.ArgumentTypeError(
+                f"expected increasing fractions in (0, 1], e.g. 0.05,0.1,0.2, got {text!r}"
+            )
+        return values
+
+    budgets.__name__ = "comma-separated fractions"  # argparse names the type in some messages
+    parser.add_argument(
+        "--budgets",
+        type=budgets,
+        default=(0.05, 0.1, 0.2),
+        help="fractions of the training set cleaned in the cleaning experiment (default: 0.05,0.1,0.2)",
+    )
+    parser.add_argument(
+        "--cleaning-seeds",
+        type=_integer_at_least(1),
+        default=3,
+        help="retraining seeds of the cleaning experiment, one random pick per seed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cleaning-action",
+        choices=("fix", "drop"),
+        default="fix",
+        help="fix the picked labels (set the true label) or drop the picked examples (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or step messages")
 
 
@@ -156,6 +189,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         ihvp=args.solver,
         damping=args.damping,
         train_size=args.train_size,
+        budgets=args.budgets,
+        cleaning_seeds=args.cleaning_seeds,
+        cleaning_action=args.cleaning_action,
         show_progress=not args.no_progress,
     )
     print(format_summary(metrics))
@@ -191,7 +227,9 @@ def _influence_model(setup: Any) -> Any:
     from influenciae.model import InfluenceModel
 
     start_layer = -1 if setup.args.start_layer is None else setup.args.start_layer
-    return InfluenceModel(setup.model, start_layer=start_layer, loss_function=setup.loss.function)
+    # --start-layer documents "from this layer to the output": say so, which also keeps the MigrationWarning (for
+    # Python code written for the original's "layer k only") out of the CLI.
+    return InfluenceModel(setup.model, start_layer=start_layer, last_layer=-1, loss_function=setup.loss.function)
 
 
 def _build_first_order(setup: Any, *, normalize: bool = False) -> Any:

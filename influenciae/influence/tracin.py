@@ -666,6 +666,11 @@ class TracIn(_GradientTracIn):
             batches_per_shard=batches_per_shard,
         )
 
+    @property
+    def models(self) -> list[InfluenceModel]:
+        """The checkpoints' :class:`InfluenceModel` objects, in order (the original Influenciae's ``TracIn.models``)."""
+        return list(self.checkpoints.models)
+
 
 class TracInCP(_GradientTracIn):
     """TracInCP from saved checkpoints: the score of :class:`TracIn`, loading one checkpoint at a time.
