@@ -1,4 +1,5 @@
-"""Matplotlib figures for influence results: image grids, proponents/opponents, score histograms, detection curves.
+"""Matplotlib figures for influence results: image grids, proponents/opponents, score histograms, detection and
+cleaning curves.
 
 matplotlib is optional (``pip install 'influenciae[plots]'``) and imported only when a figure is drawn. Every function
 returns the :class:`matplotlib.figure.Figure`, so it displays in a notebook and saves with ``fig.savefig(path)``.
@@ -24,6 +25,7 @@ __all__ = [
     "plot_proponents_opponents",
     "plot_detection_curve",
     "plot_score_histogram",
+    "plot_cleaning_curve",
     "new_figure",
     "save_figure",
     "require_matplotlib",
@@ -315,4 +317,71 @@ def plot_score_histogram(
     axis.set_xlabel(xlabel)
     axis.set_ylabel("examples" + (" (log scale)" if log_scale else ""))
     axis.grid(alpha=0.3)
+    return axis.figure
+
+
+def plot_cleaning_curve(
+    budgets: Sequence[float],
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    before: tuple[float, float],
+    ceiling: float | None = None,
+    title: str = "Test accuracy after cleaning the top-ranked training labels",
+    ylabel: str = "test accuracy",
+    axis: Any | None = None,
+) -> Any:
+    """Test accuracy (mean ± std over retraining seeds) against the fraction of the training set cleaned.
+
+    Every curve starts at budget 0 from ``before`` (the model trained on the noisy data), so the lines show what each
+    ranking buys for the same budget.
+
+    Args:
+        budgets: Fractions of the training set cleaned ``[B]``, increasing, in ``(0, 1]``.
+        curves: Ranking name -> ``(mean [B], std [B])``; a name containing "random" is drawn dashed.
+        before: ``(mean, std)`` at budget 0.
+        ceiling: Drawn as a dashed black horizontal line (e.g. the accuracy with every label clean).
+        title: Title of the plot.
+        ylabel: Label of the y axis.
+        axis: Draw on this ``Axes``; a new figure when ``None``.
+
+    Returns:
+        The ``Figure`` holding the plot.
+
+    Example:
+        >>> fig = plot_cleaning_curve([0.05, 0.1], {"loss": ([0.96, 0.97], [0.01, 0.0])}, before=(0.95, 0.01))
+    """
+    fractions = np.asarray(budgets, dtype=float).reshape(-1)
+    if fractions.size == 0 or not np.all((fractions > 0) & (fractions <= 1)) or np.any(np.diff(fractions) <= 0):
+        raise ValueError(f"budgets must be increasing fractions in (0, 1], got {list(budgets)!r}.")
+    if not curves:
+        raise ValueError("plot_cleaning_curve needs at least one curve.")
+    if axis is None:
+        figure = new_figure((6.0, 4.2))
+        axis = figure.add_subplot()
+    x = 100.0 * np.concatenate([[0.0], fractions])
+    for position, (name, (mean_values, std_values)) in enumerate(curves.items()):
+        mean, std = np.asarray(mean_values, dtype=float).reshape(-1), np.asarray(std_values, dtype=float).reshape(-1)
+        if mean.shape != fractions.shape or std.shape != fractions.shape:
+            raise ValueError(
+                f"Curve {name!r} needs {fractions.size} means and stds (one per budget), got {mean.size} and "
+                f"{std.size}."
+            )
+        style: dict[str, Any] = {"linestyle": "--"} if "random" in name.lower() else {}
+        axis.errorbar(
+            x + 0.25 * (position - (len(curves) - 1) / 2),  # a small offset keeps overlapping error bars visible
+            np.concatenate([[before[0]], mean]),
+            yerr=np.concatenate([[before[1]], std]),
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label=name,
+            **style,
+        )
+    if ceiling is not None:
+        axis.axhline(ceiling, color="black", linestyle="--", linewidth=1.2, label=f"all labels clean ({ceiling:.3f})")
+    axis.set_xlabel("training examples cleaned (% of the training set, top of each ranking)")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
     return axis.figure
