@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -128,3 +130,21 @@ def fit(model, x, y, loss=None, steps: int = 200, learning_rate: float = 0.05):
     for _ in range(steps):
         value = step()
     return float(value)
+
+
+def exact_softmax_ggn(im: Any, x: Any, num_classes: int) -> np.ndarray:
+    """``(1/N) Σ_i J_iᵀ (diag(p_i) - p_i p_iᵀ) J_i`` from per-example logit Jacobians (softmax CE) ``[P, P]``."""
+    with tf.GradientTape() as tape:
+        logits = im.model(x, training=False)  # [N, C]: example i's logits depend on example i only
+    jacobians = tape.jacobian(logits, im.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    jacobian = np.concatenate([tf.reshape(j, [len(x), num_classes, -1]).numpy() for j in jacobians], axis=2)
+    probabilities = tf.nn.softmax(logits).numpy()
+    output_hessians = np.stack([np.diag(p) - np.outer(p, p) for p in probabilities])
+    return np.einsum("ncp,ncd,ndq->pq", jacobian, output_hessians, jacobian) / len(x)
+
+
+def kron_basis(block: Any) -> np.ndarray:
+    """The dense eigenbasis of a Kronecker block (row-major vec of ``[rows, columns]``, the flat parameter order)."""
+    rows = np.eye(block.rows) if block.row_basis is None else block.row_basis
+    columns = np.eye(block.columns) if block.column_basis is None else block.column_basis
+    return np.kron(rows, columns)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import FLOAT, classification_data, dataset, fit, small_mlp, sparse_ce
+from helpers import FLOAT, classification_data, dataset, exact_softmax_ggn, fit, kron_basis, small_mlp, sparse_ce
 
 from influenciae import EKFACIHVP, KFACIHVP, FirstOrderInfluenceCalculator, InfluenceModel
 from influenciae.capture import LayerCapture
@@ -96,23 +96,6 @@ def _tape_loop_gradients(im: InfluenceModel, x, y, weights=None) -> np.ndarray:
     return np.stack(rows)
 
 
-def _exact_ggn(im: InfluenceModel, x) -> np.ndarray:
-    """``(1/N) Σ_i J_iᵀ (diag(p_i) - p_i p_iᵀ) J_i`` from per-example logit Jacobians (softmax cross-entropy)."""
-    with tf.GradientTape() as tape:
-        logits = im.model(x, training=False)  # [N, C]: example i's logits depend on example i only
-    jacobians = tape.jacobian(logits, im.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    jacobian = np.concatenate([tf.reshape(j, [len(x), CLASSES, -1]).numpy() for j in jacobians], axis=2)
-    probabilities = tf.nn.softmax(logits).numpy()
-    output_hessians = np.stack([np.diag(p) - np.outer(p, p) for p in probabilities])
-    return np.einsum("ncp,ncd,ndq->pq", jacobian, output_hessians, jacobian) / len(x)
-
-
-def _kron_basis(block) -> np.ndarray:
-    rows = np.eye(block.rows) if block.row_basis is None else block.row_basis
-    columns = np.eye(block.columns) if block.column_basis is None else block.column_basis
-    return np.kron(rows, columns)  # row-major vec of [rows, columns]: the flat order of parameter_indices
-
-
 # ---------------------------------------------------------------------- capture
 
 
@@ -184,12 +167,12 @@ def test_kfac_factors_closed_form():
 @pytest.mark.slow
 def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_kronecker_eigenbasis(problem):
     name, im, x, y = problem
-    ggn = _exact_ggn(im, x)
+    ggn = exact_softmax_ggn(im, x, CLASSES)
     ekfac = EKFACIHVP(im, dataset(x, y, batch_size=4)).fit()
     diagonal = DiagonalIHVP(im, dataset(x, y, batch_size=5)).fit()
     for block, plain in zip(ekfac.blocks, diagonal.blocks, strict=True):
         indices = block.parameter_indices
-        basis = _kron_basis(block)
+        basis = kron_basis(block)
         in_basis = np.diag(basis.T @ ggn[np.ix_(indices, indices)] @ basis).reshape(block.rows, block.columns)
         np.testing.assert_allclose(block.eigenvalues, in_basis, rtol=1e-9, atol=1e-14)
         np.testing.assert_allclose(plain.eigenvalues.ravel(), np.diag(ggn)[plain.parameter_indices], atol=1e-14)
@@ -213,7 +196,7 @@ def test_eigenbasis_solve_equals_a_dense_solve(solver_class, damping, relative_d
         elif solver_class is KFACIHVP:  # the K-FAC matrix itself, A ⊗ S
             matrix = np.kron(block.row_factor, block.column_factor)
         else:
-            basis = _kron_basis(block)
+            basis = kron_basis(block)
             matrix = basis @ np.diag(block.eigenvalues.ravel()) @ basis.T
         mean_eigenvalue = np.trace(matrix) / len(indices)
         dense[np.ix_(indices, indices)] = matrix + (damping + relative_damping * mean_eigenvalue) * np.eye(len(indices))

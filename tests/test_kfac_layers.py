@@ -17,8 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from helpers import FLOAT, dataset, sparse_ce
+from helpers import FLOAT, dataset, exact_softmax_ggn, kron_basis, sparse_ce
 
 from influenciae import EKFACIHVP, InfluenceModel
 from influenciae.capture import LayerCapture
@@ -111,23 +110,6 @@ def problem(request):
     return request.param, InfluenceModel(model, loss_function=sparse_ce()), x, y
 
 
-def _exact_ggn(im: InfluenceModel, x) -> np.ndarray:
-    """``(1/N) Σ_i J_iᵀ (diag(p_i) - p_i p_iᵀ) J_i`` from per-example logit Jacobians (softmax cross-entropy)."""
-    with tf.GradientTape() as tape:
-        logits = im.model(x, training=False)
-    jacobians = tape.jacobian(logits, im.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    jacobian = np.concatenate([tf.reshape(j, [len(x), CLASSES, -1]).numpy() for j in jacobians], axis=2)
-    probabilities = tf.nn.softmax(logits).numpy()
-    output_hessians = np.stack([np.diag(p) - np.outer(p, p) for p in probabilities])
-    return np.einsum("ncp,ncd,ndq->pq", jacobian, output_hessians, jacobian) / len(x)
-
-
-def _kron_basis(block) -> np.ndarray:
-    rows = np.eye(block.rows) if block.row_basis is None else block.row_basis
-    columns = np.eye(block.columns) if block.column_basis is None else block.column_basis
-    return np.kron(rows, columns)
-
-
 # ---------------------------------------------------------------------- capture = per-sample gradients
 
 
@@ -178,13 +160,13 @@ def test_padding_tokens_get_no_gradient():
 def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_kronecker_eigenbasis(name):
     model, x, y = MODELS[name]()
     im = InfluenceModel(model, loss_function=sparse_ce())
-    ggn = _exact_ggn(im, x)
+    ggn = exact_softmax_ggn(im, x, CLASSES)
     ekfac = EKFACIHVP(im, dataset(x, y, batch_size=4)).fit()  # batches 4 + 3: the second one is padded
     diagonal = DiagonalIHVP(im, dataset(x, y, batch_size=5)).fit()
     assert {block.kind for block in ekfac.blocks} == KINDS[name][0] | ({"diagonal"} if KINDS[name][1] else set())
     for block, plain in zip(ekfac.blocks, diagonal.blocks, strict=True):
         indices = block.parameter_indices
-        basis = _kron_basis(block)
+        basis = kron_basis(block)
         in_basis = np.diag(basis.T @ ggn[np.ix_(indices, indices)] @ basis).reshape(block.rows, block.columns)
         np.testing.assert_allclose(block.eigenvalues, in_basis, rtol=1e-9, atol=1e-14)
         np.testing.assert_allclose(plain.eigenvalues.ravel(), np.diag(ggn)[plain.parameter_indices], atol=1e-14)
