@@ -9,6 +9,12 @@ A section module lives in this package and exposes ``run(*, repeats: int) -> lis
 run (DESIGN.md §5), never as absolute timings to assert: the machine changes, the ratios should not. The block
 between ``<!-- peers:begin -->`` and ``<!-- peers:end -->`` of the output file, written by ``make bench-peers``
 (``benchmarks/peers/run_peers.py``), is carried over unchanged.
+
+``--only NAME ...`` runs the named sections and replaces just them in an existing ``--output`` file (matched by
+title, keeping their numbers; a section not yet there is appended after the last numbered one), with their rows of
+the targets summary; the header (date, machine, total time) and every other section are kept as they were::
+
+    .venv/bin/python benchmarks/run_benchmarks.py --only language_model --output docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import datetime
 import importlib
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -33,6 +40,7 @@ SECTION_MODULES = {
     "curvature": "benchmarks.curvature",
     "curvature_query": "benchmarks.curvature_query",
     "distributed": "benchmarks.distributed",
+    "language_model": "benchmarks.language_model",
 }
 COMMAND = ".venv/bin/python benchmarks/run_benchmarks.py --output docs/benchmarks.md"
 DEFAULT_REPEATS = 5
@@ -240,13 +248,54 @@ def render(
         lines += [f"| {c.name} | {ratio(c.measured)} | {c.target} | {c.verdict} |" for c in checks]
         lines.append("")
     for number, section in enumerate(sections, start=1):
-        lines += [f"## {number}. {section.title}", "", section.intro.strip(), ""]
-        lines.append("| " + " | ".join(section.columns) + " |")
-        lines.append("|" + "|".join("---" for _ in section.columns) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in section.rows]
-        lines.append("")
-        for note in section.notes:
-            lines += [note, ""]
+        lines += render_section(number, section)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_section(number: int, section: Section) -> list[str]:
+    """The markdown lines of one numbered section, ending with a blank line."""
+    lines = [f"## {number}. {section.title}", "", section.intro.strip(), ""]
+    lines.append("| " + " | ".join(section.columns) + " |")
+    lines.append("|" + "|".join("---" for _ in section.columns) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in section.rows]
+    lines.append("")
+    for note in section.notes:
+        lines += [note, ""]
+    return lines
+
+
+_HEADING = re.compile(r"^## (\d+)\. (.+)$")
+
+
+def update_sections(previous: str, sections: Sequence[Section]) -> str:
+    """``previous`` (a report) with ``sections`` replacing the numbered sections of the same title.
+
+    A section runs from its ``## N. Title`` heading to the next ``## `` heading or ``<!--`` block marker. A title
+    not found is appended, numbered after the last numbered section, before the first block marker (or at the
+    end). Rows of the targets summary whose target name a section measures are replaced by its checks.
+    """
+    lines = previous.rstrip("\n").split("\n")
+    for section in sections:
+        headings = [(index, _HEADING.match(line)) for index, line in enumerate(lines)]
+        numbered = [(index, match) for index, match in headings if match is not None]
+        same = [(index, match) for index, match in numbered if match.group(2) == section.title]
+        if same:
+            start, match = same[0]
+            stop = next(
+                (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ") or lines[i].startswith("<!--")),
+                len(lines),
+            )
+            lines[start:stop] = render_section(int(match.group(1)), section)
+        else:
+            number = max((int(match.group(1)) for _, match in numbered), default=0) + 1
+            at = next((i for i, line in enumerate(lines) if line.startswith("<!--")), len(lines))
+            block = render_section(number, section)
+            if at == len(lines):
+                block = ["", *block[:-1]]
+            lines[at:at] = block
+        for check in section.checks:
+            row = f"| {check.name} | {ratio(check.measured)} | {check.target} | {check.verdict} |"
+            lines = [row if line.startswith(f"| {check.name} |") else line for line in lines]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -270,9 +319,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(SECTION_MODULES),
         help="sections to run (default: all)",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(SECTION_MODULES),
+        help="run these sections and replace only them in the existing --output file (the rest is kept)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5 so that the median means something.")
+    if args.only:
+        if args.output is None or not args.output.is_file():
+            parser.error("--only updates an existing report: give --output with a file written by a full run.")
+        updated = update_sections(
+            args.output.read_text(encoding="utf-8"), run_sections(args.only, repeats=args.repeats)
+        )
+        args.output.write_text(updated, encoding="utf-8")
+        log(f"updated {', '.join(args.only)} in {args.output}")
+        return 0
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     load_at_start = _load_average()
