@@ -1266,7 +1266,8 @@ def format_summary(metrics: dict[str, Any]) -> str:
     budgets = cleaning["budgets"]
     header = "".join(f"{f'{budget:.0%}':>16}" for budget in budgets)
     lines = [
-        f"Cleaning ({cleaning['action']} the top-ranked training labels, retrain; test accuracy, mean ± std over "
+        f"Cleaning ({cleaning['action']} the top-ranked training "
+        f"{'labels' if cleaning['action'] == 'fix' else 'examples'}, retrain; test accuracy, mean ± std over "
         f"{len(cleaning['retrain_seeds'])} seeds): before {_pm(cleaning['before'])}, "
         f"all labels clean {_pm(cleaning['clean'])}",
         f"  {'ranking':<16}{header}",

@@ -17,6 +17,7 @@ from influenciae.demo import (
     _cleaned_training_set,
     _fit,
     _retrained_accuracy,
+    _Retrainer,
     _test_scores,
     format_summary,
     load_noisy_digits,
@@ -231,6 +232,21 @@ def test_fixing_every_flipped_label_gives_the_clean_accuracy(demo_run, demo_data
     kept_images, kept_labels = _cleaned_training_set(data, oracle[:budget], "drop")
     assert kept_labels.size == kept_images.shape[0] == data.given_labels.size - budget
     np.testing.assert_array_equal(kept_labels, data.true_labels[~data.flipped])
+
+
+@pytest.mark.slow
+def test_reused_compiled_model_trains_like_a_fresh_one(demo_data):
+    data, _ = demo_data
+    config = DemoConfig(epochs=1, train_size=400)
+    # Dropping changes the training-set size (a compiled model of its own); the reuse at one size is checked against
+    # a fresh model in test_fixing_every_flipped_label_gives_the_clean_accuracy.
+    images, labels = _cleaned_training_set(data, np.arange(40), "drop")
+    retrainer = _Retrainer(config)
+    reused = retrainer.fit(images, labels, seed=1).get_weights()
+    fresh = _fit(images, labels, seed=1, config=config).get_weights()
+    for reused_weight, fresh_weight in zip(reused, fresh, strict=True):
+        np.testing.assert_array_equal(reused_weight, fresh_weight)
+    assert list(retrainer.models) == [360]
 
 
 @pytest.mark.slow
