@@ -681,7 +681,7 @@ def _per_example_gradients(im: InfluenceModel, train: Any) -> np.ndarray:
 
 
 def _answers(run: Callable[[], None]) -> Callable[[], None]:
-    """§3 promises an answer: a refusal, however clear, is not clear here."""
+    """§3 (and the controls) promise an answer: a refusal, however clear, is not clear here."""
 
     def answered() -> None:
         try:
@@ -1014,6 +1014,7 @@ def _migration_g() -> None:
 
 CASES: tuple[Case, ...] = (
     # §1: a cache must know exactly what it holds (refused with a clear error, or equal to a fresh run)
+    Case("control: the unchanged request reuses the cache", "1-cache", _answers(_stale(_reference_request))),
     Case(
         "another loss (ignore_class=2)",
         "1-cache",
@@ -1055,6 +1056,7 @@ CASES: tuple[Case, ...] = (
     Case("top-k after adding 32 training examples (CLI)", "1-cache", _top_k_extended),
     Case("top-k --solver cg on a complete cache exits 0 (CLI)", "1-cache", _top_k_iterative("cg")),
     Case("top-k --solver lissa on a complete cache exits 0 (CLI)", "1-cache", _top_k_iterative("lissa")),
+    Case("control: score --state with the same options reuses it", "1-cache", _answers(_score_state())),
     Case("score --state with another --damping", "1-cache", _score_state("--damping", "0.5")),
     Case("score --state with another --solver", "1-cache", _score_state("--solver", "cg")),
     Case("score --state with another --test", "1-cache", _score_state("--test", "RECORDS/other-*")),
