@@ -1513,30 +1513,21 @@ for j in [j for j in range(len(documents)) if j not in planted][:4]:
 """
 
 LM_MODEL = """
-class CausalWindow(keras.layers.Layer):
-    \"\"\"Concatenates the embeddings of the current and WIDTH - 1 previous positions (zeros before the start).\"\"\"
-
-    def __init__(self, width, **kwargs):
-        super().__init__(**kwargs)
-        self.width = width
-
-    def call(self, x):
-        length = keras.ops.shape(x)[1]
-        shifted = [keras.ops.pad(x, [[0, 0], [j, 0], [0, 0]])[:, :length] for j in range(self.width)]
-        return keras.ops.concatenate(shifted, axis=-1)
-
-    def get_config(self):
-        return {**super().get_config(), "width": self.width}
-
-
 keras.utils.set_random_seed(0)
-model = keras.Sequential([
-    keras.Input((LENGTH,), dtype="int32"),
-    keras.layers.Embedding(len(vocabulary), 16, name="embedding"),
-    CausalWindow(5, name="window"),
-    keras.layers.Dense(64, activation="tanh", name="hidden"),
-    keras.layers.Dense(len(vocabulary), name="logits"),  # [B, T, V]
-])
+backbone = keras_hub.models.GPT2Backbone(
+    vocabulary_size=len(vocabulary),
+    num_layers=BLOCKS,
+    num_heads=2,
+    hidden_dim=WIDTH,
+    intermediate_dim=4 * WIDTH,
+    dropout=0.0,  # deterministic: the influence model sees the network that was trained
+    max_sequence_length=LENGTH,
+)
+token_ids = keras.Input((LENGTH,), dtype="int32", name="token_ids")
+# Attention is causal, so the padding after a document never reaches its predictions; padded targets are masked
+# in the loss. A mask of ones keeps every sequence the same shape.
+hidden = backbone({"token_ids": token_ids, "padding_mask": keras.ops.ones_like(token_ids)})  # [B, T, WIDTH]
+model = keras.Model(token_ids, keras.layers.Dense(len(vocabulary), name="lm_head")(hidden))  # logits [B, T, V]
 loss = token_cross_entropy(pad_id=PAD)  # masked mean of the token cross-entropies, one value per document
 model.compile(keras.optimizers.Adam(LEARNING_RATE), loss=loss)
 start = time.perf_counter()
@@ -1568,14 +1559,20 @@ def language_model_influence() -> list[Cell]:
             proponent of the completion**: up-weighting `z` by `ε` raises `log p(completion)` by about `ε · score`
             (Grosse et al., 2023), and `ORDER.DESCENDING` lists supporting documents first.
 
-            We plant a fact in a few documents of a synthetic corpus, train a small causal language model, and check
+            We plant a fact in a few documents of a synthetic corpus, train a tiny GPT-2 on it, and check
             whether EK-FAC influence, TracIn and TRAK find the planted documents among many distractors, some with the
             same phrasing ("the capital of plavia is arden") and some about zorbia ("zorbia is a cold land").
             """
         ),
         setup_cell(
             """
+            # TensorFlow's oneDNN kernels corrupt the heap when pfor vectorizes attention (per-sample gradients of
+            # the GPT-2 below abort the kernel with "free(): invalid pointer"): use TensorFlow's own kernels. This
+            # must run before TensorFlow is imported.
+            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
             import keras
+            import keras_hub
             import numpy as np
             import tensorflow as tf
 
@@ -1587,8 +1584,10 @@ def language_model_influence() -> list[Cell]:
 
             NUM_PLANTED = 5
             NUM_DISTRACTORS = 60 if FAST else 200
-            EPOCHS = 40 if FAST else 60
+            EPOCHS = 40 if FAST else 15  # about 200 Adam steps of 16 documents either way
             LEARNING_RATE = 3e-3
+            BLOCKS = 2  # a tiny GPT-2: two transformer blocks of width 32
+            WIDTH = 32
             TOP = 10
             """
         ),
@@ -1603,12 +1602,14 @@ def language_model_influence() -> list[Cell]:
         code(LM_CORPUS),
         md(
             """
-            ## 2. A small causal language model
+            ## 2. A tiny GPT-2
 
-            A neural language model in the style of Bengio et al. (2003): token embeddings, the embeddings of the
-            last five positions concatenated (a causal window), a tanh layer and logits over the vocabulary at every
-            position. A GPT-2-like transformer (`keras_hub.models.GPT2Backbone`) goes through the same code; this one
-            trains in seconds and every layer is one that EK-FAC models with Kronecker factors.
+            A randomly initialised `keras_hub.models.GPT2Backbone` (two transformer blocks of width 32, two attention
+            heads, learned position embeddings, no dropout) with a Dense head giving logits over the vocabulary at
+            every position, trained on the corpus with Adam. EK-FAC models its Dense and EinsumDense layers (the
+            attention projections and the MLPs) with Kronecker factors; the embeddings and layer norms get a diagonal
+            curvature. Training stops after about 200 steps: longer, the model memorises every document and the
+            planted documents' gradients at the final weights fade (see the note at the end of this notebook).
             """
         ),
         code(LM_MODEL),
@@ -1623,7 +1624,7 @@ def language_model_influence() -> list[Cell]:
             measurement = completion_log_probability(pad_id=PAD)
             log_p = float(measurement(model(query_inputs), query_targets)[0])
             print(f"p(quell | the capital of zorbia is) = {np.exp(log_p):.3f}")
-            assert np.exp(log_p) > (0.2 if FAST else 0.5), "the model has learned the planted fact"
+            assert np.exp(log_p) > 0.5, "the model has learned the planted fact (chance: 1 / len(vocabulary))"
 
             influence_model = InfluenceModel(model, loss_function=loss)
             train_set = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(32)
@@ -1747,10 +1748,11 @@ def language_model_influence() -> list[Cell]:
             """
             layers = per_layer_influence(ekfac_influence, query_set, train_set)
             np.testing.assert_allclose(sum(layers.values()), totals, rtol=1e-3, atol=1e-6 * np.abs(totals).max())
-            print("layer        planted (mean)   others (mean)")
             others = [j for j in range(len(documents)) if j not in planted]
+            width = max(len(name) for name in layers)
+            print(f"{'layer':{width}s}  planted (mean)  others (mean)")
             for name, scores in layers.items():
-                print(f"{name:12s} {scores[0, planted].mean():+14.4f} {scores[0, others].mean():+14.4f}")
+                print(f"{name:{width}s} {scores[0, planted].mean():+15.4f} {scores[0, others].mean():+14.4f}")
             """
         ),
         md(
@@ -1781,6 +1783,13 @@ def language_model_influence() -> list[Cell]:
               `(outputs, targets) -> [B]` function works.
             * Token masks live in the targets (`pad_id`, or `(token_ids, mask)` pairs), so padding carries no
               influence, and per-token and per-layer breakdowns sum exactly to the scores.
+            * On this transformer the curvature matters: EK-FAC finds the planted documents; TracIn (final weights,
+              no curvature) and TRAK (random projections) find fewer of them, in this run and in the ones reported in
+              `docs/language_models.md`.
+            * Training length matters too. Past about 200 steps the model memorises every document, the planted
+              documents' gradients at the final weights shrink, and which documents come first among them and the
+              same-phrasing distractors varies from one training run to the next (`docs/language_models.md` gives the
+              recall for several training lengths and seeds).
             * See `docs/language_models.md` for the API and the sign convention in detail.
             """
         ),

@@ -74,5 +74,13 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         client.execute()
     except nbclient.exceptions.CellExecutionError as error:
         pytest.fail(f"{path.name} failed:\n{error}", pytrace=False)
+    except nbclient.exceptions.DeadKernelError as error:
+        # The kernel is a subprocess: an interpreter abort (e.g. TensorFlow's pfor on attention) fails the test at
+        # once with the cell that was running, instead of hanging until the cell timeout.
+        running = next(
+            (cell.source[:200] for cell in notebook.cells if cell.cell_type == "code" and not cell.execution_count),
+            "?",
+        )
+        pytest.fail(f"{path.name}: the kernel died ({error}) while running the cell\n{running}", pytrace=False)
     unexecuted = [cell.source[:60] for cell in notebook.cells if cell.cell_type == "code" and not cell.execution_count]
     assert not unexecuted, f"{path.name}: cells not executed: {unexecuted}"
