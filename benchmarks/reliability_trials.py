@@ -221,13 +221,37 @@ def _cache_ds(x: np.ndarray, y: np.ndarray, batch: int = CACHE_BATCH) -> Any:
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
+#: The models the cases share, with their weights when they were built: no case may change them.
+_SNAPSHOTS: dict[str, tuple[Any, list[np.ndarray]]] = {}
+
+
+def _snapshot(name: str, model: Any) -> Any:
+    _SNAPSHOTS[name] = (model, [weight.copy() for weight in model.get_weights()])
+    return model
+
+
 @functools.cache
 def _cache_model() -> Any:
     """Two hidden layers with the same weight shapes (4x4 + 4), so "another watched layer" keeps the shapes."""
     keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(4, "tanh"), keras.layers.Dense(4, "tanh"), keras.layers.Dense(3)]
+    return _snapshot(
+        "cache model",
+        keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(4, "tanh"), keras.layers.Dense(4, "tanh"), keras.layers.Dense(3)]
+        ),
     )
+
+
+def _models_unchanged() -> None:
+    """Every shared model is bitwise unchanged by the cases that ran before (alone: by a cache pass and a solve)."""
+    if not _SNAPSHOTS:
+        _vectors(_reference(), _cache_ds(*_cache_data()))
+        im, train, _ = _softmax_mlp()
+        ExactIHVP(im, train).solve(np.ones((1, im.nb_params)))
+    for name, (model, before) in _SNAPSHOTS.items():
+        after = model.get_weights()
+        if len(after) != len(before) or any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True)):
+            raise RuntimeError(f"the {name}'s weights changed")
 
 
 def _cache_calculator(
@@ -670,7 +694,7 @@ def _softmax_mlp() -> tuple[InfluenceModel, Any, np.ndarray]:
     x = rng.standard_normal((32, 4))
     y = (x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)
     _train(model, x, y)
-    im = InfluenceModel(model, loss_function=_sparse_ce())
+    im = InfluenceModel(_snapshot("softmax MLP", model), loss_function=_sparse_ce())
     train = from_numpy(x, y, batch_size=8)
     dense = ExactIHVP(im, train, damping=0.0).operator.to_dense().numpy()
     return im, train, (dense + dense.T) / 2
@@ -1130,6 +1154,8 @@ CASES: tuple[Case, ...] = (
     Case("(e) batch_gradient(dataset): the original's per-batch sums", "5-migration", _migration_e),
     Case("(f) removed names say what replaced them", "5-migration", _migration_f),
     Case("(g) tf_keras BinaryCrossentropy with [B] targets", "5-migration", _migration_g),
+    # the models every case above used are bitwise unchanged (run last)
+    Case("models never mutated: every shared model bitwise unchanged", "1-cache", _models_unchanged),
 )
 
 SECTIONS = {"1": "cache identity", "2": "bad input", "3": "defaults", "4": "progress", "5": "migration"}
