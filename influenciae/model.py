@@ -148,6 +148,7 @@ class InfluenceModel:
         }
         self._static_lengths: dict[str, list[int]] = {}
         self._looped: set[str] = set()
+        self._unsafe_ops: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ flat parameter vectors
 
@@ -660,27 +661,61 @@ class InfluenceModel:
         """Run a vectorized function on static shapes, or its looped twin once pfor has failed on this model."""
         vectorized, looped = self._vectorized[name]
         if name not in self._looped:
-            try:
-                return vectorized(*args)
-            except (ValueError, NotImplementedError, LookupError) as error:
-                self._warn_looped(name, f"an op could not be vectorized ({_first_line(error)})")
+            unsafe = self._onednn_unsafe_ops(name, vectorized, args)
+            if unsafe:
+                self._warn_looped(name, _onednn_reason(unsafe))
+            else:
+                try:
+                    return vectorized(*args)
+                except (ValueError, NotImplementedError, LookupError) as error:
+                    self._warn_looped(name, f"an op could not be vectorized ({_first_line(error)})")
         return looped(*args)
+
+    def _onednn_unsafe_ops(self, name: str, vectorized: Any, args: tuple[Any, ...]) -> list[str]:
+        """Ops of ``name``'s vectorized graph that oneDNN's kernels crash on (``[]`` when oneDNN is off).
+
+        With oneDNN on (TensorFlow's default on x86 CPUs), the vectorized per-example backward pass of attention
+        (Keras ``MultiHeadAttention``, KerasHub's BERT and GPT-2) aborts the interpreter (``free(): invalid
+        pointer`` / segmentation fault) on some CPUs (measured on AMD EPYC with AVX-512, TF 2.21), even on static
+        shapes; the same graph runs with ``TF_ENABLE_ONEDNN_OPTS=0``. What those graphs have and dense/conv models
+        lack are batched products of rank 5 and more (``Einsum``/``BatchMatMul`` over examples × heads × tokens).
+        Tracing (without running) shows whether the graph has such ops; the answer is kept per function, since
+        every trace of one function on one model has the same op types.
+        """
+        if name not in self._unsafe_ops:
+            found: set[str] = set()
+            if _onednn_enabled():
+                graph = vectorized.get_concrete_function(*args).graph
+                for operation in graph.get_operations():
+                    if operation.type in _ONEDNN_PFOR_UNSAFE and any(
+                        (tensor.shape.rank or 0) >= 5 for tensor in operation.inputs
+                    ):
+                        found.add(operation.type)
+            self._unsafe_ops[name] = sorted(found)
+        return self._unsafe_ops[name]
 
     def _in_graph(self, name: str, *args: Any) -> Any:
         """The vectorized function inlined in a caller's graph, looped instead when a shape there is not static."""
         graph = self._graphs[name]
         static = all(t.shape.is_fully_defined() for t in tf.nest.flatten(args))
         if not static and name not in self._looped:
-            self._warn_looped(name, "it was called inside a tf.function whose shapes are not all static")
+            self._warn_looped(
+                name,
+                "it was called inside a tf.function whose shapes are not all static. Vectorizing on unknown shapes "
+                "can abort the interpreter on attention models; call the InfluenceModel method eagerly (it pads "
+                "every block to a static shape) or trace the caller with a fully static input_signature",
+            )
+        if name not in self._looped:
+            unsafe = self._onednn_unsafe_ops(name, self._vectorized[name][0], args)
+            if unsafe:
+                self._warn_looped(name, _onednn_reason(unsafe))
         return graph(*args, vectorize=static and name not in self._looped)
 
     def _warn_looped(self, name: str, reason: str) -> None:
         self._looped.add(name)
         warnings.warn(
             f"InfluenceModel: {name} runs as a loop (tf.map_fn / while-loop jacobian), which is slower than the "
-            f"vectorized map, because {reason}. Vectorizing on unknown shapes can abort the interpreter on "
-            "attention models; call the InfluenceModel method eagerly (it pads every block to a static shape) "
-            "or trace the caller with a fully static input_signature.",
+            f"vectorized map, because {reason}.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -1089,3 +1124,26 @@ class MigrationWarning(UserWarning):
 def _is_keras_loss(loss: Any) -> bool:
     """Whether ``loss`` is a Keras ``Loss`` object (of Keras 3 or tf_keras), not a user's own callable."""
     return any(cls.__name__ == "Loss" and "keras" in cls.__module__ for cls in type(loss).__mro__)
+
+
+# Batched products whose vectorized (pfor) forms of rank >= 5 abort the interpreter under oneDNN (see
+# InfluenceModel._onednn_unsafe_ops).
+_ONEDNN_PFOR_UNSAFE = frozenset({"Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"})
+
+
+def _onednn_enabled() -> bool:
+    """Whether TensorFlow's oneDNN kernels are on in this process (``TF_ENABLE_ONEDNN_OPTS``, read at import)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415 - private, guarded
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover - another TensorFlow build: assume the default (on)
+        return True
+
+
+def _onednn_reason(ops: list[str]) -> str:
+    return (
+        f"TensorFlow's oneDNN kernels can abort the interpreter on the rank-5 vectorized {'/'.join(ops)} ops of "
+        "this model (attention over examples, heads and tokens). For the vectorized path, set the environment "
+        "variable TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (the results are the same)"
+    )

@@ -19,7 +19,7 @@ CASES_SCRIPT = os.path.join(os.path.dirname(__file__), "transformer_cases.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_CASES = {"bert", "gpt2", "resnet"}
 # every path must run; only these may refuse cleanly with a ValueError on some models
-OPTIONAL = {"lissa", "ekfac", "tracincp_fast", "tracincp_fast_randproj", "representer_l2"}
+OPTIONAL = {"lissa", "tracincp_fast", "tracincp_fast_randproj", "representer_l2"}
 
 
 def run_case(name: str) -> dict:
@@ -58,7 +58,7 @@ def test_transformer_case_runs_every_path(name: str) -> None:
     hvp = paths["hvp"]
     assert hvp["status"] == "ok"
     assert hvp["batching_error"] < 1e-4 and hvp["symmetry_error"] < 1e-3, hvp
-    for required in ("cg_ggn", "arnoldi", "tracin", "tracincp"):
+    for required in ("cg_ggn", "arnoldi", "ekfac", "tracin", "tracincp"):
         assert paths[required]["status"] == "ok", (required, paths[required])
 
 
@@ -67,3 +67,61 @@ def test_unknown_case_is_refused() -> None:
     completed = subprocess.run([sys.executable, CASES_SCRIPT, "nope"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
     assert "usage" in completed.stderr
+
+
+ONEDNN_PROBE = r"""
+import json, warnings
+import numpy as np, keras
+import influenciae as inf
+from influenciae import model as model_module
+
+def build(attention):
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((6,), dtype="int32")
+    hidden = keras.layers.Embedding(20, 8)(tokens)
+    hidden = keras.layers.MultiHeadAttention(2, 4)(hidden, hidden) if attention else keras.layers.Dense(8)(hidden)
+    return keras.Model(tokens, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(hidden)))
+
+x = np.random.default_rng(0).integers(0, 20, (4, 6)).astype("int32")
+y = np.array([0, 1, 2, 0])
+loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+out = {"onednn": model_module._onednn_enabled()}
+for attention in (True, False):
+    im = inf.InfluenceModel(build(attention), loss_function=loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jacobian = im.batch_jacobian_tensor((x, y)).numpy()
+    rows = []
+    for i in range(4):  # the per-example reference, one example at a time (batch size 1 needs no batched product)
+        rows.append(im.batch_jacobian_tensor((x[i : i + 1], y[i : i + 1])).numpy()[0])
+    out[str(attention)] = {
+        "unsafe": im._unsafe_ops.get("jacobian"),
+        "looped": "jacobian" in im._looped,
+        "warned": any("TF_ENABLE_ONEDNN_OPTS=0" in str(w.message) for w in caught),
+        "error": float(np.abs(jacobian - np.stack(rows)).max()),
+    }
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_attention_under_onednn_runs_looped_and_exact(onednn: str) -> None:
+    """With oneDNN on, attention's rank-5 vectorized products (which abort the interpreter on some CPUs) are looped
+    instead, with a warning naming TF_ENABLE_ONEDNN_OPTS=0; with it off (and for models without attention) the
+    vectorized map runs. Both give the per-example gradients exactly."""
+    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    completed = subprocess.run(
+        [sys.executable, "-c", ONEDNN_PROBE], capture_output=True, text=True, timeout=600, env=environment, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    assert result["onednn"] == (onednn == "1")
+    attention, dense = result["True"], result["False"]
+    assert dense == {"unsafe": [], "looped": False, "warned": False, "error": dense["error"]}
+    if onednn == "1":
+        assert attention["looped"] and attention["warned"] and set(attention["unsafe"]) <= {"Einsum", "BatchMatMulV2"}
+        assert attention["unsafe"]
+    else:
+        assert attention == {"unsafe": [], "looped": False, "warned": False, "error": attention["error"]}
+    assert attention["error"] < 1e-6 and dense["error"] < 1e-6

@@ -146,11 +146,11 @@ def build_case(name: str) -> dict[str, Any]:
             stackwise_num_strides=[1, 2],
             block_type="basic_block",
             use_pre_activation=False,
-            image_shape=(16, 16, 3),
+            image_shape=(8, 8, 3),
         )
         pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(backbone.output)
         case["model"] = keras.Model(backbone.input, keras.layers.Dense(3)(pooled))
-        case["x"] = rng.normal(size=(total, 16, 16, 3)).astype("float32")
+        case["x"] = rng.normal(size=(total, 8, 8, 3)).astype("float32")
         case["y"] = rng.integers(0, 3, total)
         case["feature_layer"] = "pooled"
         case["float_inputs"] = True
@@ -245,14 +245,14 @@ def run_case(name: str) -> dict[str, Any]:
 
     record("gradients", gradients)
     record("hvp", hvp)
-    cg = {"max_iterations": 10}
+    cg = {"max_iterations": 3}  # crash safety and finiteness, not accuracy (tested elsewhere)
     record(
         "cg_ggn",
         lambda: scores(
             inf.FirstOrderInfluenceCalculator(im, train, "cg", damping=1e-2, curvature="ggn", ihvp_options=cg)
         ),
     )
-    lissa = {"depth": 5, "scale": 1e4}
+    lissa = {"depth": 2, "scale": 1e4}
     record(
         "lissa", lambda: scores(inf.FirstOrderInfluenceCalculator(im, train, "lissa", damping=1e-2, ihvp_options=lissa))
     )

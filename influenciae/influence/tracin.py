@@ -669,7 +669,9 @@ class TracIn(_GradientTracIn):
     @property
     def models(self) -> list[InfluenceModel]:
         """The checkpoints' :class:`InfluenceModel` objects, in order (the original Influenciae's ``TracIn.models``)."""
-        return list(self.checkpoints.models)
+        checkpoints = self.checkpoints
+        assert isinstance(checkpoints, _InMemoryCheckpoints)  # noqa: S101 - TracIn builds nothing else
+        return list(checkpoints.models)
 
 
 class TracInCP(_GradientTracIn):
