@@ -117,15 +117,25 @@ def test_arnoldi_default_keeps_half_and_warns_on_full_subspace():
     assert ArnoldiIHVP(im, ds, subspace_dim=im.nb_params, damping=1e-3).k_largest_eig_vals == im.nb_params
 
 
-def test_exact_refuses_float16_clearly():
+@pytest.mark.parametrize(
+    "solve",
+    [
+        pytest.param(lambda im, ds: ExactIHVP(im, ds).solve(np.ones(im.nb_params, "float16")), id="exact"),
+        pytest.param(lambda im, ds: ArnoldiIHVP(im, ds, subspace_dim=3, damping=1e-3), id="arnoldi"),
+        pytest.param(lambda im, ds: get_ihvp("diagonal", im, ds, damping=1e-3), id="diagonal"),
+        pytest.param(lambda im, ds: get_ihvp("ekfac", im, ds, damping=1e-3), id="ekfac"),
+    ],
+)
+def test_factorizing_solvers_refuse_float16_clearly(solve):
+    """Cholesky, eigh and NumPy's linalg have no (accurate) half-precision kernels: a TypeError saying what to do."""
     model = keras.Sequential([keras.Input((3,), dtype="float16"), keras.layers.Dense(1, dtype="float16")])
     from helpers import half_squared_error
 
     im = InfluenceModel(model, loss_function=half_squared_error)
     x = np.random.default_rng(0).standard_normal((8, 3)).astype("float16")
     ds = tf.data.Dataset.from_tensor_slices((x, x[:, 0])).batch(4)
-    with pytest.raises(TypeError, match="float16"):
-        ExactIHVP(im, ds).solve(np.ones(im.nb_params, "float16"))
+    with pytest.raises(TypeError, match="float16.*cast the model to float32"):
+        solve(im, ds)
 
 
 class _Counter:

@@ -156,8 +156,25 @@ def test_bad_arguments_are_refused(mlp_data):
         TrakCalculator(model, train, 8, seed=-1)
     with pytest.raises(ValueError, match="empty list"):
         TrakCalculator([], train, 8)
-    singular = TrakCalculator(model, train, 40)  # k = 40 > 24 training examples: ΦᵀΦ has rank 24
+    singular = TrakCalculator(model, train, 40, damping=0.0)  # k = 40 > 24 training examples: ΦᵀΦ has rank 24
     with pytest.raises(ValueError, match="singular"):
         singular.influence_matrix(test, train)
     damped = TrakCalculator(model, train, 40, damping=1e-3)
     assert np.all(np.isfinite(damped.influence_matrix(test, train)))
+
+
+def test_default_damping_is_none_on_a_regular_kernel_and_small_on_a_singular_one(mlp_data):
+    """damping='auto' (default): exactly 0 when ΦᵀΦ is positive definite, else 1e-3 of its mean eigenvalue."""
+    model, train, test = mlp_data
+    regular, explicit = TrakCalculator(model, train, 8), TrakCalculator(model, train, 8, damping=0.0)
+    np.testing.assert_array_equal(regular.influence_matrix(test, train), explicit.influence_matrix(test, train))
+    assert regular.damping_used == [0.0]
+    singular = TrakCalculator(model, train, 40)  # rank 24 < k = 40
+    scores = singular.influence_matrix(test, train)
+    assert np.all(np.isfinite(scores))
+    (used,) = singular.damping_used
+    kernel = singular._kernel_factors()[0].numpy()  # the Cholesky factor of ΦᵀΦ + δI
+    gram = kernel @ kernel.T
+    np.testing.assert_allclose(used, 1e-3 * (np.trace(gram) - 40 * used) / 40, rtol=1e-9)
+    reference = TrakCalculator(model, train, 40, damping=used).influence_matrix(test, train)
+    np.testing.assert_allclose(scores, reference, rtol=1e-10)

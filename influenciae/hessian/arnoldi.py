@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.hessian.base import InverseHessianVectorProduct, relative_tolerance
+from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, relative_tolerance
 from influenciae.model import InfluenceModel
 
 LOGGER = logging.getLogger("influenciae")
@@ -69,6 +69,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
             curvature=curvature,
             curvature_options=curvature_options,
         )
+        refuse_half_precision(self.dtype, "ArnoldiIHVP", "the eigendecomposition of its Krylov projection")
         subspace_dim = min(self.nb_params, 200) if subspace_dim is None else subspace_dim
         if k_largest_eig_vals is None:
             # the Ritz values of the last Krylov directions have not converged: keep the better half

@@ -19,7 +19,7 @@ from influenciae.hessian.ggn import curvature_of, curvature_operator
 from influenciae.hessian.operator import RowOperator, as_row_operator, damped
 from influenciae.model import InfluenceModel
 
-__all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers"]
+__all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers", "refuse_half_precision"]
 
 
 class InverseHessianVectorProduct(abc.ABC):
@@ -263,3 +263,22 @@ def get_ihvp(
 def relative_tolerance(dtype: tf.DType) -> float:
     """A size-aware threshold below which an eigenvalue counts as zero for ``dtype``."""
     return float(np.finfo(dtype.as_numpy_dtype).eps)
+
+
+def refuse_half_precision(dtype: tf.DType, solver: str, what: str) -> None:
+    """Refuse float16/bfloat16 curvature where the linear algebra has no accurate (or any) half-precision kernel.
+
+    Args:
+        dtype: The dtype the solver would factorize or decompose in (the watched weights').
+        solver: The solver's name, for the message.
+        what: What it computes in that dtype (e.g. ``"eigendecompositions of its Kronecker factors"``).
+
+    Raises:
+        TypeError: If ``dtype`` is not float32 or float64, with what to do.
+    """
+    if tf.as_dtype(dtype) not in (tf.float32, tf.float64):
+        raise TypeError(
+            f"{solver} computes {what} in {tf.as_dtype(dtype).name}, which TensorFlow/NumPy do not support "
+            "accurately (or at all). Watch float32 weights (e.g. keras.mixed_precision with float32 variables), "
+            "or cast the model to float32."
+        )

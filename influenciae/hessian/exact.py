@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.hessian.base import InverseHessianVectorProduct, relative_tolerance
+from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, relative_tolerance
 from influenciae.hessian.operator import damped
 from influenciae.model import InfluenceModel
 
@@ -166,11 +166,7 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
             LOGGER.info("ExactIHVP: damping=%.3e, method=%s.", self.damping, self.method)
 
     def _check_dtype(self) -> None:
-        if self.dtype not in (tf.float32, tf.float64):
-            raise TypeError(
-                f"ExactIHVP factorizes in {self.dtype.name}, which Cholesky/eigh do not support accurately. Watch "
-                "float32 weights (e.g. keras.mixed_precision with float32 variables), or cast the model to float32."
-            )
+        refuse_half_precision(self.dtype, "ExactIHVP", "a Cholesky factorization / eigendecomposition of H")
 
     def _factorize_pseudo_inverse(self) -> None:
         eigenvalues, eigenvectors = tf.linalg.eigh(self.matrix)

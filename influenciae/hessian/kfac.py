@@ -46,7 +46,7 @@ from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, has
 from influenciae.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.fingerprint import model_identity
-from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision
 from influenciae.hessian.ggn import curvature_of
 from influenciae.hessian.operator import RowOperator
 from influenciae.model import InfluenceModel
@@ -170,6 +170,7 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
             or not 0.0 <= relative_damping < float("inf")
         ):
             raise ValueError(f"relative_damping must be a finite non-negative number, got {relative_damping!r}.")
+        refuse_half_precision(model.dtype, type(self).__name__, "eigendecompositions of its curvature blocks")
         undamped = _BlockOperator(self, damped=False, num_params=model.nb_params, dtype=model.dtype)
         super().__init__(None, None, damping=damping, operator=undamped)
         self.model = model

@@ -37,6 +37,7 @@ are accumulated in float64 over one pass of the training set, lazily on first us
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from typing import Any, cast
 
@@ -45,9 +46,12 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import combine_hashes, fingerprint_arrays
 from influenciae.data import check_dataset, unpack_batch
+from influenciae.hessian.exact import AUTO_DAMPING_FRACTION
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
+
+LOGGER = logging.getLogger("influenciae")
 
 __all__ = ["ModelOutputFunction", "MarginOutput", "RegressionOutput", "TrakCalculator"]
 
@@ -173,7 +177,10 @@ class TrakCalculator(BaseInfluenceCalculator):
             exact gradients: small models and tests).
         seed: Seed of the projections (same seed, same scores).
         damping: ``δ ≥ 0`` added to the diagonal of each kernel (TRAK's ``lambda_reg``), in the units of
-            ``φ = Pᵀ∇f`` with ``E[PPᵀ] = I``.
+            ``φ = Pᵀ∇f`` with ``E[PPᵀ] = I``. ``"auto"`` (default): none when the kernel is positive definite,
+            else ``1e-3 × trace(K)/k`` (its mean eigenvalue), logged and in ``damping_used``; ``0.0`` is exactly
+            zero and refuses a singular kernel (e.g. softmax logistic regression without projection, whose
+            kernel has the logit-shift null directions).
         output_function: ``"margin"`` (classification, default), ``"output"`` (single-output regression) or a
             :class:`ModelOutputFunction`.
         projection: ``"gaussian"`` or ``"rademacher"`` entries, both scaled by ``1/sqrt(k)``.
@@ -201,7 +208,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         projection_dim: int | None,
         *,
         seed: int = 0,
-        damping: float = 0.0,
+        damping: float | str = "auto",
         output_function: str | ModelOutputFunction = "margin",
         projection: str = "gaussian",
         kernel: str = "trak",
@@ -218,12 +225,12 @@ class TrakCalculator(BaseInfluenceCalculator):
             )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-        if (
+        if damping != "auto" and (
             isinstance(damping, bool)
             or not isinstance(damping, (int, float, np.floating))
             or not 0 <= damping < float("inf")
         ):
-            raise ValueError(f"damping must be a non-negative finite number, got {damping!r}.")
+            raise ValueError(f"damping must be 'auto' or a non-negative finite number, got {damping!r}.")
         if projection not in ("gaussian", "rademacher"):
             raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}.")
         if kernel not in ("trak", "gauss_newton"):
@@ -249,7 +256,8 @@ class TrakCalculator(BaseInfluenceCalculator):
         self.train_set = check_dataset(train_set, name="train_set")
         self.projection_dim = None if projection_dim is None else int(projection_dim)
         self.seed = int(seed)
-        self.damping = float(damping)
+        self.damping: float | str = damping if damping == "auto" else float(damping)
+        self.damping_used: list[float] | None = None  # per checkpoint, once the kernels are factorized
         self.projection = projection
         self.kernel = kernel
         self.projection_block_size = projection_block_size
@@ -379,12 +387,35 @@ class TrakCalculator(BaseInfluenceCalculator):
                 kernels[m] = kernels[m] + block if m in kernels else block
         if not kernels:
             raise ValueError("train_set is empty.")
-        factors = []
+        factors, used = [], []
         for m in range(self.num_checkpoints):
-            kernel = kernels[m] + self.damping * tf.eye(int(kernels[m].shape[0]), dtype=tf.float64)
-            factors.append(self._factorize(m, (kernel + tf.transpose(kernel)) / 2))
-        self._factors = factors
+            symmetric = (kernels[m] + tf.transpose(kernels[m])) / 2
+            damping = self._damping_for(m, symmetric)
+            used.append(damping)
+            factors.append(self._factorize(m, symmetric + damping * tf.eye(int(symmetric.shape[0]), dtype=tf.float64)))
+        self._factors, self.damping_used = factors, used
         return factors
+
+    def _damping_for(self, checkpoint: int, kernel: tf.Tensor) -> float:
+        """The damping of one kernel: the given number, or for ``"auto"`` none unless the kernel is singular."""
+        if self.damping != "auto":
+            return float(self.damping)
+        eigenvalues = np.linalg.eigvalsh(kernel.numpy())
+        size = int(kernel.shape[0])
+        largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
+        if float(eigenvalues.min()) > size * np.finfo(np.float64).eps * largest:
+            return 0.0
+        damping = max(AUTO_DAMPING_FRACTION * float(np.trace(kernel.numpy())) / size, np.finfo(np.float64).tiny)
+        LOGGER.info(
+            "TrakCalculator: kernel %d (k=%d) is singular (smallest eigenvalue %.3e); damping='auto' adds %.3e "
+            "(%.0e x its mean eigenvalue).",
+            checkpoint,
+            size,
+            float(eigenvalues.min()),
+            damping,
+            AUTO_DAMPING_FRACTION,
+        )
+        return damping
 
     def _factorize(self, checkpoint: int, kernel: tf.Tensor) -> tf.Tensor:
         eigenvalues = np.linalg.eigvalsh(kernel.numpy())
@@ -392,7 +423,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
         if float(eigenvalues.min()) <= size * np.finfo(np.float64).eps * largest:
             raise ValueError(
-                f"The TRAK kernel of checkpoint {checkpoint} (k={size}, damping={self.damping}) is singular or not "
+                f"The TRAK kernel of checkpoint {checkpoint} (k={size}, damping={self.damping!r}) is singular or not "
                 f"positive definite: eigenvalues in [{eigenvalues.min():.3e}, {eigenvalues.max():.3e}]. It has rank "
                 "at most min(number of training examples, number of parameters): lower projection_dim or add "
                 f"damping (e.g. damping={max(1e-6 * largest, 1e-12):.1e})."
