@@ -178,3 +178,39 @@ def test_show_progress_reaches_the_solver_and_counts_its_steps(name, monkeypatch
     iterations = 5 if name == "arnoldi" else calculator.ihvp.info.iterations
     assert steps == iterations >= 2
     assert any("damping=1.000e-01" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["exact", "nystrom"])
+def test_the_one_long_pass_of_exact_and_nystrom_shows_a_bar_over_batches(name, monkeypatch):
+    """The dense Hessian build and the Nyström sketch are one pass over the data: a bar counts its batches."""
+    import tqdm.auto
+
+    im, x, y, hessian = ridge_problem()
+    bars: list[dict] = []
+    real = tqdm.auto.tqdm
+
+    def recording(iterable=None, **options):
+        bars.append({"desc": options.get("desc"), "count": 0})
+
+        def counted():
+            for item in iterable:
+                bars[-1]["count"] += 1
+                yield item
+
+        return counted()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    options = {"nystrom": {"rank": 5}}.get(name, {})
+    calculator = FirstOrderInfluenceCalculator(
+        im, dataset(x, y, batch_size=8), name, damping=0.1, ihvp_options=options, show_progress=True
+    )
+    solution = calculator.ihvp.solve(np.eye(5)).numpy()
+    np.testing.assert_allclose(solution, np.linalg.inv(hessian + 0.1 * np.eye(5)), rtol=1e-4, atol=1e-6)
+    batches = -(-len(y) // 8)
+    passes = [bar for bar in bars if bar["desc"] and ("curvature" in bar["desc"] or "sketch" in bar["desc"])]
+    assert [bar["count"] for bar in passes] == [batches], bars
+    monkeypatch.setattr(tqdm.auto, "tqdm", real)
+    quiet = FirstOrderInfluenceCalculator(im, dataset(x, y, batch_size=8), name, damping=0.1, ihvp_options=options)
+    bars.clear()
+    quiet.ihvp.solve(np.eye(5))
+    assert bars == []

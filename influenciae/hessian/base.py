@@ -9,6 +9,8 @@ private hook ``_solve`` only ever calls ``self.operator.matmul_rows``.
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -107,6 +109,24 @@ class InverseHessianVectorProduct(abc.ABC):
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=f"{type(self).__name__}: {description}", leave=False, dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def pass_progress(self, description: str) -> Iterator[None]:
+        """Show a per-batch tqdm bar on the curvature's passes over the data inside the block (when
+        :attr:`show_progress`): the one long pass of a dense Hessian build or a Nyström sketch.
+
+        Args:
+            description: What the pass computes (shown after the solver's name).
+        """
+        if not self._show_progress or not hasattr(self.hessian, "progress_description"):
+            yield
+            return
+        previous = self.hessian.progress_description
+        self.hessian.progress_description = f"{type(self).__name__}: {description}"
+        try:
+            yield
+        finally:
+            self.hessian.progress_description = previous
 
     #: Attributes that report what a solve did rather than how the solver is set up: never part of
     #: :meth:`configuration` (a CG solve sets ``info``; a cache written after it must still match the next pass).

@@ -103,7 +103,8 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
     def matrix(self) -> tf.Tensor:
         """The dense, symmetrized ``H + λI`` ``[P, P]``."""
         if self._matrix is None:
-            dense = self.operator.to_dense()
+            with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
+                dense = self.operator.to_dense()
             self._matrix = (dense + tf.transpose(dense)) / 2.0
         return self._matrix
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes, unpack_batch
-from influenciae.hessian.operator import HessianOperator, RowOperator
+from influenciae.hessian.operator import HessianOperator, RowOperator, batches_with_progress
 from influenciae.model import InfluenceModel
 
 __all__ = [
@@ -66,6 +66,7 @@ class CurvatureOperator(RowOperator):
         self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
         self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
+        self.progress_description: str | None = None  # a solver's show_progress sets it around its long passes
         self._num_examples: int | None = None
         super().__init__(model.nb_params, model.dtype, type(self).__name__, parameters={"model": model})
 
@@ -102,7 +103,7 @@ class CurvatureOperator(RowOperator):
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         total = tf.zeros_like(vectors)
         count = 0
-        for batch in self.batches:
+        for batch in batches_with_progress(self):
             total += self.batch_sum(batch, vectors, first_index=count)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:

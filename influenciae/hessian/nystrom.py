@@ -92,7 +92,8 @@ class NystromIHVP(InverseHessianVectorProduct, name="nystrom"):
     def _sketch(self) -> None:
         if self._eigenvalues is not None:
             return
-        values, vectors = nystrom_sketch(self.hessian, self.rank, seed=self.seed)
+        with self.pass_progress(f"rank-{self.rank} sketch"):
+            values, vectors = nystrom_sketch(self.hessian, self.rank, seed=self.seed)
         if self.damping == 0.0:
             threshold = relative_tolerance(self.dtype) * self.nb_params * float(np.max(values, initial=0.0))
             if not float(np.min(values)) > threshold:

@@ -92,6 +92,7 @@ class HessianOperator(RowOperator):
         self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
         self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
+        self.progress_description: str | None = None  # a solver's show_progress sets it around its long passes
         self._num_examples: int | None = None
         super().__init__(
             model.nb_params, model.dtype, "HessianOperator", parameters={"model": model, "dataset": dataset}
@@ -107,7 +108,7 @@ class HessianOperator(RowOperator):
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         total = tf.zeros_like(vectors)
         count = 0
-        for batch in self.batches:
+        for batch in batches_with_progress(self):
             total += self.model.batch_hvp_sum(batch, vectors)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:
@@ -168,3 +169,13 @@ def as_row_operator(operator: Any) -> RowOperator:
     if matrix.shape.rank != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"A dense operator must be a square matrix, got shape {matrix.shape}.")
     return _DenseRowOperator(matrix)
+
+
+def batches_with_progress(operator: Any) -> Any:
+    """``operator.batches``, behind a tqdm bar while a solver has set ``operator.progress_description``."""
+    description = getattr(operator, "progress_description", None)
+    if description is None:
+        return operator.batches
+    from tqdm.auto import tqdm
+
+    return tqdm(operator.batches, desc=description, unit="batch", leave=False, dynamic_ncols=True)
