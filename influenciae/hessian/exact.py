@@ -16,8 +16,9 @@ __all__ = ["AUTO_DAMPING_FRACTION", "ExactIHVP", "PseudoInverseIHVP"]
 
 LOGGER = logging.getLogger("influenciae")
 
-#: ``damping="auto"`` uses this fraction of the curvature's mean eigenvalue ``trace(H) / P`` when H is singular.
 AUTO_DAMPING_FRACTION = 1e-3
+"""``damping="auto"`` (exact solver, TRAK) uses this fraction of the curvature's mean eigenvalue ``trace / P``
+when the matrix is singular."""
 
 
 class ExactIHVP(InverseHessianVectorProduct, name="exact"):
