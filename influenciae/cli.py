@@ -56,6 +56,8 @@ from influenciae.io import InputError
 __all__ = ["Command", "COMMANDS", "METHODS", "Method", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# influenciae.cache's hint (not imported: it loads TensorFlow); tests/test_cli.py checks the two are equal
+_OVERWRITE_HINT = "pass overwrite=True to rebuild the cache (this deletes its files) or choose another path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1079,8 +1081,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             traceback.print_exc()
         else:
+            # the library's cache hint names a Python argument the command line does not have
+            message = str(error).replace(
+                _OVERWRITE_HINT, "delete the --cache-dir directory to rebuild the cache, or choose another --cache-dir"
+            )
             print(
-                f"influenciae {args.command}: error: {type(error).__name__}: {error}\n"
+                f"influenciae {args.command}: error: {type(error).__name__}: {message}\n"
                 "(run with --traceback for details)",
                 file=sys.stderr,
             )

@@ -543,3 +543,30 @@ def test_loss_resolution_and_scan_checks(ten_logits):
     weighted = io.load_npz(ten_logits / "fine.npz", batch_size=7, limit=5)
     assert sum(len(b[0]) for b in weighted) == 5
     assert io.gather_inputs(dataset, [13, 2]).tolist() == data["x"][[13, 2]].tolist()
+
+
+def test_a_refused_cache_tells_a_cli_user_what_to_do(capsys, monkeypatch):
+    """The library's cache hint names overwrite=True, which the command line lacks: the CLI names --cache-dir."""
+    from influenciae import cache, cli
+
+    assert cli._OVERWRITE_HINT == cache._OVERWRITE_HINT
+
+    def refuse(args):
+        raise ValueError(f"The cache at /somewhere was built with other settings: x; {cache._OVERWRITE_HINT}.")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["demo"])
+    monkeypatch.setattr(cli, "build_parser", lambda: _FixedParser(args, refuse))
+    assert cli.main(["demo"]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "overwrite=True" not in err and "delete the --cache-dir directory" in err and "another --cache-dir" in err
+
+
+class _FixedParser:
+    def __init__(self, args, run):
+        args.run = run
+        args.traceback = False
+        self.args = args
+
+    def parse_args(self, argv):
+        return self.args
