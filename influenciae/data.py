@@ -308,19 +308,8 @@ class CheckedBatches:
         if self._verified:  # every batch passed on a complete pass: later passes read the same data unchecked
             yield from self._dataset
             return
-        iterator = iter(self._checked)
-        position, examples = 0, 0
-        while True:
-            try:
-                element = next(iterator)
-            except StopIteration:
-                self._verified = True
-                return
-            except tf.errors.InvalidArgumentError as error:
-                raise _check_failure(error, self.name, position, examples) from None
-            position += 1
-            examples += int(tf.nest.flatten(unpack_batch(element).targets)[0].shape[0])
-            yield element
+        yield from checked_iteration(self._checked, name=self.name, indexed=False)
+        self._verified = True  # reached only when the pass ran to its end
 
 
 _FIXES = {
@@ -333,12 +322,14 @@ _FIXES = {
 }
 
 
-def checked_iteration(iterable: Iterable[Any], *, name: str) -> Iterator[Any]:
+def checked_iteration(iterable: Iterable[Any], *, name: str, indexed: bool = True) -> Iterator[Any]:
     """Iterate a dataset built with :func:`with_checks`, re-raising a failed check as a ``ValueError``.
 
     Args:
-        iterable: ``(indices, batch)`` elements, as from :func:`with_indices` (possibly behind a progress bar).
+        iterable: ``(indices, batch)`` elements, as from :func:`with_indices` (possibly behind a progress bar), or
+            plain batches with ``indexed=False``.
         name: The argument's name, for the message.
+        indexed: Whether the elements are ``(indices, batch)`` pairs (else batches, counted by their targets).
 
     Yields:
         The elements of ``iterable``.
@@ -356,7 +347,7 @@ def checked_iteration(iterable: Iterable[Any], *, name: str) -> Iterator[Any]:
         except tf.errors.InvalidArgumentError as error:
             raise _check_failure(error, name, position, examples) from None
         position += 1
-        examples += int(element[0].shape[0])
+        examples += int((element[0] if indexed else tf.nest.flatten(unpack_batch(element).targets)[0]).shape[0])
         yield element
 
 
