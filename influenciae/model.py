@@ -148,7 +148,7 @@ class InfluenceModel:
         }
         self._static_lengths: dict[str, list[int]] = {}
         self._looped: set[str] = set()
-        self._unsafe_ops: dict[str, list[str]] = {}
+        self._unsafe_ops: dict[str, list[str]] = {}  # per vectorized function, once checked (see below)
 
     # ------------------------------------------------------------------ flat parameter vectors
 
@@ -660,19 +660,16 @@ class InfluenceModel:
     def _call_vectorized(self, name: str, *args: Any) -> Any:
         """Run a vectorized function on static shapes, or its looped twin once pfor has failed on this model."""
         vectorized, looped = self._vectorized[name]
+        self._loop_if_onednn_unsafe(name, args)
         if name not in self._looped:
-            unsafe = self._onednn_unsafe_ops(name, vectorized, args)
-            if unsafe:
-                self._warn_looped(name, _onednn_reason(unsafe))
-            else:
-                try:
-                    return vectorized(*args)
-                except (ValueError, NotImplementedError, LookupError) as error:
-                    self._warn_looped(name, f"an op could not be vectorized ({_first_line(error)})")
+            try:
+                return vectorized(*args)
+            except (ValueError, NotImplementedError, LookupError) as error:
+                self._warn_looped(name, f"an op could not be vectorized ({_first_line(error)})")
         return looped(*args)
 
-    def _onednn_unsafe_ops(self, name: str, vectorized: Any, args: tuple[Any, ...]) -> list[str]:
-        """Ops of ``name``'s vectorized graph that oneDNN's kernels crash on (``[]`` when oneDNN is off).
+    def _loop_if_onednn_unsafe(self, name: str, args: tuple[Any, ...]) -> None:
+        """Switch ``name`` to its looped twin (with a warning) when its vectorized graph is unsafe under oneDNN.
 
         With oneDNN on (TensorFlow's default on x86 CPUs), the vectorized per-example backward pass of attention
         (Keras ``MultiHeadAttention``, KerasHub's BERT and GPT-2) aborts the interpreter (``free(): invalid
@@ -682,17 +679,22 @@ class InfluenceModel:
         Tracing (without running) shows whether the graph has such ops; the answer is kept per function, since
         every trace of one function on one model has the same op types.
         """
-        if name not in self._unsafe_ops:
-            found: set[str] = set()
-            if _onednn_enabled():
-                graph = vectorized.get_concrete_function(*args).graph
-                for operation in graph.get_operations():
-                    if operation.type in _ONEDNN_PFOR_UNSAFE and any(
-                        (tensor.shape.rank or 0) >= 5 for tensor in operation.inputs
-                    ):
-                        found.add(operation.type)
-            self._unsafe_ops[name] = sorted(found)
-        return self._unsafe_ops[name]
+        if name in self._looped or name in self._unsafe_ops:
+            return
+        unsafe: list[str] = []
+        if _onednn_enabled():
+            graph = self._vectorized[name][0].get_concrete_function(*args).graph
+            unsafe = sorted(
+                {
+                    operation.type
+                    for operation in graph.get_operations()
+                    if operation.type in _ONEDNN_PFOR_UNSAFE
+                    and any((tensor.shape.rank or 0) >= 5 for tensor in operation.inputs)
+                }
+            )
+        self._unsafe_ops[name] = unsafe
+        if unsafe:
+            self._warn_looped(name, _onednn_reason(unsafe))
 
     def _in_graph(self, name: str, *args: Any) -> Any:
         """The vectorized function inlined in a caller's graph, looped instead when a shape there is not static."""
@@ -705,10 +707,7 @@ class InfluenceModel:
                 "can abort the interpreter on attention models; call the InfluenceModel method eagerly (it pads "
                 "every block to a static shape) or trace the caller with a fully static input_signature",
             )
-        if name not in self._looped:
-            unsafe = self._onednn_unsafe_ops(name, self._vectorized[name][0], args)
-            if unsafe:
-                self._warn_looped(name, _onednn_reason(unsafe))
+        self._loop_if_onednn_unsafe(name, args)
         return graph(*args, vectorize=static and name not in self._looped)
 
     def _warn_looped(self, name: str, reason: str) -> None:
@@ -1127,7 +1126,7 @@ def _is_keras_loss(loss: Any) -> bool:
 
 
 # Batched products whose vectorized (pfor) forms of rank >= 5 abort the interpreter under oneDNN (see
-# InfluenceModel._onednn_unsafe_ops).
+# InfluenceModel._loop_if_onednn_unsafe).
 _ONEDNN_PFOR_UNSAFE = frozenset({"Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"})
 
 
