@@ -390,21 +390,21 @@ class TrakCalculator(BaseInfluenceCalculator):
         factors, used = [], []
         for m in range(self.num_checkpoints):
             symmetric = (kernels[m] + tf.transpose(kernels[m])) / 2
-            damping = self._damping_for(m, symmetric)
+            eigenvalues = np.linalg.eigvalsh(symmetric.numpy())  # once: damping shifts them all by itself
+            damping = self._damping_for(m, symmetric, eigenvalues)
             used.append(damping)
-            factors.append(self._factorize(m, symmetric + damping * tf.eye(int(symmetric.shape[0]), dtype=tf.float64)))
+            damped = symmetric + damping * tf.eye(int(symmetric.shape[0]), dtype=tf.float64)
+            factors.append(self._factorize(m, damped, eigenvalues + damping))
         self._factors, self.damping_used = factors, used
         return factors
 
-    def _damping_for(self, checkpoint: int, kernel: tf.Tensor) -> float:
+    def _damping_for(self, checkpoint: int, kernel: tf.Tensor, eigenvalues: np.ndarray) -> float:
         """The damping of one kernel: the given number, or for ``"auto"`` none unless the kernel is singular."""
         if self.damping != "auto":
             return float(self.damping)
-        eigenvalues = np.linalg.eigvalsh(kernel.numpy())
-        size = int(kernel.shape[0])
-        largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
-        if float(eigenvalues.min()) > size * np.finfo(np.float64).eps * largest:
+        if not _singular(eigenvalues):
             return 0.0
+        size = int(kernel.shape[0])
         damping = max(AUTO_DAMPING_FRACTION * float(np.trace(kernel.numpy())) / size, np.finfo(np.float64).tiny)
         LOGGER.info(
             "TrakCalculator: kernel %d (k=%d) is singular (smallest eigenvalue %.3e); damping='auto' adds %.3e "
@@ -417,11 +417,10 @@ class TrakCalculator(BaseInfluenceCalculator):
         )
         return damping
 
-    def _factorize(self, checkpoint: int, kernel: tf.Tensor) -> tf.Tensor:
-        eigenvalues = np.linalg.eigvalsh(kernel.numpy())
+    def _factorize(self, checkpoint: int, kernel: tf.Tensor, eigenvalues: np.ndarray) -> tf.Tensor:
         size = int(kernel.shape[0])
-        largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
-        if float(eigenvalues.min()) <= size * np.finfo(np.float64).eps * largest:
+        largest = _largest_magnitude(eigenvalues)
+        if _singular(eigenvalues):
             raise ValueError(
                 f"The TRAK kernel of checkpoint {checkpoint} (k={size}, damping={self.damping!r}) is singular or not "
                 f"positive definite: eigenvalues in [{eigenvalues.min():.3e}, {eigenvalues.max():.3e}]. It has rank "
@@ -484,3 +483,14 @@ def _split(batch: Any, dtype: tf.DType) -> tuple[Any, Any, tf.Tensor]:
 def _cholesky_solve_rows(factor: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
     """``K⁻¹ φ`` for each row ``φ`` ``[n, k]`` (float64), from the Cholesky factor of ``K``."""
     return tf.transpose(tf.linalg.cholesky_solve(factor, tf.transpose(tf.cast(rows, tf.float64))))
+
+
+def _largest_magnitude(eigenvalues: np.ndarray) -> float:
+    return max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
+
+
+def _singular(eigenvalues: np.ndarray) -> bool:
+    """Whether a symmetric kernel with these eigenvalues ``[k]`` is singular or not positive definite (float64)."""
+    return bool(
+        float(eigenvalues.min()) <= eigenvalues.size * np.finfo(np.float64).eps * _largest_magnitude(eigenvalues)
+    )
