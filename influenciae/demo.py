@@ -866,17 +866,16 @@ def _cleaning_csv_rows(cleaning: dict[str, Any]) -> list[list[Any]]:
     seeds = cleaning["retrain_seeds"]
     rows: list[list[Any]] = []
     for name in ("before", "clean"):
-        flipped = 0 if name == "before" else cleaning["num_flipped"]
-        count = 0 if name == "before" else cleaning["num_flipped"]
+        fixed = 0 if name == "before" else cleaning["num_flipped"]  # labels changed, all of them flipped ones
+        summary = cleaning[name]
         for position, seed in enumerate(seeds):
-            summary = cleaning[name]
             rows.append(
                 [
                     name,
                     0.0,
-                    count,
+                    fixed,
                     seed,
-                    flipped,
+                    fixed,
                     summary["per_seed"][position],
                     summary["test_loss"]["per_seed"][position],
                 ]
