@@ -26,7 +26,7 @@ import numpy as np
 
 from influenciae._backend import keras_module_of, tf
 from influenciae.data import check_dataset, unpack_batch
-from influenciae.model import InfluenceModel
+from influenciae.model import InfluenceModel, original_default_layer
 from influenciae.types import CACHE, ORDER
 
 __all__ = [
@@ -138,9 +138,9 @@ def _index(layers: Sequence[Any], layer: int | str, argument: str) -> int:
 
 
 def _last_weighted_layer_before_output(layers: Sequence[Any]) -> int:
-    for index in range(len(layers) - 2, -1, -1):
-        if layers[index].weights:
-            return index
+    index = original_default_layer(layers)
+    if index is not None:
+        return index
     raise ValueError(
         "No layer with weights before the output layer (the original's default start_layer): pass start_layer."
     )

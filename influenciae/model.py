@@ -102,6 +102,8 @@ class InfluenceModel:
         self.weights = _resolve_weights(model, start_layer, last_layer, weights_to_watch)
         if start_layer is not None and last_layer is None and weights_to_watch is None:
             _warn_start_layer_only(model, start_layer, self.weights)
+        elif start_layer is None and last_layer is None and weights_to_watch is None:
+            _warn_default_watch_once(model, self.weights)
         self._watched = [variable_tensor(weight) for weight in self.weights]
         self.dtype = tf.as_dtype(self._watched[0].dtype)
         self.weight_shapes = [tuple(int(d) for d in weight.shape) for weight in self._watched]
@@ -1111,6 +1113,47 @@ def _warn_start_layer_only(model: Any, start_layer: int | str, weights: list[Any
         f"The original Influenciae watched layer {first} only ({layer_only} parameters). Pass "
         f"last_layer={start_layer!r} for that layer only, or last_layer=-1 to keep every layer from "
         f"{start_layer!r} to the end; either silences this warning.",
+        MigrationWarning,
+        stacklevel=3,
+    )
+
+
+def original_default_layer(layers: Sequence[Any]) -> int | None:
+    """The layer the original Influenciae's ``InfluenceModel(model)`` watched: the last one with weights before the
+    output layer (the output layer itself is skipped), or ``None`` when there is none."""
+    return next((index for index in range(len(layers) - 2, -1, -1) if layers[index].weights), None)
+
+
+_DEFAULT_WATCH_WARNED = False  # the default-selection warning is shown once per process
+
+
+def _warn_default_watch_once(model: Any, weights: list[Any]) -> None:
+    """Say once per process what ``InfluenceModel(model)`` watches, where the original Influenciae watched less.
+
+    The original's ``InfluenceModel(model)`` watched only the last layer with weights before the output layer; code
+    moved over unchanged would silently compute influence over other weights. Nothing is said when both rules pick
+    the same weights (one weighted layer) or when the caller chose the weights (any of ``start_layer``,
+    ``last_layer``, ``weights_to_watch``).
+    """
+    global _DEFAULT_WATCH_WARNED
+    if _DEFAULT_WATCH_WARNED:
+        return
+    layers = list(model.layers)
+    original = original_default_layer(layers)
+    if original is None:
+        return
+    original_ids = {id(variable_tensor(weight)) for weight in layers[original].trainable_weights}
+    if {id(variable_tensor(weight)) for weight in weights} == original_ids:
+        return
+    _DEFAULT_WATCH_WARNED = True
+    watched = sum(int(np.prod(variable_tensor(w).shape)) for w in weights)
+    original_count = sum(int(np.prod(variable_tensor(w).shape)) for w in layers[original].trainable_weights)
+    warnings.warn(
+        f"InfluenceModel(model) watches every trainable weight ({watched:,} parameters). Code written for the "
+        f"original Influenciae watched only layer {original} ({layers[original].name!r}, {original_count:,} "
+        "parameters) there: build it with influenciae.compat.original_influence_model(model) for that selection. "
+        "Choosing the weights (start_layer=, last_layer= or weights_to_watch=; last_layer=-1 means all of them) "
+        "silences this warning, which is shown once per process.",
         MigrationWarning,
         stacklevel=3,
     )

@@ -268,7 +268,33 @@ def test_start_layer_alone_warns_exactly_when_the_original_watched_less():
         assert InfluenceModel(model, start_layer=-1, loss_function=mse()).nb_params == 3  # one layer either way
         assert InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=mse()).nb_params == 9
         assert InfluenceModel(model, start_layer=0, last_layer=0, loss_function=mse()).nb_params == 6
-        assert InfluenceModel(model, loss_function=mse()).nb_params == 9
+        assert InfluenceModel(model, last_layer=-1, loss_function=mse()).nb_params == 9
+
+
+def test_default_selection_warns_once_with_both_counts(monkeypatch):
+    """``InfluenceModel(model)`` watches everything; the original watched the last weighted layer before the output."""
+    from influenciae import model as model_module
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((5, 5, 1)), keras.layers.Conv2D(4, 2), keras.layers.Flatten(), keras.layers.Dense(3),
+         keras.layers.Dense(2)]
+    )  # fmt: skip
+    monkeypatch.setattr(model_module, "_DEFAULT_WATCH_WARNED", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        everything = InfluenceModel(model, loss_function=mse())
+        InfluenceModel(model, loss_function=mse())  # once per process, not once per model
+    said = [str(w.message) for w in caught if w.category is MigrationWarning]
+    original = compat.original_influence_model(model, loss_function=mse())
+    assert (everything.nb_params, original.nb_params) == (20 + 195 + 8, 195)
+    assert len(said) == 1 and "(223 parameters)" in said[0] and f"layer 2 ('{model.layers[2].name}', 195" in said[0]
+    monkeypatch.setattr(model_module, "_DEFAULT_WATCH_WARNED", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit choice, or a model where both rules agree, says nothing
+        assert InfluenceModel(model, last_layer=-1, loss_function=mse()).nb_params == 223
+        one_layer = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        assert InfluenceModel(one_layer, loss_function=mse()).nb_params == 8
 
 
 def test_relatif_takes_only_a_bool():
