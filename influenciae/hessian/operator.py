@@ -41,6 +41,13 @@ class RowOperator(tf.linalg.LinearOperator):
         """P, the side of the operator."""
         return self._num_params
 
+    @property
+    def traceable(self) -> bool:
+        """Whether :meth:`_matmul_rows` may run inside a ``tf.function`` (pure TensorFlow: no Python loop over a
+        dataset, no eager-only checks), so that a solver can keep its whole iteration in one graph. False by
+        default; closed-form operators are traceable, and a dataset operator once its data is held as tensors."""
+        return False
+
     def matmul_rows(self, vectors: Any) -> tf.Tensor:
         """Apply the operator to each row: ``[n, P] -> [n, P]``."""
         vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
@@ -130,6 +137,10 @@ class DampedOperator(RowOperator):
             parameters={"operator": operator, "damping": damping},
         )
 
+    @property
+    def traceable(self) -> bool:
+        return self.operator.traceable
+
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         return self.operator.matmul_rows(vectors) + tf.constant(self.damping, self.dtype) * vectors
 
@@ -151,6 +162,10 @@ class _DenseRowOperator(RowOperator):
     def __init__(self, matrix: tf.Tensor) -> None:
         self.matrix = matrix
         super().__init__(int(matrix.shape[0]), matrix.dtype, "DenseRowOperator", parameters={"matrix": matrix})
+
+    @property
+    def traceable(self) -> bool:
+        return True
 
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         return tf.matmul(vectors, self.matrix, transpose_b=True)
