@@ -12,8 +12,9 @@ With ``o_i = f(x_i; θ)`` the model's outputs, ``J_i = ∂o_i/∂θ`` and ``H_ou
   per-sample gradients. Cheap, but not a curvature of the objective (Kunstner et al., 2019): use with care.
 
 All products are matrix-free: the output-space operators run a forward-mode JVP ``J v``, multiply by the small
-per-example output-space matrix, and pull the result back with one vectorized VJP; the dataset is streamed once per
-product, exactly as :class:`~influenciae.hessian.operator.HessianOperator` does. The regularizer's Hessian ``∇²Ω``
+per-example output-space matrix, and pull the result back with one vectorized VJP; the dataset is held as tensors (one
+graph call per product) or streamed once per product, exactly as :class:`~influenciae.hessian.operator.HessianOperator`
+does (:class:`~influenciae.hessian.operator.DatasetOperator`). The regularizer's Hessian ``∇²Ω``
 (weight regularizers) is added as for the Hessian. Select a curvature for any solver with
 ``get_ihvp(name, model, dataset, curvature="ggn")`` or ``FirstOrderInfluenceCalculator(..., curvature="ggn")``.
 """
@@ -25,8 +26,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import CheckedBatches, check_dataset, sparse_classes, unpack_batch
-from influenciae.hessian.operator import HessianOperator, RowOperator, batches_with_progress
+from influenciae.data import unpack_batch
+from influenciae.hessian.operator import (
+    BatchSum,
+    DatasetOperator,
+    HeldBatches,
+    HessianOperator,
+    RowOperator,
+    batches_with_progress,
+)
 from influenciae.model import InfluenceModel
 
 __all__ = [
@@ -47,35 +55,25 @@ _OUTPUT_HESSIANS = ("auto", "autodiff")
 _PROBABILITY_TOLERANCE = 1e-3  # |Σ_c exp(-ℓ(c)) - 1| allowed for a loss to count as a negative log-likelihood
 
 
-class CurvatureOperator(RowOperator):
-    """A curvature averaged over a dataset, streamed once per product: ``(1/N) Σ_batches batch_sum + ∇²Ω``.
+class CurvatureOperator(DatasetOperator):
+    """A curvature averaged over a dataset: ``(1/N) Σ_batches batch_sum + ∇²Ω``, held as tensors or streamed.
 
-    Subclasses implement :meth:`_batch_sum`, the sum of their per-example curvature products over one batch, and
-    set ``curvature`` to their name in :data:`CURVATURES`.
+    Subclasses implement :meth:`_batch_sum`, the sum of their per-example curvature products over one batch (eager,
+    for the streamed path), and :meth:`_held_product` (pure TensorFlow, for the held path, see
+    :class:`~influenciae.hessian.operator.DatasetOperator`), and set ``curvature`` to their name in
+    :data:`CURVATURES`.
 
     Args:
         model: The wrapped model.
         dataset: Batched ``(inputs, targets[, sample_weight])`` dataset defining the mean.
+        held_data_budget: Bytes up to which the data is held as tensors (default
+            :data:`~influenciae.hessian.operator.HELD_DATA_BUDGET`; 0 always streams).
     """
 
     curvature: ClassVar[str] = ""
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset) -> None:
-        if not isinstance(model, InfluenceModel):
-            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
-        self.model = model
-        self.dataset = check_dataset(dataset, name="dataset")
-        self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
-        self.progress_description: str | None = None  # a solver's show_progress sets it around its long passes
-        self._num_examples: int | None = None
-        super().__init__(model.nb_params, model.dtype, type(self).__name__, parameters={"model": model})
-
-    @property
-    def num_examples(self) -> int:
-        """N, the number of examples of the dataset (counted on the first pass)."""
-        if self._num_examples is None:
-            self._num_examples = sum(int(tf.shape(tf.nest.flatten(b[1])[0])[0]) for b in self.dataset)
-        return self._num_examples
+    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, *, held_data_budget: int | None = None) -> None:
+        super().__init__(model, dataset, type(self).__name__, held_data_budget=held_data_budget)
 
     def configuration(self) -> dict[str, Any]:
         """The curvature's name and options (part of the solvers' configuration, hence of cache manifests)."""
@@ -100,14 +98,14 @@ class CurvatureOperator(RowOperator):
     def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
         raise NotImplementedError
 
-    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+    def _streamed_matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         total = tf.zeros_like(vectors)
         count = 0
         for batch in batches_with_progress(self):
             total += self.batch_sum(batch, vectors, first_index=count)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:
-            raise ValueError("The curvature dataset is empty; pass a dataset with at least one example.")
+            raise ValueError(self._empty_message)
         self._num_examples = count
         return total / tf.cast(count, self.dtype) + self.model.regularization_hvp(vectors)
 
@@ -141,6 +139,13 @@ class _OutputSpaceOperator(CurvatureOperator):
     def _trace_key(self) -> tuple[Any, ...]:
         """The settings baked into the traced product (all but the seed, passed as a tensor)."""
         return ()
+
+    def _held_product(self) -> tuple[tuple[Any, ...], BatchSum, tuple[tf.Tensor, ...]]:
+        def batch_sum(batch: tuple[Any, Any, tf.Tensor, tf.Tensor], extra: Any, vectors: tf.Tensor) -> tf.Tensor:
+            inputs, targets, weights, indices = batch
+            return self._batch_product(inputs, targets, weights, indices, extra[0], vectors)
+
+        return (type(self).__name__, *self._trace_key()), batch_sum, (self._seed_tensor(),)
 
     def _seed_tensor(self) -> tf.Tensor:
         return tf.constant(0, tf.int64)
@@ -190,10 +195,17 @@ class GaussNewtonOperator(_OutputSpaceOperator):
 
     curvature = "ggn"
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, *, output_hessian: str = "auto") -> None:
+    def __init__(
+        self,
+        model: InfluenceModel,
+        dataset: tf.data.Dataset,
+        *,
+        output_hessian: str = "auto",
+        held_data_budget: int | None = None,
+    ) -> None:
         if output_hessian not in _OUTPUT_HESSIANS:
             raise ValueError(f"output_hessian must be one of {_OUTPUT_HESSIANS}, got {output_hessian!r}.")
-        super().__init__(model, dataset)
+        super().__init__(model, dataset, held_data_budget=held_data_budget)
         self.output_hessian = output_hessian
         self._closed_form = model.loss_family if output_hessian == "auto" else None
 
@@ -257,6 +269,7 @@ class FisherOperator(_OutputSpaceOperator):
         num_samples: int = 1,
         seed: int = 0,
         likelihood: str = "auto",
+        held_data_budget: int | None = None,
     ) -> None:
         if estimator not in ("exact", "sampled"):
             raise ValueError(f"estimator must be 'exact' or 'sampled', got {estimator!r}.")
@@ -266,7 +279,7 @@ class FisherOperator(_OutputSpaceOperator):
             raise TypeError(f"seed must be an integer, got {type(seed).__name__}.")
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}.")
-        super().__init__(model, dataset)
+        super().__init__(model, dataset, held_data_budget=held_data_budget)
         self.estimator = estimator
         self.num_samples = num_samples
         self.seed = seed
@@ -284,6 +297,10 @@ class FisherOperator(_OutputSpaceOperator):
         if not self._checked:  # eagerly, once: the likelihood and the negative-log-likelihood check
             self._check_likelihood(batch)
         return super()._batch_sum(batch, vectors, first_index)
+
+    def _prepare_held(self, held: HeldBatches) -> None:
+        if not self._checked:  # on the first held batch, as the streamed path checks the dataset's first batch
+            self._check_likelihood(tf.nest.map_structure(lambda tensor: tensor[0], held[:3]))
 
     def _check_likelihood(self, batch: Any) -> None:
         inputs, targets, weights = _batch_parts(self.model, batch)
@@ -367,12 +384,28 @@ class EmpiricalFisherOperator(CurvatureOperator):
     """
 
     curvature = "empirical_fisher"
+    _blocked = False  # the per-sample gradients of a held batch are computed once for all the vectors
 
     def _batch_sum(self, batch: Any, vectors: tf.Tensor, first_index: int) -> tf.Tensor:
         _, _, weights = _batch_parts(self.model, batch)
         gradients = self.model.batch_jacobian_tensor(batch)  # rows w_i ∇ℓ_i
-        projections = tf.math.divide_no_nan(tf.matmul(gradients, vectors, transpose_b=True), weights[:, None])
-        return tf.matmul(projections, gradients, transpose_a=True)
+        return _gradient_outer_product(gradients, weights, vectors)
+
+    def _held_product(self) -> tuple[tuple[Any, ...], BatchSum, tuple[tf.Tensor, ...]]:
+        model = self.model
+
+        def batch_sum(batch: tuple[Any, Any, tf.Tensor, tf.Tensor], extra: Any, vectors: tf.Tensor) -> tf.Tensor:
+            inputs, targets, weights, _ = batch
+            gradients = tf.cast(model._in_graph("jacobian", inputs, targets, weights), model.dtype)
+            return _gradient_outer_product(gradients, weights, vectors)
+
+        return ("EmpiricalFisherOperator", str(model.gradient_dtype)), batch_sum, ()
+
+
+def _gradient_outer_product(gradients: tf.Tensor, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+    """``Gᵀ diag(1/w) G vᵀ`` for per-sample gradient rows ``G = [w_i ∇ℓ_i]`` ``[B, P]`` and vectors ``[n, P]``."""
+    projections = tf.math.divide_no_nan(tf.matmul(gradients, vectors, transpose_b=True), weights[:, None])
+    return tf.matmul(projections, gradients, transpose_a=True)
 
 
 # ---------------------------------------------------------------------- factory

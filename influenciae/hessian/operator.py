@@ -1,19 +1,34 @@
 """The Hessian of the training objective as a matrix-free ``tf.linalg.LinearOperator``.
 
 ``H = (1/N) Σ_i ∇²_θ (w_i ℓ(z_i; θ)) + ∇²_θ Ω(θ)`` over the N examples of the Hessian dataset, applied to a block of
-vectors by streaming that dataset once per product. Damping is a separate tiny wrapper, :func:`damped`.
+vectors. The first product reads the dataset once through its per-batch checks; a dataset that fits
+:data:`HELD_DATA_BUDGET` is then held as stacked tensors and every product is one ``tf.function`` call that loops
+over the batches inside the graph (:func:`held_matmul`); a larger one is streamed once per product. Damping is a
+separate tiny wrapper, :func:`damped`.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from influenciae._backend import tf
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.model import InfluenceModel
 
-__all__ = ["RowOperator", "HessianOperator", "DampedOperator", "damped", "as_row_operator"]
+__all__ = [
+    "HELD_DATA_BUDGET",
+    "DampedOperator",
+    "DatasetOperator",
+    "HeldBatches",
+    "HessianOperator",
+    "RowOperator",
+    "as_row_operator",
+    "damped",
+    "held_matmul",
+    "hold_batches",
+]
 
 
 class RowOperator(tf.linalg.LinearOperator):
@@ -78,48 +93,298 @@ class RowOperator(tf.linalg.LinearOperator):
         return self._matmul_rows(identity)
 
 
-class HessianOperator(RowOperator):
+HELD_DATA_BUDGET = 256 * 2**20
+"""Bytes of inputs, targets and sample weights up to which a dataset operator holds its data as tensors (after the
+first, checked pass), so that a product is one graph call instead of one dispatch per batch."""
+
+
+class HeldBatches(NamedTuple):
+    """A curvature dataset held as tensors: its examples, in order, re-batched into ``num_batches`` equal batches.
+
+    The last batch is padded with copies of the last example carrying sample weight 0 (as
+    :meth:`InfluenceModel._pad_batch` pads a partial batch), so every batch has one static shape.
+
+    Attributes:
+        inputs: Structure of ``[num_batches, batch, ...]`` tensors.
+        targets: Structure of ``[num_batches, batch, ...]`` tensors.
+        weights: ``[num_batches, batch]`` sample weights (0 on the padding).
+        indices: ``[num_batches, batch]`` int64 positions of the examples in the dataset (padding repeats the last).
+        num_examples: N, the number of examples (padding excluded).
+    """
+
+    inputs: Any
+    targets: Any
+    weights: tf.Tensor
+    indices: tf.Tensor
+    num_examples: int
+
+    def signature(self) -> Any:
+        """``tf.TensorSpec`` s of the data with the batch count left unknown (one trace for any dataset size)."""
+        return tf.nest.map_structure(
+            lambda tensor: tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype),
+            (self.inputs, self.targets, self.weights, self.indices),
+        )
+
+
+def hold_batches(model: InfluenceModel, batches: Iterable[Any], budget: int) -> HeldBatches | None:
+    """Read ``batches`` once and hold them as :class:`HeldBatches`, or ``None`` when they do not fit.
+
+    They do not fit when their inputs, targets and weights take more than ``budget`` bytes (the pass stops
+    there) or when batches differ in anything but their length (e.g. sequences padded per batch). Each batch is
+    validated as :meth:`InfluenceModel.batch_hvp_sum` validates it.
+
+    Args:
+        model: The wrapped model (validates the batches and gives the weights' dtype).
+        batches: The dataset's batches (e.g. a :class:`~influenciae.data.CheckedBatches`).
+        budget: The most bytes to hold.
+
+    Returns:
+        The held data (``num_examples`` 0 for an empty dataset), or ``None``.
+    """
+    parts: list[tuple[Any, Any, tf.Tensor]] = []
+    used, batch_size, shapes = 0, 0, None
+    for batch in batches:
+        inputs, targets, weights = model._prepare(batch)
+        flat = tf.nest.flatten((inputs, targets, weights))
+        trailing = [(tensor.dtype, tuple(tensor.shape[1:])) for tensor in flat]
+        if shapes is not None and trailing != shapes:
+            return None
+        shapes = trailing
+        used += sum(tensor.dtype.size * int(tf.size(tensor)) for tensor in flat)
+        if used > budget:
+            return None
+        batch_size = max(batch_size, int(tf.shape(weights)[0]))
+        parts.append((inputs, targets, weights))
+    count = sum(int(tf.shape(part[2])[0]) for part in parts)
+    if count == 0:
+        return HeldBatches(None, None, tf.zeros([0, 0], model.dtype), tf.zeros([0, 0], tf.int64), 0)
+    num_batches = -(-count // batch_size)
+    length = num_batches * batch_size
+
+    def stacked(*tensors: tf.Tensor, zeros: bool = False) -> tf.Tensor:
+        whole = tf.concat(tensors, axis=0) if len(tensors) > 1 else tensors[0]
+        missing = length - count
+        if missing:
+            padding = tf.zeros_like(whole[:1]) if zeros else whole[-1:]
+            whole = tf.concat([whole, tf.repeat(padding, missing, axis=0)], axis=0)
+        return tf.reshape(whole, [num_batches, batch_size, *whole.shape[1:]])
+
+    inputs, targets = tf.nest.map_structure(lambda *t: stacked(*t), *[part[:2] for part in parts])
+    weights = stacked(*[part[2] for part in parts], zeros=True)
+    indices = stacked(tf.range(count, dtype=tf.int64))
+    return HeldBatches(inputs, targets, weights, indices, count)
+
+
+BatchSum = Callable[[tuple[Any, Any, tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...], tf.Tensor], tf.Tensor]
+"""``batch_sum((inputs, targets, weights, indices), extra, vectors [L, P]) -> [L, P]``: one batch's sum of
+per-example curvature products, pure TensorFlow on static shapes."""
+
+
+def held_matmul(
+    model: InfluenceModel,
+    key: tuple[Any, ...],
+    batch_sum: BatchSum,
+    held: HeldBatches,
+    vectors: tf.Tensor,
+    extra: tuple[tf.Tensor, ...] = (),
+    *,
+    blocked: bool = True,
+) -> tf.Tensor:
+    """``(1/N) Σ_batches batch_sum(batch, v) + ∇²Ω v`` for each row ``v`` of ``vectors``, in one graph call.
+
+    The rows are cut into blocks of a static length (at most ``model.hvp_chunk_size``, zero-padded) and the one
+    ``tf.function`` loops over blocks and held batches inside the graph, so a product costs one Python-side
+    dispatch whatever the number of batches and vectors. The function is shared per model, ``key``, block length
+    and data signature (:meth:`InfluenceModel.shared_function`), with the batch count left unknown: a new operator
+    or solver on the same model and data layout reuses its trace. Pure TensorFlow: callable inside a caller's
+    ``tf.function`` too.
+
+    Args:
+        model: The wrapped model.
+        key: Everything ``batch_sum`` depends on besides its tensor arguments (e.g. the curvature and its options).
+        batch_sum: One batch's sum of products, see :data:`BatchSum`.
+        held: The data, from :func:`hold_batches`.
+        vectors: ``[n, P]``.
+        extra: Tensors passed through to ``batch_sum`` (e.g. a seed).
+        blocked: Whether ``batch_sum`` is called per block of vectors (vectorized over them, e.g. an HVP) or once
+            per batch on all of them ``[n_padded, P]`` (e.g. a product with per-sample gradients computed once).
+
+    Returns:
+        ``[n, P]``.
+    """
+    num_params = model.nb_params
+    rows = vectors.shape[0]
+    chunk = model.hvp_chunk_size
+    if rows == 0:
+        return tf.zeros_like(vectors)
+    # a block as long as a short request (Arnoldi: one vector) or hvp_chunk_size; one trace per length
+    length = chunk if rows is None else model._static_length("vectors", min(rows, chunk), chunk)
+    count = tf.shape(vectors)[0]
+    num_blocks = (count + length - 1) // length
+    blocks = tf.reshape(tf.pad(vectors, [[0, num_blocks * length - count], [0, 0]]), [num_blocks, length, num_params])
+    data = (held.inputs, held.targets, held.weights, held.indices)
+    specs = (
+        held.signature(),
+        tuple(tf.TensorSpec(t.shape, t.dtype) for t in extra),
+        tf.TensorSpec([None, length, num_params], model.dtype),
+        tf.TensorSpec([], model.dtype),
+    )
+    looped = tuple(sorted(model._looped))  # a graph traced before a switch to the looped twins keeps its ops
+
+    def build() -> Callable[..., tf.Tensor]:
+        def product(data: Any, extra: tuple[tf.Tensor, ...], blocks: tf.Tensor, total: tf.Tensor) -> tf.Tensor:
+            def data_sum(block: tf.Tensor) -> tf.Tensor:
+                return tf.foldl(
+                    lambda accumulated, batch: accumulated + batch_sum(batch, extra, block),
+                    data,
+                    initializer=tf.zeros_like(block),
+                    parallel_iterations=1,  # one batch's intermediates at a time, as when streaming
+                )
+
+            if blocked:
+                summed = tf.map_fn(data_sum, blocks, parallel_iterations=1)
+            else:
+                summed = tf.reshape(data_sum(tf.reshape(blocks, [-1, num_params])), tf.shape(blocks))
+            regularization = tf.map_fn(model.regularization_hvp, blocks, parallel_iterations=1)
+            return summed / total + regularization
+
+        return tf.function(product, input_signature=list(specs))
+
+    function = model.shared_function(("held_matmul", *key, blocked, looped, repr(specs)), build)
+    result = function(data, tuple(extra), blocks, tf.constant(held.num_examples, model.dtype))
+    return tf.reshape(result, [-1, num_params])[:count]
+
+
+class DatasetOperator(RowOperator):
+    """A curvature averaged over a dataset: ``(1/N) Σ_batches (per-batch sum) + ∇²Ω``.
+
+    The first product reads the dataset through its per-batch checks (:class:`CheckedBatches`: bad data in any
+    batch is refused there). When the data fits ``held_data_budget`` bytes it is held as stacked tensors
+    (:func:`hold_batches`) and every product, the first included, is one graph call (:func:`held_matmul`); the
+    operator is then :attr:`traceable`. Otherwise each product streams the dataset. (Held data is the first pass's:
+    a pipeline that changes on every pass, e.g. random augmentation, is read once.)
+
+    Subclasses implement :meth:`_held_batch_sum` (pure TensorFlow, static shapes) and :meth:`_streamed_matmul_rows`.
+
+    Args:
+        model: The wrapped model.
+        dataset: Batched ``(inputs, targets[, sample_weight])`` dataset defining the mean.
+        name: The operator's name.
+        held_data_budget: Bytes of inputs, targets and weights up to which the data is held
+            (default :data:`HELD_DATA_BUDGET`; 0 always streams).
+    """
+
+    _empty_message = "The curvature dataset is empty; pass a dataset with at least one example."
+    _blocked = True  # see held_matmul's ``blocked``
+
+    def __init__(
+        self, model: InfluenceModel, dataset: tf.data.Dataset, name: str, *, held_data_budget: int | None = None
+    ) -> None:
+        if not isinstance(model, InfluenceModel):
+            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
+        budget = HELD_DATA_BUDGET if held_data_budget is None else held_data_budget
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(f"held_data_budget must be a non-negative integer, got {held_data_budget!r}.")
+        self.model = model
+        self.dataset = check_dataset(dataset, name="dataset")
+        self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
+        self.progress_description: str | None = None  # a solver's show_progress sets it around its long passes
+        self.held_data_budget = budget
+        self._num_examples: int | None = None
+        self._held: HeldBatches | None = None
+        self._read = False
+        super().__init__(model.nb_params, model.dtype, name, parameters={"model": model, "dataset": dataset})
+
+    @property
+    def num_examples(self) -> int:
+        """N, the number of examples in the dataset (counted on the first pass)."""
+        if self._num_examples is None:
+            self._num_examples = sum(int(tf.shape(tf.nest.flatten(b[1])[0])[0]) for b in self.dataset)
+        return self._num_examples
+
+    @property
+    def traceable(self) -> bool:
+        """True once the data is held as tensors. Asking reads the data on its first, checked pass (eagerly; it
+        raises the checks' ``ValueError`` on bad data), so that a solver can decide before its first product."""
+        return self.held_data() is not None
+
+    def held_data(self) -> HeldBatches | None:
+        """The data as :class:`HeldBatches`, or ``None`` when it streams (over the budget, or batches of
+        different shapes). The first call, eager, reads the dataset through its checks.
+
+        Raises:
+            ValueError: If a batch fails a check, or the dataset is empty.
+        """
+        if not self._read and not tf.inside_function():
+            held = None
+            if self.held_data_budget > 0:
+                held = hold_batches(self.model, batches_with_progress(self), self.held_data_budget)
+                if held is not None and held.num_examples == 0:
+                    raise ValueError(self._empty_message)
+                if held is not None:
+                    self._prepare_held(held)
+                    self._num_examples = held.num_examples
+            self._held, self._read = held, True
+        return self._held
+
+    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        held = self.held_data()
+        if held is None:
+            return self._streamed_matmul_rows(vectors)
+        key, batch_sum, extra = self._held_product()
+        return held_matmul(self.model, key, batch_sum, held, vectors, extra, blocked=self._blocked)
+
+    def _prepare_held(self, held: HeldBatches) -> None:
+        """Eager checks on the held data before its first product (none by default)."""
+
+    def _held_product(self) -> tuple[tuple[Any, ...], BatchSum, tuple[tf.Tensor, ...]]:
+        """The key, per-batch sum and extra tensors of :func:`held_matmul` for this operator."""
+        raise NotImplementedError
+
+    def _streamed_matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+
+class HessianOperator(DatasetOperator):
     """Matrix-free Hessian of the training objective over a dataset.
 
-    Each product streams the dataset once and sums forward-over-backward Hessian-vector products per batch, so any
-    batching works and memory does not grow with the dataset.
+    Each product sums the model's Hessian-vector products (``hvp_mode``) per batch, so any batching works. A
+    dataset within ``held_data_budget`` bytes is held as tensors after its first, checked pass and a product is one
+    graph call (:class:`DatasetOperator`); a larger one streams once per product, so memory does not grow with it.
 
     Args:
         model: The wrapped model.
         dataset: Batched ``(inputs, targets[, sample_weight])`` dataset defining the objective's mean.
+        held_data_budget: Bytes up to which the data is held as tensors (default :data:`HELD_DATA_BUDGET`; 0 always
+            streams).
 
     Example:
         >>> operator = HessianOperator(im, train_ds)
         >>> hv = operator.matmul_rows(v)  # [n, P] -> [n, P]
     """
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset) -> None:
-        if not isinstance(model, InfluenceModel):
-            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
-        self.model = model
-        self.dataset = check_dataset(dataset, name="dataset")
-        self.batches = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
-        self.progress_description: str | None = None  # a solver's show_progress sets it around its long passes
-        self._num_examples: int | None = None
-        super().__init__(
-            model.nb_params, model.dtype, "HessianOperator", parameters={"model": model, "dataset": dataset}
-        )
+    _empty_message = "The Hessian dataset is empty; pass a dataset with at least one example."
 
-    @property
-    def num_examples(self) -> int:
-        """N, the number of examples in the Hessian dataset (counted on the first pass)."""
-        if self._num_examples is None:
-            self._num_examples = sum(int(tf.shape(tf.nest.flatten(b[1])[0])[0]) for b in self.dataset)
-        return self._num_examples
+    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, *, held_data_budget: int | None = None) -> None:
+        super().__init__(model, dataset, "HessianOperator", held_data_budget=held_data_budget)
 
-    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+    def _held_product(self) -> tuple[tuple[Any, ...], BatchSum, tuple[tf.Tensor, ...]]:
+        model = self.model
+
+        def batch_sum(batch: tuple[Any, Any, tf.Tensor, tf.Tensor], extra: Any, vectors: tf.Tensor) -> tf.Tensor:
+            inputs, targets, weights, _ = batch
+            return model._in_graph("hvp", inputs, targets, weights, vectors)
+
+        return ("hessian", model.hvp_mode), batch_sum, ()
+
+    def _streamed_matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         total = tf.zeros_like(vectors)
         count = 0
         for batch in batches_with_progress(self):
             total += self.model.batch_hvp_sum(batch, vectors)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:
-            raise ValueError("The Hessian dataset is empty; pass a dataset with at least one example.")
+            raise ValueError(self._empty_message)
         self._num_examples = count
         return total / tf.cast(count, self.dtype) + self.model.regularization_hvp(vectors)
 

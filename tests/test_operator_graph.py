@@ -1,0 +1,183 @@
+"""Dataset curvature operators held as tensors: one graph call per product, equal to the streaming path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import classification_data, dataset, small_mlp, sparse_ce
+
+from influenciae import ConjugateGradientDescentIHVP, InfluenceModel
+from influenciae.hessian import HessianOperator
+from influenciae.hessian.operator import HELD_DATA_BUDGET
+
+NUM_EXAMPLES, BATCH_SIZE = 76, 8  # 10 batches, the last one partial (4 examples: streamed, padded to 8 too)
+
+
+def _problem(dtype: str = "float64"):
+    model = small_mlp(dtype=dtype)  # L2 kernel regularizers on both layers
+    im = InfluenceModel(model, last_layer=-1, loss_function=sparse_ce())
+    x, y = classification_data(NUM_EXAMPLES)
+    weights = np.random.default_rng(1).uniform(0.2, 3.0, NUM_EXAMPLES)
+    data = dataset(x.astype(dtype), y, batch_size=BATCH_SIZE, sample_weight=weights.astype(dtype))
+    vectors = np.random.default_rng(2).standard_normal((20, im.nb_params)).astype(dtype)  # two blocks of 16
+    return im, data, vectors
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def _held_functions(im):
+    return {key: function for key, function in im._shared_functions.items() if key[0] == "held_matmul"}
+
+
+@pytest.mark.parametrize("dtype, tolerance, counts", [("float64", 1e-10, (20, 1)), ("float32", 1e-5, (16,))])
+def test_held_products_equal_the_streamed_ones(dtype, tolerance, counts):
+    im, data, vectors = _problem(dtype)
+    assert im._has_regularization()
+    held = HessianOperator(im, data)
+    streamed = HessianOperator(im, data, held_data_budget=0)
+    expected = streamed.matmul_rows(vectors[: counts[0]]).numpy()
+    assert np.abs(expected).max() > 1e-2  # a product worth comparing
+    for count in counts:  # two blocks of 16 (the second zero-padded), and one vector (Arnoldi's products)
+        np.testing.assert_allclose(held.matmul_rows(vectors[:count]).numpy(), expected[:count], rtol=0, atol=tolerance)
+    assert held.traceable and not streamed.traceable
+    assert held.num_examples == streamed.num_examples == NUM_EXAMPLES  # N counted right: padding is not counted
+    data_held = held.held_data()
+    assert data_held is not None and tuple(data_held.weights.shape) == (10, BATCH_SIZE)
+    assert np.all(data_held.weights.numpy().ravel()[NUM_EXAMPLES:] == 0)  # padding carries no weight
+    np.testing.assert_array_equal(data_held.indices.numpy().ravel(), np.minimum(np.arange(80), NUM_EXAMPLES - 1))
+
+
+def test_a_product_is_one_dispatch_and_new_operators_do_not_trace_again(monkeypatch):
+    im, data, vectors = _problem()
+    first = HessianOperator(im, data)
+    first.matmul_rows(vectors)
+    functions = _held_functions(im)
+    assert len(functions) == 1
+    (function,) = functions.values()
+    traces = function.experimental_get_tracing_count()
+    per_batch = _count_calls(monkeypatch, im, "batch_hvp_sum")
+    dispatches = []
+    key = next(iter(functions))
+    im._shared_functions[key] = lambda *args: dispatches.append(1) or function(*args)
+
+    second = HessianOperator(im, data)  # a new operator: reads its data once, then one call per product
+    second.matmul_rows(vectors)
+    assert (len(dispatches), len(per_batch)) == (1, 0)
+    more = dataset(*classification_data(150, seed=3), batch_size=BATCH_SIZE)  # 19 batches: same trace
+    HessianOperator(im, more).matmul_rows(vectors)
+    solver = ConjugateGradientDescentIHVP(im, data, damping=1.0)  # a solver on the same model
+    solution = solver.solve(vectors[:2]).numpy()
+    assert len(per_batch) == 0 and len(dispatches) >= 3
+    assert function.experimental_get_tracing_count() == traces
+    np.testing.assert_allclose(
+        solver.hvp(solution).numpy(), vectors[:2], atol=1e-5 * np.abs(vectors[:2]).max()
+    )  # the held operator's CG solves H + I
+
+
+def test_a_dataset_above_the_budget_streams_with_the_same_numbers(monkeypatch):
+    im, data, vectors = _problem()
+    held = HessianOperator(im, data).matmul_rows(vectors).numpy()
+    assert HELD_DATA_BUDGET >= 2**20
+    small = HessianOperator(
+        im, data, held_data_budget=1000
+    )  # one batch takes 8 * (6 + 1 + 1) * 8 = 512 bytes, all 4864
+    assert not small.traceable and small.held_data() is None
+    per_batch = _count_calls(monkeypatch, im, "batch_hvp_sum")
+    np.testing.assert_allclose(small.matmul_rows(vectors).numpy(), held, rtol=0, atol=1e-10)
+    assert len(per_batch) == 10
+    fits = HessianOperator(im, data, held_data_budget=10 * 512)  # exactly the data's size: held
+    assert fits.traceable
+    with pytest.raises(ValueError, match="held_data_budget"):
+        HessianOperator(im, data, held_data_budget=-1)
+
+
+def test_bad_data_in_a_later_batch_is_refused_on_the_first_pass():
+    im, _, vectors = _problem()
+    x, y = classification_data(NUM_EXAMPLES)
+    x[30, 2] = np.nan  # batch 3
+    operator = HessianOperator(im, dataset(x, y, batch_size=BATCH_SIZE))
+    with pytest.raises(ValueError, match=r"batch 3 \(examples from index 24 on\) has non-finite inputs"):
+        operator.matmul_rows(vectors)
+    with pytest.raises(ValueError, match=r"batch 3 .*non-finite inputs"):
+        _ = operator.traceable  # still refused: nothing was held
+    with pytest.raises(ValueError, match="empty"):
+        HessianOperator(im, dataset(x, y, batch_size=BATCH_SIZE).take(0)).matmul_rows(vectors)
+
+
+def test_a_held_operator_runs_inside_a_callers_tf_function():
+    im, data, vectors = _problem()
+    operator = HessianOperator(im, data)
+    assert operator.traceable
+    expected = operator.matmul_rows(vectors).numpy()
+
+    @tf.function
+    def twice(block):
+        return operator.matmul_rows(operator.matmul_rows(block))
+
+    np.testing.assert_allclose(twice(tf.constant(vectors[:5])).numpy(), operator.matmul_rows(expected[:5]), atol=1e-12)
+    dynamic = tf.function(operator.matmul_rows, input_signature=[tf.TensorSpec([None, im.nb_params], tf.float64)])
+    np.testing.assert_allclose(dynamic(tf.constant(vectors)).numpy(), expected, rtol=0, atol=1e-10)
+
+
+def test_batches_of_different_shapes_stream():
+    """Sequences padded per batch have different lengths: they cannot be stacked, so the operator streams."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            keras.layers.Embedding(7, 3, dtype="float64"),
+            keras.layers.GlobalAveragePooling1D(dtype="float64"),
+            keras.layers.Dense(2, dtype="float64"),
+        ]
+    )
+    im = InfluenceModel(model, last_layer=-1, loss_function=sparse_ce())
+    rng = np.random.default_rng(0)
+    lengths = [3, 3, 5, 5, 2, 2]
+    tokens = tf.ragged.constant([rng.integers(1, 7, n).tolist() for n in lengths], dtype=tf.int32)
+    data = (
+        tf.data.Dataset.from_tensor_slices((tokens, np.array([0, 1, 1, 0, 1, 0])))
+        .map(lambda t, label: (t, label))
+        .padded_batch(2)
+    )
+    operator = HessianOperator(im, data)
+    assert not operator.traceable and operator.held_data() is None
+    vectors = rng.standard_normal((2, im.nb_params))
+    expected = HessianOperator(im, data, held_data_budget=0).matmul_rows(vectors).numpy()
+    np.testing.assert_allclose(operator.matmul_rows(vectors).numpy(), expected, rtol=0, atol=1e-12)
+    assert operator.num_examples == len(lengths)
+
+
+@pytest.mark.parametrize(
+    "curvature, options",
+    [
+        ("ggn", {}),
+        ("fisher", {"estimator": "sampled", "num_samples": 2, "seed": 3}),  # per-example seeds from the positions
+        ("empirical_fisher", {}),
+    ],
+)
+def test_held_output_space_curvatures_equal_the_streamed_ones(curvature, options, monkeypatch):
+    from influenciae.hessian.ggn import curvature_operator
+
+    im, data, vectors = _problem()
+    vectors = vectors[:16]  # one block
+    streamed = curvature_operator(curvature, im, data, held_data_budget=0, **options)
+    expected = streamed.matmul_rows(vectors).numpy()
+    assert np.abs(expected).max() > 1e-2
+    held = curvature_operator(curvature, im, data, **options)
+    assert held.traceable and not streamed.traceable
+    per_batch = _count_calls(monkeypatch, type(held), "_batch_sum")
+    np.testing.assert_allclose(held.matmul_rows(vectors).numpy(), expected, rtol=0, atol=1e-10)
+    assert len(per_batch) == 0 and held.num_examples == NUM_EXAMPLES
