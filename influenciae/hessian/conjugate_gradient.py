@@ -1,4 +1,10 @@
-"""Conjugate gradient for many right-hand sides at once."""
+"""Block conjugate gradient for many right-hand sides at once, with its loop on the device.
+
+Every right-hand side runs its own (preconditioned) CG recursion; the block shares the operator products. When the
+operator is :attr:`~influenciae.hessian.operator.RowOperator.traceable` and the preconditioner is too, the whole solve
+is one ``tf.function`` around a ``tf.while_loop``; otherwise a Python loop applies the operator to the still-active
+rows and does the rest of the iteration in one traced call (one scalar comes back to the host per iteration).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,15 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
-from influenciae.hessian.operator import as_row_operator
+from influenciae.hessian.operator import DampedOperator, RowOperator, as_row_operator
 from influenciae.model import InfluenceModel
 
 __all__ = ["ConjugateGradientDescentIHVP", "ConvergenceInfo", "default_tolerance"]
 
 LOGGER = logging.getLogger("influenciae")
+
+#: Preconditioners built by name (``preconditioner="diagonal"`` / ``"nystrom"``).
+PRECONDITIONERS = ("diagonal", "nystrom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,18 +37,39 @@ class ConvergenceInfo:
         iterations: Number of operator products (passes over the Hessian dataset).
         residual_norms: Final relative residuals ``‖b - A x‖ / ‖b‖`` per right-hand side ``[n]``.
         converged: Whether each right-hand side reached the tolerance ``[n]``.
+        row_iterations: Products each right-hand side took part in before it stopped ``[n]`` (CG only; a row
+            stops moving once it has converged). None for solvers that do not track rows.
     """
 
     iterations: int
     residual_norms: np.ndarray
     converged: np.ndarray
+    row_iterations: np.ndarray | None = None
 
 
 class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
-    """Preconditioned conjugate gradient on ``(H + λI) x = v`` for a block of right-hand sides.
+    """Preconditioned block conjugate gradient on ``(H + λI) x = v`` for every row of a block at once.
 
-    Every iteration applies the operator once to the block of still-unconverged vectors (one pass over the Hessian
-    dataset for all of them). Works for any model: it only needs Hessian-vector products.
+    Each right-hand side follows its own CG recursion, and every iteration applies the operator once to the rows that
+    have not converged yet (one pass over the Hessian dataset for all of them); a converged row stops moving. Works
+    for any model: it only needs Hessian-vector products. When the operator can be traced (closed-form or in-memory
+    operators: :attr:`~influenciae.hessian.operator.RowOperator.traceable`) and so can the preconditioner, the whole
+    solve is one ``tf.function`` (a ``tf.while_loop``), traced once per solver and dtype for any number of rows.
+    Otherwise a Python loop calls the operator and one traced update per iteration.
+
+    Preconditioners (``M ≈ (H+λI)⁻¹``; CG then solves the same system in fewer iterations when ``M`` captures the
+    spread of the spectrum):
+
+    - ``"diagonal"``: Jacobi, ``M = diag(C + λ)⁻¹`` with ``diag(C)`` the diagonal of the Gauss-Newton matrix fitted by
+      :class:`~influenciae.hessian.diagonal.DiagonalIHVP` (one pass over the dataset; the empirical Fisher's for
+      ``curvature="empirical_fisher"``). With an explicit ``operator=...`` it is the operator's exact diagonal.
+    - ``"nystrom"``: Frangella, Tropp & Udell (2023), from the rank-``preconditioner_rank`` Nyström sketch
+      ``Â = U diag(Λ) Uᵀ`` of the (undamped) curvature (:func:`~influenciae.hessian.nystrom.nystrom_sketch`, one
+      block product): ``M = (Λ_r + λ) U (Λ + λ)⁻¹ Uᵀ + (I - U Uᵀ)``. The curvature must be positive semi-definite
+      on the sketch (use ``curvature="ggn"`` otherwise). Without damping the sketch's smallest eigenvalue must be
+      positive.
+    - a callable on rows ``[n, P] -> [n, P]`` (applied eagerly: the solve then runs the Python loop), a
+      ``tf.linalg.LinearOperator`` or a dense ``[P, P]`` matrix (both applied in the graph).
 
     Args:
         model: The wrapped model.
@@ -49,8 +79,9 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             the dtype: ``max(1e-8, 100 · eps)``, i.e. 1e-8 in float64 and about 1.2e-5 in float32 (a float32
             residual cannot go much below that, so a fixed 1e-8 never converges there).
         max_iterations: Most operator products per solve (default: ``min(P, 200)``).
-        preconditioner: Optional ``M ≈ (H+λI)⁻¹``: a callable on rows ``[n, P] -> [n, P]``, a
-            ``tf.linalg.LinearOperator`` or a dense matrix.
+        preconditioner: None, ``"diagonal"``, ``"nystrom"``, a callable on rows, a ``tf.linalg.LinearOperator`` or a
+            dense matrix (see above). Named preconditioners are built on the first solve and kept.
+        preconditioner_rank: Sketch size of ``preconditioner="nystrom"`` (clipped to P; default 50).
         operator: See :class:`InverseHessianVectorProduct`.
         curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
             inverted (see :mod:`influenciae.hessian.ggn`).
@@ -59,8 +90,12 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
     Attributes:
         info: :class:`ConvergenceInfo` of the last :meth:`solve`.
 
+    Raises:
+        ValueError: From :meth:`solve`, when CG meets a direction of non-positive curvature (the operator is not
+            positive definite).
+
     Example:
-        >>> ihvp = ConjugateGradientDescentIHVP(im, train_ds, damping=1e-3, tolerance=1e-8)
+        >>> ihvp = ConjugateGradientDescentIHVP(im, train_ds, damping=1e-3, preconditioner="nystrom")
         >>> x = ihvp.solve(v); ihvp.info.converged.all()
     """
 
@@ -73,6 +108,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         tolerance: float | None = None,
         max_iterations: int | None = None,
         preconditioner: Any | None = None,
+        preconditioner_rank: int = 50,
         operator: Any | None = None,
         curvature: str = "hessian",
         curvature_options: dict[str, Any] | None = None,
@@ -91,45 +127,64 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             raise ValueError(f"tolerance must be positive, got {tolerance!r}.")
         if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations <= 0):
             raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}.")
+        if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"Unknown preconditioner {preconditioner!r}; choose one of {list(PRECONDITIONERS)}, a callable on "
+                "rows, a tf.linalg.LinearOperator or a dense matrix."
+            )
+        if not isinstance(preconditioner_rank, (int, np.integer)) or isinstance(preconditioner_rank, bool):
+            raise ValueError(f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}.")
+        if preconditioner_rank <= 0:
+            raise ValueError(f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}.")
         self.tolerance = float(tolerance)
         self.max_iterations = max_iterations or min(self.nb_params, 200)
-        self.preconditioner = _as_row_function(preconditioner)
+        self._preconditioner_name = preconditioner if isinstance(preconditioner, str) else None
+        self._preconditioner_rank = int(min(preconditioner_rank, self.nb_params))
+        self._preconditioner: _Preconditioner | None = (
+            None if self._preconditioner_name is not None else _preconditioner_of(preconditioner)
+        )
+        self._graph_solve: Any | None = None
         self.info: ConvergenceInfo | None = None
 
+    @property
+    def preconditioner(self) -> Callable[[tf.Tensor], tf.Tensor] | None:
+        """The preconditioner as a function on rows ``[n, P] -> [n, P]`` (built now if given by name), or None."""
+        prepared = self._prepared_preconditioner()
+        return None if prepared.kind == "none" else prepared.apply
+
+    def configuration(self) -> dict[str, Any]:
+        """See :meth:`InverseHessianVectorProduct.configuration`; a named preconditioner (and its rank) is a
+        setting too."""
+        configuration = super().configuration()
+        if self._preconditioner_name is not None:
+            configuration["preconditioner"] = self._preconditioner_name
+            if self._preconditioner_name == "nystrom":
+                configuration["preconditioner_rank"] = self._preconditioner_rank
+        return configuration
+
+    # ------------------------------------------------------------------ solve
+
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
-        right = np.array(vectors, copy=True)
-        norms = np.linalg.norm(right, axis=1)
-        norms[norms == 0] = 1.0
-        solution = np.zeros_like(right)
-        residual = right.copy()
-        search = self._precondition(residual)
-        residual_dot = np.einsum("ij,ij->i", residual, search)
-        active = np.linalg.norm(residual, axis=1) / norms > self.tolerance
-        iterations = 0
+        preconditioner = self._prepared_preconditioner()
         bar = self.progress(self.max_iterations, "CG iterations")
-        while active.any() and iterations < self.max_iterations:
-            rows = np.flatnonzero(active)
-            product = self.operator.matmul_rows(tf.constant(search[rows])).numpy()
-            iterations += 1
-            bar.update(1)
-            curvature = np.einsum("ij,ij->i", search[rows], product)
-            if np.any(curvature <= 0):
-                raise ValueError(
-                    "Conjugate gradient met a direction of non-positive curvature: the Hessian (with damping "
-                    f"{self.damping}) is not positive definite. Add damping, or use ExactIHVP(method='eigh', "
-                    "allow_indefinite=True) or ArnoldiIHVP."
-                )
-            step = residual_dot[rows] / curvature
-            solution[rows] += step[:, None] * search[rows]
-            residual[rows] -= step[:, None] * product
-            preconditioned = self._precondition(residual[rows])
-            new_dot = np.einsum("ij,ij->i", residual[rows], preconditioned)
-            search[rows] = preconditioned + (new_dot / residual_dot[rows])[:, None] * search[rows]
-            residual_dot[rows] = new_dot
-            active[rows] = np.linalg.norm(residual[rows], axis=1) / norms[rows] > self.tolerance
+        if self.operator.traceable and preconditioner.traceable:
+            state = self._graph_function(preconditioner)(
+                vectors, tf.constant(self.tolerance, self.dtype), tf.constant(self.max_iterations, tf.int32)
+            )
+            iterations = int(state.iterations)
+            bar.update(iterations)
+        else:
+            state = self._python_loop(vectors, preconditioner, bar)
+            iterations = int(state.iterations)
         bar.close()
-        relative = np.linalg.norm(residual, axis=1) / norms
-        self.info = ConvergenceInfo(iterations, relative, relative <= self.tolerance)
+        if bool(state.non_positive):
+            raise ValueError(
+                "Conjugate gradient met a direction of non-positive curvature: the Hessian (with damping "
+                f"{self.damping}) is not positive definite. Add damping, or use ExactIHVP(method='eigh', "
+                "allow_indefinite=True) or ArnoldiIHVP."
+            )
+        relative = (tf.norm(state.residual, axis=1) / state.norms).numpy()
+        self.info = ConvergenceInfo(iterations, relative, relative <= self.tolerance, state.row_iterations.numpy())
         LOGGER.info(
             "CG: damping=%.3e, tolerance=%.1e, %d iterations, max relative residual %.2e, converged %d/%d.",
             self.damping,
@@ -147,12 +202,110 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return tf.constant(solution, dtype=self.dtype)
+        return state.solution
 
-    def _precondition(self, rows: np.ndarray) -> np.ndarray:
-        if self.preconditioner is None:
-            return rows.copy()
-        return np.array(self.preconditioner(tf.constant(rows, dtype=self.dtype)), copy=True)
+    def _graph_function(self, preconditioner: _Preconditioner) -> Any:
+        """The whole solve as one ``tf.function`` (traced once per solver for any number of rows)."""
+        if self._graph_solve is None:
+            operator, apply = self.operator.matmul_rows, preconditioner.apply
+            signature = [
+                tf.TensorSpec([None, self.nb_params], self.dtype),
+                tf.TensorSpec([], self.dtype),
+                tf.TensorSpec([], tf.int32),
+            ]
+
+            def solve(right: tf.Tensor, tolerance: tf.Tensor, max_iterations: tf.Tensor) -> _State:
+                state = _initial_state(right, apply, tolerance)
+
+                def proceed(state: _State) -> tf.Tensor:
+                    return tf.logical_and(
+                        tf.logical_and(state.iterations < max_iterations, tf.reduce_any(state.active)),
+                        tf.logical_not(state.non_positive),
+                    )
+
+                def iterate(state: _State) -> tuple[_State]:
+                    rows = tf.where(state.active)[:, 0]
+                    product = operator(tf.gather(state.search, rows))
+                    return (_step(state, rows, product, apply, tolerance),)
+
+                (state,) = tf.while_loop(proceed, iterate, (state,))
+                return state
+
+            self._graph_solve = tf.function(solve, input_signature=signature)
+        return self._graph_solve
+
+    def _python_loop(self, vectors: tf.Tensor, preconditioner: _Preconditioner, bar: Any) -> _State:
+        """Operator products in Python (only on the active rows); the rest of each iteration is one traced call."""
+        tolerance = tf.constant(self.tolerance, self.dtype)
+        by_tensors = preconditioner.function is None
+        if by_tensors:
+            functions = _loop_functions(self.dtype, preconditioner.kind)
+            state = functions.initial(vectors, tolerance, *preconditioner.tensors)
+        else:  # a function: applied eagerly, between the two traced halves of each step
+            advance, finish = _halves()
+            state = _initial_state(vectors, preconditioner.apply, tolerance)
+        proceed, iterations = bool(tf.reduce_any(state.active)), 0
+        while proceed and iterations < self.max_iterations:
+            rows = tf.where(state.active)[:, 0]
+            product = self.operator.matmul_rows(tf.gather(state.search, rows))
+            iterations += 1
+            bar.update(1)
+            if by_tensors:
+                state, flags = functions.step(state, rows, product, tolerance, *preconditioner.tensors)
+            else:
+                state, residual = advance(state, rows, product)
+                state, flags = finish(state, rows, preconditioner.apply(residual), residual, tolerance)
+            active, non_positive = flags.numpy()  # the one host round trip of the iteration
+            proceed = bool(active) and not bool(non_positive)
+        return state
+
+    # ------------------------------------------------------------------ preconditioners
+
+    def _prepared_preconditioner(self) -> _Preconditioner:
+        if self._preconditioner is None:
+            if self._preconditioner_name == "diagonal":
+                self._preconditioner = self._diagonal_preconditioner()
+            elif self._preconditioner_name == "nystrom":
+                self._preconditioner = self._nystrom_preconditioner()
+            else:
+                self._preconditioner = _Preconditioner("none")
+        return self._preconditioner
+
+    def _diagonal_preconditioner(self) -> _Preconditioner:
+        if self.model is not None and self._hessian_dataset is not None and self.curvature != "operator":
+            from influenciae.hessian.diagonal import DiagonalIHVP
+
+            options: dict[str, Any] = {}
+            if self.curvature != "hessian":  # the statistics of that curvature (expected, sampled or empirical)
+                options["operator"] = self.hessian
+            fitted = DiagonalIHVP(self.model, self._hessian_dataset, **options)
+            fitted.show_progress = self.show_progress
+            # the fitted curvature is diagonal: its product with a vector of ones is its diagonal
+            diagonal = fitted.hessian.matmul_rows(tf.ones([1, self.nb_params], self.dtype))[0]
+        else:
+            diagonal = _exact_diagonal(self.hessian)
+        diagonal = diagonal + tf.constant(self.damping, self.dtype)
+        # a direction without curvature in the estimate (a dead unit) keeps the identity's scale
+        diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
+        return _Preconditioner("diagonal", (tf.math.reciprocal(diagonal),))
+
+    def _nystrom_preconditioner(self) -> _Preconditioner:
+        from influenciae.hessian.nystrom import nystrom_sketch
+
+        with self.pass_progress(f"rank-{self._preconditioner_rank} Nyström preconditioner"):
+            values, vectors = nystrom_sketch(self.hessian, self._preconditioner_rank)
+        damping = float(self.damping)
+        smallest = float(values[-1]) + damping
+        if not smallest > 0:
+            raise ValueError(
+                f"The rank-{self._preconditioner_rank} Nyström preconditioner has a zero eigenvalue (damping "
+                f"{self.damping}): add damping (e.g. damping=1e-3) or lower preconditioner_rank."
+            )
+        # M v = v + U ((Λ_r + λ)/(Λ + λ) - 1) Uᵀ v  (Frangella et al., 2023, eq. 5.3)
+        coefficients = smallest / (values + damping) - 1.0
+        return _Preconditioner(
+            "low_rank", (tf.constant(vectors, dtype=self.dtype), tf.constant(coefficients, dtype=self.dtype))
+        )
 
 
 def default_tolerance(dtype: tf.DType) -> float:
@@ -160,7 +313,212 @@ def default_tolerance(dtype: tf.DType) -> float:
     return max(1e-8, 100.0 * float(np.finfo(dtype.as_numpy_dtype).eps))
 
 
-def _as_row_function(preconditioner: Any | None) -> Callable[[tf.Tensor], Any] | None:
-    if preconditioner is None or callable(preconditioner) and not isinstance(preconditioner, tf.linalg.LinearOperator):
-        return preconditioner
-    return as_row_operator(preconditioner).matmul_rows
+# ---------------------------------------------------------------------- the iteration, in TensorFlow
+
+
+class _State(tf.experimental.ExtensionType):
+    """The block's CG state: per-row iterates and masks (rows ``[n]``, vectors ``[n, P]``)."""
+
+    solution: tf.Tensor
+    residual: tf.Tensor
+    search: tf.Tensor
+    residual_dot: tf.Tensor  # rᵀ M r per row
+    norms: tf.Tensor  # ‖v‖ per row (1 for a zero row)
+    active: tf.Tensor  # rows still moving
+    row_iterations: tf.Tensor
+    iterations: tf.Tensor
+    non_positive: tf.Tensor  # a direction of non-positive curvature was met
+
+
+def _initial_state(right: tf.Tensor, precondition: Callable[[tf.Tensor], tf.Tensor], tolerance: tf.Tensor) -> _State:
+    norms = tf.norm(right, axis=1)
+    norms = tf.where(norms == 0, tf.ones_like(norms), norms)
+    search = precondition(right)
+    count = tf.shape(right)[0]
+    return _State(
+        solution=tf.zeros_like(right),
+        residual=right,
+        search=search,
+        residual_dot=tf.reduce_sum(right * search, axis=1),
+        norms=norms,
+        active=tf.norm(right, axis=1) / norms > tolerance,
+        row_iterations=tf.zeros([count], tf.int32),
+        iterations=tf.constant(0, tf.int32),
+        non_positive=tf.constant(False),
+    )
+
+
+def _advance(state: _State, rows: tf.Tensor, product: tf.Tensor) -> tuple[_State, tf.Tensor]:
+    """The step along the search directions of the active ``rows``; returns the new state and their residuals."""
+    search = tf.gather(state.search, rows)
+    curvature = tf.reduce_sum(search * product, axis=1)
+    step = tf.gather(state.residual_dot, rows) / curvature
+    solution = tf.gather(state.solution, rows) + step[:, None] * search
+    residual = tf.gather(state.residual, rows) - step[:, None] * product
+    index = rows[:, None]
+    state = _State(
+        solution=tf.tensor_scatter_nd_update(state.solution, index, solution),
+        residual=tf.tensor_scatter_nd_update(state.residual, index, residual),
+        search=state.search,
+        residual_dot=state.residual_dot,
+        norms=state.norms,
+        active=state.active,
+        row_iterations=tf.tensor_scatter_nd_add(state.row_iterations, index, tf.ones_like(rows, tf.int32)),
+        iterations=state.iterations + 1,
+        non_positive=tf.logical_or(state.non_positive, tf.reduce_any(curvature <= 0)),
+    )
+    return state, residual
+
+
+def _finish(
+    state: _State, rows: tf.Tensor, preconditioned: tf.Tensor, residual: tf.Tensor, tolerance: tf.Tensor
+) -> _State:
+    """New search directions and masks of the active ``rows`` from their preconditioned residuals."""
+    preconditioned = tf.convert_to_tensor(preconditioned, state.residual.dtype)
+    new_dot = tf.reduce_sum(residual * preconditioned, axis=1)
+    search = preconditioned + (new_dot / tf.gather(state.residual_dot, rows))[:, None] * tf.gather(state.search, rows)
+    index = rows[:, None]
+    still = tf.norm(residual, axis=1) / tf.gather(state.norms, rows) > tolerance
+    return _State(
+        solution=state.solution,
+        residual=state.residual,
+        search=tf.tensor_scatter_nd_update(state.search, index, search),
+        residual_dot=tf.tensor_scatter_nd_update(state.residual_dot, index, new_dot),
+        norms=state.norms,
+        active=tf.tensor_scatter_nd_update(state.active, index, still),
+        row_iterations=state.row_iterations,
+        iterations=state.iterations,
+        non_positive=state.non_positive,
+    )
+
+
+def _step(
+    state: _State,
+    rows: tf.Tensor,
+    product: tf.Tensor,
+    precondition: Callable[[tf.Tensor], tf.Tensor],
+    tolerance: tf.Tensor,
+) -> _State:
+    state, residual = _advance(state, rows, product)
+    return _finish(state, rows, precondition(residual), residual, tolerance)
+
+
+def _flags(state: _State) -> tf.Tensor:
+    return tf.stack([tf.reduce_any(state.active), state.non_positive])
+
+
+# ---------------------------------------------------------------------- preconditioners
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preconditioner:
+    """``M`` on rows. ``kind`` is ``"none"``, ``"diagonal"`` (``tensors = (inverse diagonal [P],)``), ``"low_rank"``
+    (``(U [r, P], c [r])``: ``M v = v + U diag(c) Uᵀ v``), ``"dense"`` (``(M [P, P],)``), ``"operator"`` (a
+    traceable :class:`RowOperator`) or ``"callable"`` (eager only)."""
+
+    kind: str
+    tensors: tuple[tf.Tensor, ...] = ()
+    function: Callable[[tf.Tensor], Any] | None = None
+
+    @property
+    def traceable(self) -> bool:
+        return self.kind != "callable"
+
+    def apply(self, rows: tf.Tensor) -> tf.Tensor:
+        if self.function is not None:
+            return tf.convert_to_tensor(self.function(rows), rows.dtype)
+        return _apply(self.kind, rows, *self.tensors)
+
+
+def _apply(kind: str, rows: tf.Tensor, *tensors: tf.Tensor) -> tf.Tensor:
+    if kind == "none":
+        return rows
+    if kind == "diagonal":
+        return rows * tensors[0]
+    if kind == "low_rank":
+        basis, coefficients = tensors
+        return rows + tf.matmul(tf.matmul(rows, basis, transpose_b=True) * coefficients, basis)
+    if kind == "dense":
+        return tf.matmul(rows, tensors[0], transpose_b=True)
+    raise ValueError(f"Unknown preconditioner kind {kind!r}.")  # pragma: no cover - internal
+
+
+def _preconditioner_of(preconditioner: Any) -> _Preconditioner:
+    if preconditioner is None:
+        return _Preconditioner("none")
+    if isinstance(preconditioner, RowOperator):
+        if preconditioner.traceable:
+            return _Preconditioner("operator", function=preconditioner.matmul_rows)
+        return _Preconditioner("callable", function=preconditioner.matmul_rows)
+    if callable(preconditioner) and not isinstance(preconditioner, tf.linalg.LinearOperator):
+        return _Preconditioner("callable", function=preconditioner)
+    dense = as_row_operator(preconditioner)
+    matrix = getattr(dense, "matrix", None)
+    if matrix is None:  # pragma: no cover - as_row_operator makes dense operators of matrices
+        return _Preconditioner("operator", function=dense.matmul_rows)
+    return _Preconditioner("dense", (matrix,))
+
+
+def _exact_diagonal(operator: RowOperator, block: int = 256) -> tf.Tensor:
+    """The diagonal of a symmetric row operator: read off a dense matrix, else products with unit-vector blocks."""
+    if isinstance(operator, DampedOperator):
+        return _exact_diagonal(operator.operator, block) + tf.constant(operator.damping, operator.dtype)
+    matrix = getattr(operator, "matrix", None)
+    if matrix is not None:
+        return tf.linalg.diag_part(tf.convert_to_tensor(matrix, operator.dtype))
+    parts = []
+    for start in range(0, operator.num_params, block):
+        stop = min(start + block, operator.num_params)
+        units = tf.roll(tf.eye(stop - start, operator.num_params, dtype=operator.dtype), start, axis=1)
+        parts.append(tf.reduce_sum(operator.matmul_rows(units) * units, axis=1))
+    return tf.concat(parts, axis=0)
+
+
+# ---------------------------------------------------------------------- traced functions shared across solvers
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopFunctions:
+    initial: Any
+    step: Any
+
+
+_LOOP_FUNCTIONS: dict[tuple[str, str], _LoopFunctions] = {}
+_HALVES: dict[str, Any] = {}
+
+
+def _loop_functions(dtype: tf.DType, kind: str) -> _LoopFunctions:
+    """The Python loop's traced start and step for one dtype and preconditioner kind given by tensors, shared by
+    every solver: the preconditioner's tensors are arguments, so a new solver does not trace again."""
+    key = (tf.as_dtype(dtype).name, kind)
+    if key not in _LOOP_FUNCTIONS:
+
+        def initial(right: tf.Tensor, tolerance: tf.Tensor, *tensors: tf.Tensor) -> _State:
+            return _initial_state(right, lambda rows: _apply(kind, rows, *tensors), tolerance)
+
+        def step(
+            state: _State, rows: tf.Tensor, product: tf.Tensor, tolerance: tf.Tensor, *tensors: tf.Tensor
+        ) -> tuple[_State, tf.Tensor]:
+            state = _step(state, rows, product, lambda block: _apply(kind, block, *tensors), tolerance)
+            return state, _flags(state)
+
+        _LOOP_FUNCTIONS[key] = _LoopFunctions(
+            tf.function(initial, reduce_retracing=True), tf.function(step, reduce_retracing=True)
+        )
+    return _LOOP_FUNCTIONS[key]
+
+
+def _halves() -> tuple[Any, Any]:
+    """The step split around an eagerly applied preconditioner: ``advance`` (the step along the search directions)
+    and ``finish`` (new directions and masks from the preconditioned residuals), each one traced call."""
+    if not _HALVES:
+
+        def finish(
+            state: _State, rows: tf.Tensor, preconditioned: tf.Tensor, residual: tf.Tensor, tolerance: tf.Tensor
+        ) -> tuple[_State, tf.Tensor]:
+            state = _finish(state, rows, preconditioned, residual, tolerance)
+            return state, _flags(state)
+
+        _HALVES["advance"] = tf.function(_advance, reduce_retracing=True)
+        _HALVES["finish"] = tf.function(finish, reduce_retracing=True)
+    return _HALVES["advance"], _HALVES["finish"]

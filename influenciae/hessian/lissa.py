@@ -95,6 +95,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         self.num_repeats = num_repeats
         self.power_iterations = power_iterations
         self.seed = seed
+        self._graph_recursion: Any | None = None
         self.info: ConvergenceInfo | None = None
 
     @property
@@ -133,26 +134,39 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
 
     def _recursion(self, vectors: tf.Tensor, product: Any) -> tf.Tensor:
         scale = tf.constant(self.scale, self.dtype)
-        estimate = vectors
         start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
-        change = np.inf
-        step = 0
+        limit = 1e8 * start_norm * max(1.0, self.scale)
         bar = self.progress(self.depth, "LiSSA steps")
-        for step in range(1, self.depth + 1):  # noqa: B007 - the last step is reported in info
-            updated = vectors + estimate - product(estimate) / scale
-            bar.update(1)
-            norm = float(tf.reduce_max(tf.norm(updated, axis=1)))
-            if not np.isfinite(norm) or norm > 1e8 * start_norm * max(1.0, self.scale):
-                raise ValueError(
-                    f"LiSSA diverged after {step} steps (scale {self.scale:.3e}, damping {self.damping}): the scale "
-                    "must exceed the largest eigenvalue of H + damping·I, and H + damping·I must be positive "
-                    "definite. Raise scale, add damping, or use 'cg'."
-                )
-            change = float(tf.reduce_max(tf.norm(updated - estimate, axis=1))) / max(norm, 1e-300)
-            estimate = updated
-            if self.batches_per_step is None and change < self.tolerance:
-                break
+        if self.batches_per_step is None and self.operator.traceable:
+            estimate, step, change, diverged = self._graph_function()(
+                vectors,
+                scale,
+                tf.constant(limit, tf.float64),
+                tf.constant(self.tolerance, tf.float64),
+                tf.constant(self.depth, tf.int32),
+            )
+            step, change, diverged = int(step), float(change), bool(diverged)
+            bar.update(step)
+        else:
+            estimate, step, change, diverged = vectors, 0, np.inf, False
+            for step in range(1, self.depth + 1):  # noqa: B007 - the last step is reported in info
+                updated, norm, change_tensor = _lissa_step(vectors, estimate, product(estimate), scale)
+                bar.update(1)
+                norm = float(norm)
+                if not np.isfinite(norm) or norm > limit:
+                    diverged = True
+                    break
+                change = float(change_tensor)
+                estimate = updated
+                if self.batches_per_step is None and change < self.tolerance:
+                    break
         bar.close()
+        if diverged:
+            raise ValueError(
+                f"LiSSA diverged after {step} steps (scale {self.scale:.3e}, damping {self.damping}): the scale "
+                "must exceed the largest eigenvalue of H + damping·I, and H + damping·I must be positive "
+                "definite. Raise scale, add damping, or use 'cg'."
+            )
         converged = np.full([int(vectors.shape[0])], change < self.tolerance)
         self.info = ConvergenceInfo(step, np.full([int(vectors.shape[0])], change), converged)
         LOGGER.info(
@@ -174,6 +188,51 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 stacklevel=4,
             )
         return estimate / scale
+
+    def _graph_function(self) -> Any:
+        """The deterministic recursion over the whole block as one ``tf.function`` (a ``tf.while_loop``), for a
+        traceable operator; traced once per solver for any number of rows, scale, tolerance and depth."""
+        if self._graph_recursion is None:
+            operator = self.operator.matmul_rows
+            signature = [
+                tf.TensorSpec([None, self.nb_params], self.dtype),
+                tf.TensorSpec([], self.dtype),
+                tf.TensorSpec([], tf.float64),
+                tf.TensorSpec([], tf.float64),
+                tf.TensorSpec([], tf.int32),
+            ]
+
+            def recursion(
+                vectors: tf.Tensor, scale: tf.Tensor, limit: tf.Tensor, tolerance: tf.Tensor, depth: tf.Tensor
+            ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+                def proceed(estimate: Any, step: Any, change: Any, diverged: Any) -> tf.Tensor:
+                    stopped = tf.logical_or(diverged, tf.logical_and(step > 0, change < tolerance))
+                    return tf.logical_and(step < depth, tf.logical_not(stopped))
+
+                def iterate(estimate: Any, step: Any, change: Any, diverged: Any) -> tuple[Any, Any, Any, Any]:
+                    updated, norm, new_change = _lissa_step(vectors, estimate, operator(estimate), scale)
+                    blown = tf.logical_or(tf.logical_not(tf.math.is_finite(norm)), norm > limit)
+                    # a diverged step is not taken (the eager loop raises before it), as in the eager loop
+                    estimate = tf.cond(blown, lambda: estimate, lambda: updated)
+                    change = tf.where(blown, change, new_change)
+                    return estimate, step + 1, change, blown
+
+                start = (vectors, tf.constant(0, tf.int32), tf.constant(np.inf, tf.float64), tf.constant(False))
+                return tf.while_loop(proceed, iterate, start)
+
+            self._graph_recursion = tf.function(recursion, input_signature=signature)
+        return self._graph_recursion
+
+
+def _lissa_step(
+    vectors: tf.Tensor, estimate: tf.Tensor, product: tf.Tensor, scale: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One recursion step ``h ← v + h - A h / s``; returns the new ``h`` and, in float64, its largest row norm and
+    the relative change ``max ‖h_new - h‖ / max(max ‖h_new‖, 1e-300)`` (the arithmetic of Python floats)."""
+    updated = vectors + estimate - product / scale
+    norm = tf.cast(tf.reduce_max(tf.norm(updated, axis=1)), tf.float64)
+    moved = tf.cast(tf.reduce_max(tf.norm(updated - estimate, axis=1)), tf.float64)
+    return updated, norm, moved / tf.maximum(norm, tf.constant(1e-300, tf.float64))
 
 
 def largest_eigenvalue(operator: Any, num_iterations: int = 30, *, seed: int = 0) -> float:
