@@ -337,3 +337,28 @@ def test_first_order_and_arnoldi_pass_the_shared_engine_checks(logistic):
     np.testing.assert_allclose(matrix, expected, rtol=1e-10)
     arnoldi = ArnoldiInfluenceCalculator(calculator.model, calculator.train_dataset, 5, True, 3)
     check_calculator_invariants(arnoldi, train, test, rtol=1e-10)
+
+
+def test_iterative_solvers_get_the_training_gradients_in_one_block_and_values_back_per_batch():
+    """CG is handed every training gradient at once (one solve, not one per batch); values stay per batch, in order."""
+    influence_model, x, y, _, _ = logistic_problem(num_examples=60)
+    train = dataset(x, y, batch_size=11)  # 6 batches, the last one partial
+    exact = FirstOrderInfluenceCalculator(influence_model, train, "exact")
+    cg = FirstOrderInfluenceCalculator(influence_model, train, "cg", ihvp_options={"tolerance": 1e-12})
+    calls = []
+    solve = cg.ihvp.solve
+    cg.ihvp.solve = lambda vectors: calls.append(int(vectors.shape[0])) or solve(vectors)
+    np.testing.assert_allclose(cg.self_influence(train), exact.self_influence(train), rtol=1e-9)
+    assert calls == [60]
+    sizes = [int(values.shape[0]) for _, values in cg.compute_influence_values(train)]
+    assert sizes == [11, 11, 11, 11, 11, 5]
+    calls.clear()
+    test = dataset(x[:20], y[:20], batch_size=7)
+    np.testing.assert_allclose(cg.compute_influence_factors(test), exact.compute_influence_factors(test), rtol=1e-8)
+    assert calls == [20]
+    indices, values = cg.most_influential(test, train, k=3)
+    exact_indices, exact_values = exact.most_influential(test, train, k=3)
+    np.testing.assert_array_equal(indices, exact_indices)
+    np.testing.assert_allclose(values, exact_values, rtol=1e-8)
+    # a direct solver keeps batch-by-batch calls (and their numerics)
+    assert exact._solve_block_rows() == 1 and cg._solve_block_rows() > 60

@@ -47,6 +47,9 @@ class InverseHessianVectorProduct(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    # True for solvers whose every solve passes over the Hessian dataset (CG, LiSSA): their cost per call does not
+    # shrink with the number of right-hand sides, so callers should hand them large blocks.
+    iterative: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type[InverseHessianVectorProduct]]] = {}
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:

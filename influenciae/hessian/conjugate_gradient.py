@@ -99,6 +99,8 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         >>> x = ihvp.solve(v); ihvp.info.converged.all()
     """
 
+    iterative = True  # every solve passes over the Hessian dataset: callers hand it large blocks
+
     def __init__(
         self,
         model: InfluenceModel | None,

@@ -53,6 +53,8 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         >>> x = ihvp.solve(v)
     """
 
+    iterative = True  # every solve passes over the Hessian dataset: callers hand it large blocks
+
     def __init__(
         self,
         model: InfluenceModel | None,

@@ -96,6 +96,15 @@ class BaseInfluenceCalculator(abc.ABC):
         """Settings that change the influence vectors (stored in and checked against disk caches)."""
         return {}
 
+    def _solve_block_rows(self) -> int:
+        """How many examples the engine hands to one hook call (consecutive batches merged), or 1: batch by batch.
+
+        Calculators whose per-call cost does not shrink with the block (an iterative solve: its passes over the
+        Hessian dataset cost the same for 50 right-hand sides as for 1,000) return a larger block. Results do not
+        depend on it: values are handed back per batch and in order.
+        """
+        return 1
+
     # ------------------------------------------------------------------ eager conveniences (numpy, dataset order)
 
     def self_influence(self, train_set: tf.data.Dataset) -> np.ndarray:
@@ -400,9 +409,17 @@ class BaseInfluenceCalculator(abc.ABC):
         check_dataset(train_set, name="train_set")
         if validate:
             self._validate_first_batch(train_set)
-        for indices, batch in self._indexed(train_set, "train_set", "self-influence"):
-            values = self._self_influence(batch)
-            yield (indices if with_index else batch), values
+        stream = self._indexed(train_set, "train_set", "self-influence")
+        for group in _row_groups(stream, self._solve_block_rows()):
+            if len(group) == 1:
+                indices, batch = group[0]
+                yield (indices if with_index else batch), self._self_influence(batch)
+                continue
+            # one solve for the whole block (iterative solvers pay per call), values handed back per batch
+            values = self._self_influence(_concat_structures([batch for _, batch in group]))
+            sizes = [int(tf.shape(indices)[0]) for indices, _ in group]
+            for (indices, batch), part in zip(group, tf.split(values, sizes), strict=True):
+                yield (indices if with_index else batch), part
 
     def _transform_stream(
         self, test_set: tf.data.Dataset, *, validate: bool = True
@@ -410,11 +427,14 @@ class BaseInfluenceCalculator(abc.ABC):
         check_dataset(test_set, name="test_set")
         if validate:
             self._validate_first_batch(test_set)
-        for indices, batch in self._indexed(test_set, "test_set", "test transforms"):
+        for indices, batch in _merged_rows(
+            self._indexed(test_set, "test_set", "test transforms"), self._solve_block_rows()
+        ):
             yield indices, self._transforms(batch)
 
     def _compute_vectors(self, train_set: tf.data.Dataset) -> Iterator[Block]:
-        for indices, batch in self._indexed(train_set, "train_set", "influence vectors"):
+        stream = self._indexed(train_set, "train_set", "influence vectors")
+        for indices, batch in _merged_rows(stream, self._solve_block_rows()):
             yield indices, self._influence_vectors(batch)
 
     def _vector_source(
@@ -474,6 +494,8 @@ class BaseInfluenceCalculator(abc.ABC):
         Calculators whose per-batch work has an expensive set-up (e.g. loading checkpoints) override this to do the
         set-up once per shard instead of once per batch.
         """
+        if self._solve_block_rows() > 1:
+            return self._influence_vectors(_concat_structures([batch for _, batch in group])).numpy()
         return np.concatenate([self._influence_vectors(batch).numpy() for _, batch in group])
 
     def _build_search(
@@ -509,6 +531,34 @@ class BaseInfluenceCalculator(abc.ABC):
         if best is None:
             raise ValueError("train_set is empty.")
         return merge_top_k(*best, best[0][:, :0], best[1][:, :0], k=k, order=order)
+
+
+def _row_groups(stream: Iterable[tuple[tf.Tensor, Any]], rows: int) -> Iterator[list[tuple[tf.Tensor, Any]]]:
+    """Consecutive ``(indices, batch)`` pairs grouped until a group holds at least ``rows`` examples (1: one each)."""
+    group: list[tuple[tf.Tensor, Any]] = []
+    count = 0
+    for indices, batch in stream:
+        group.append((indices, batch))
+        count += int(tf.shape(indices)[0])
+        if count >= rows:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
+
+
+def _merged_rows(stream: Iterable[tuple[tf.Tensor, Any]], rows: int) -> Iterator[tuple[tf.Tensor, Any]]:
+    """:func:`_row_groups` with each group concatenated into one ``(indices, batch)``."""
+    for group in _row_groups(stream, rows):
+        if len(group) == 1:
+            yield group[0]
+        else:
+            yield tf.concat([indices for indices, _ in group], axis=0), _concat_structures([b for _, b in group])
+
+
+def _concat_structures(batches: list[Any]) -> Any:
+    """Batches of one dataset (same nested structure) concatenated along the example axis."""
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
 
 
 def _shard_groups(indexed: tf.data.Dataset, batches_per_shard: int) -> Iterator[tuple[int, list[tuple[Any, Any]]]]:
