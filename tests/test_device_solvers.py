@@ -131,6 +131,9 @@ def test_python_path_on_a_hessian_operator_matches_exact(tiny_model):
         solution = solver.solve(vectors).numpy()
         np.testing.assert_allclose(solution, expected, atol=1e-6 * np.abs(expected).max(), rtol=0)
         assert solver.info.converged.all()
+        # the graph path exactly when operator and preconditioner can be traced (a held dataset operator can)
+        traceable = solver.operator.traceable and solver._prepared_preconditioner().traceable
+        assert (solver._graph_solve is not None) == traceable
     exact_inverse = np.linalg.inv(ExactIHVP(im, ds, damping=0.1).operator.to_dense().numpy())
     perfect = ConjugateGradientDescentIHVP(im, ds, damping=0.1, preconditioner=exact_inverse)
     np.testing.assert_allclose(perfect.solve(vectors).numpy(), expected, atol=1e-8 * np.abs(expected).max())
