@@ -34,6 +34,7 @@ Damping per block is ``damping + relative_damping · mean(block eigenvalues)``: 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,8 @@ from influenciae.model import InfluenceModel
 
 __all__ = ["CurvatureBlock", "KFACIHVP", "EKFACIHVP", "BlockDiagonalIHVP"]
 
-_CHUNK_ELEMENTS = 2**24  # per-example rotated gradients held at once by the eigenvalue pass (float64)
+_CHUNK_ELEMENTS = 2**24  # per-example rotated gradients held at once by the eigenvalue pass
+_MAX_SLICES = 256  # contiguous runs up to which a solve reorders parameters by slicing rather than a column gather
 
 
 @dataclasses.dataclass
@@ -100,6 +102,11 @@ class _BlockOperator(RowOperator):
         self.solver = solver
         self.is_damped = damped
         super().__init__(num_params, dtype, "BlockDiagonalCurvature", parameters={"damped": damped})
+
+    @property
+    def traceable(self) -> bool:
+        """True once the solver is fitted: its product is then one pure-TensorFlow function of the vectors."""
+        return self.solver._blocks is not None
 
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         return self.solver._apply(vectors, power=1.0, damped=self.is_damped)
@@ -188,7 +195,7 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         self.capture = LayerCapture(model, max_output_size=max_output_size)
         self.timings: dict[str, float] = {}
         self._blocks: list[CurvatureBlock] | None = None
-        self._prepared: list[tuple[tf.Tensor | None, tf.Tensor | None, tf.Tensor, float]] | None = None
+        self._prepared: dict[str, Any] | None = None
         self._permutation: np.ndarray | None = None
         self._inverse_permutation: np.ndarray | None = None
 
@@ -265,71 +272,85 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         return self._apply(vectors, power=-1.0, damped=True)
 
     def _apply(self, vectors: tf.Tensor, *, power: float, damped: bool) -> tf.Tensor:
-        """``(C + λ)^power v`` for each row, block by block in the eigenbasis."""
-        prepared = self._prepare_blocks()
-        vectors = tf.convert_to_tensor(vectors, self.dtype)
-        count = tf.shape(vectors)[0]
-        permuted = tf.gather(vectors, self._permutation, axis=1)
-        sizes = [block.rows * block.columns for block in self.blocks]
-        outputs = []
-        for block, part, (row_basis, column_basis, eigenvalues, damping) in zip(
-            self.blocks, tf.split(permuted, sizes, axis=1), prepared, strict=True
-        ):
-            scale = eigenvalues + tf.constant(damping if damped else 0.0, self.dtype)
-            if power < 0 and float(tf.reduce_min(scale)) <= 0.0:
-                raise ValueError(
-                    f"The curvature block of {block.name!r} is singular (smallest eigenvalue "
-                    f"{float(tf.reduce_min(scale)):.3e} after damping): add damping, e.g. relative_damping=0.1 or "
-                    "damping=1e-3."
-                )
-            matrices = tf.reshape(part, [count, block.rows, block.columns])
-            rotated = _rotate(matrices, row_basis, column_basis, transpose=True)
-            rotated = rotated * scale if power > 0 else rotated / scale
-            outputs.append(tf.reshape(_rotate(rotated, row_basis, column_basis, transpose=False), [count, -1]))
-        return tf.gather(tf.concat(outputs, axis=1), self._inverse_permutation, axis=1)
+        """``(C + λ)^power v`` for each row (``power`` 1 or -1), block by block in the eigenbasis: one graph call.
+
+        Per Kronecker block, ``Q_A ((Q_Aᵀ V Q_S) ⊙ scale^power) Q_Sᵀ`` on the rows' ``[rows, columns]`` views, all
+        vectors at once (:func:`_apply_blocks`, traced once per model, block layout and direction).
+        """
+        bases, scales, minimums = self._prepare_blocks(damped)
+        if power < 0:
+            for block, smallest in zip(self.blocks, minimums, strict=True):
+                if smallest <= 0.0:
+                    raise ValueError(
+                        f"The curvature block of {block.name!r} is singular (smallest eigenvalue {smallest:.3e} after "
+                        "damping): add damping, e.g. relative_damping=0.1 or damping=1e-3."
+                    )
+        assert self._permutation is not None  # noqa: S101 -- set with the blocks
+        function = _apply_blocks(self.capture.model, self.blocks, self._permutation, inverse=power < 0)
+        present = [basis for pair in bases for basis in pair if basis is not None]
+        return function(tf.convert_to_tensor(vectors, self.dtype), present, scales)
 
     # ------------------------------------------------------------------ fitting
 
     def _fit(self) -> tuple[list[CurvatureBlock], str]:
+        """One capture pass per phase, each batch's update one traced call (:func:`_factor_update`,
+        :func:`_correction_update`), with float64 sums kept as tensors between batches."""
         layers = self.capture.layers
+        num_uncovered = int(self.capture.uncovered_parameter_indices.size)
         started = time.perf_counter()
-        sums = _FactorSums(layers, self.capture.uncovered_parameter_indices.size)
         hashes: list[str] = []
+        uncovered_diagonal = None
         if self.kronecker:
+            update = _factor_update(self.capture.model, layers, num_uncovered)
+            row_sums = [
+                tf.zeros([layer.num_rows] if layer.kind == "embedding" else [layer.num_rows] * 2, tf.float64)
+                for layer in layers
+            ]
+            column_sums = [tf.zeros([layer.num_columns] * 2, tf.float64) for layer in layers]
+            uncovered_sum = tf.zeros([num_uncovered], tf.float64)
+            positions, num_examples = np.zeros([len(layers)], np.int64), 0
             for batch_number, batch in enumerate(self._batches("factors")):
                 hashes.append(hash_batch(batch))
                 statistics, uncovered = self.capture.capture(batch, fisher=self.fisher, seed=self._seed(batch_number))
-                sums.add(statistics, uncovered)
+                row_sums, column_sums, uncovered_sum = update(
+                    row_sums, column_sums, uncovered_sum, statistics, uncovered
+                )
+                positions += _positions_per_layer(statistics)
+                num_examples += int(uncovered.shape[1])
+            uncovered_diagonal = uncovered_sum.numpy() / max(num_examples, 1)
         self.timings["factors"] = time.perf_counter() - started
 
         started = time.perf_counter()
         blocks = []
         for index, layer in enumerate(layers):
             if self.kronecker:
-                blocks.append(_kronecker_block(layer, *sums.factors(index)))
+                row_factor = row_sums[index].numpy() / max(int(positions[index]), 1)
+                column_factor = column_sums[index].numpy() / max(num_examples, 1)
+                blocks.append(_kronecker_block(layer, row_factor, column_factor))
             else:
                 blocks.append(_identity_block(layer))
         self.timings["eigendecomposition"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        uncovered_diagonal = sums.uncovered_diagonal() if self.kronecker else None
         if self.eigenvalue_correction:
-            corrections = _CorrectionSums(blocks)
-            uncovered_sum = np.zeros([self.capture.uncovered_parameter_indices.size])
-            check_hashes = bool(hashes)
+            correct = _correction_update(self.capture.model, layers, num_uncovered)
+            row_bases = [None if b.row_basis is None else tf.constant(b.row_basis, self.dtype) for b in blocks]
+            column_bases = [None if b.column_basis is None else tf.constant(b.column_basis, self.dtype) for b in blocks]
+            sums = [tf.zeros([block.rows, block.columns], tf.float64) for block in blocks]
+            uncovered_sum = tf.zeros([num_uncovered], tf.float64)
+            num_examples, check_hashes = 0, bool(hashes)
             for batch_number, batch in enumerate(self._batches("eigenvalues")):
                 if not check_hashes:
                     hashes.append(hash_batch(batch))
                 statistics, uncovered = self.capture.capture(batch, fisher=self.fisher, seed=self._seed(batch_number))
-                corrections.add(statistics)
-                if uncovered_diagonal is None:
-                    uncovered_sum += tf.reduce_sum(tf.square(tf.cast(uncovered, tf.float64)), axis=[0, 1]).numpy()
-            for block, eigenvalues in zip(blocks, corrections.eigenvalues(), strict=True):
-                block.eigenvalues = eigenvalues
+                sums, uncovered_sum = correct(sums, uncovered_sum, statistics, uncovered, row_bases, column_bases)
+                num_examples += int(uncovered.shape[1])
+            for block, total in zip(blocks, sums, strict=True):
+                block.eigenvalues = total.numpy() / max(num_examples, 1)
             if uncovered_diagonal is None:
-                uncovered_diagonal = uncovered_sum / max(corrections.num_examples, 1)
+                uncovered_diagonal = uncovered_sum.numpy() / max(num_examples, 1)
         self.timings["correction"] = time.perf_counter() - started
-        if self.capture.uncovered_parameter_indices.size:
+        if num_uncovered:
             assert uncovered_diagonal is not None  # noqa: S101 -- internal invariant, set by one of the passes
             blocks.append(_diagonal_block(self.capture.uncovered_parameter_indices, uncovered_diagonal))
         return blocks, combine_hashes(hashes)
@@ -365,19 +386,32 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         inverse[permutation] = np.arange(permutation.size)
         self._permutation, self._inverse_permutation = permutation, inverse
 
-    def _prepare_blocks(self) -> list[tuple[tf.Tensor | None, tf.Tensor | None, tf.Tensor, float]]:
+    def _prepare_blocks(
+        self, damped: bool
+    ) -> tuple[list[tuple[tf.Tensor | None, tf.Tensor | None]], list[tf.Tensor], list[float]]:
+        """``(bases, scales, minimums)``: ``(Q_A, Q_S)`` and ``Λ + λ`` (``λ = 0`` undamped) per block in the solver's
+        dtype, made once (eagerly, even when called while tracing), and each block's smallest scale."""
         blocks = self.blocks
-        if self._prepared is None:
-            self._prepared = [
-                (
-                    None if block.row_basis is None else tf.constant(block.row_basis, self.dtype),
-                    None if block.column_basis is None else tf.constant(block.column_basis, self.dtype),
-                    tf.constant(block.eigenvalues, self.dtype),
-                    self.block_damping(block),
+        with tf.init_scope():
+            if self._prepared is None:
+                self._prepared = {
+                    "bases": [
+                        (
+                            None if block.row_basis is None else tf.constant(block.row_basis, self.dtype),
+                            None if block.column_basis is None else tf.constant(block.column_basis, self.dtype),
+                        )
+                        for block in blocks
+                    ]
+                }
+            key = "damped" if damped else "undamped"
+            if key not in self._prepared:
+                scales = [block.eigenvalues + (self.block_damping(block) if damped else 0.0) for block in blocks]
+                self._prepared[key] = (
+                    [tf.constant(scale, self.dtype) for scale in scales],
+                    [float(np.min(scale)) if scale.size else float("inf") for scale in scales],
                 )
-                for block in blocks
-            ]
-        return self._prepared
+        scales, minimums = self._prepared[key]
+        return self._prepared["bases"], scales, minimums
 
     def _load(self) -> list[CurvatureBlock] | None:
         """The blocks saved at ``factors_path`` with these settings, weights and dataset; None when there are none."""
@@ -488,106 +522,135 @@ def _fisher_of_operator(operator: Any, solver: str) -> str:
 # ---------------------------------------------------------------------- statistics
 
 
-class _FactorSums:
-    """Running sums of ``a aᵀ`` (per position) and ``g gᵀ`` (per example) for each layer, in float64."""
-
-    def __init__(self, layers: list[CapturedLayer], num_uncovered: int) -> None:
-        self.layers = layers
-        self.row_sums: list[tf.Tensor | None] = [None] * len(layers)
-        self.column_sums: list[tf.Tensor | None] = [None] * len(layers)
-        self.positions = [0] * len(layers)
-        self.num_examples = 0
-        self.uncovered = np.zeros([num_uncovered])
-
-    def add(self, statistics: list[LayerStatistics], uncovered: tf.Tensor) -> None:
-        size = int(uncovered.shape[1])
-        for index, (layer, (activations, gradients)) in enumerate(zip(self.layers, statistics, strict=True)):
-            if layer.kind == "embedding":
-                tokens = tf.reshape(activations, [-1])
-                row = tf.math.unsorted_segment_sum(tf.ones_like(tokens, tf.float64), tokens, layer.num_rows)
-            else:
-                flat = tf.reshape(tf.cast(activations, tf.float64), [-1, layer.num_rows])
-                row = tf.matmul(flat, flat, transpose_a=True)
-            flat_gradients = tf.reshape(tf.cast(gradients, tf.float64), [-1, layer.num_columns])
-            column = tf.matmul(flat_gradients, flat_gradients, transpose_a=True)
-            self.row_sums[index] = row if self.row_sums[index] is None else self.row_sums[index] + row
-            self.column_sums[index] = column if self.column_sums[index] is None else self.column_sums[index] + column
-            self.positions[index] += int(tf.size(activations)) // (1 if layer.kind == "embedding" else layer.num_rows)
-        self.uncovered += tf.reduce_sum(tf.square(tf.cast(uncovered, tf.float64)), axis=[0, 1]).numpy()
-        self.num_examples += size
-
-    def factors(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(A, S)`` of layer ``index``: ``A [rows, rows]`` (``[rows]`` for an Embedding) and ``S``."""
-        row_sum, column_sum = self.row_sums[index], self.column_sums[index]
-        assert row_sum is not None and column_sum is not None  # noqa: S101 -- at least one batch was added
-        return row_sum.numpy() / max(self.positions[index], 1), column_sum.numpy() / max(self.num_examples, 1)
-
-    def uncovered_diagonal(self) -> np.ndarray:
-        return self.uncovered / max(self.num_examples, 1)
+def _positions_per_layer(statistics: list[LayerStatistics]) -> np.ndarray:
+    """``[layers]`` positions ``B × T`` of each layer in one batch (``A`` is their mean), from the static shapes."""
+    return np.array([int(np.prod(stats.activations.shape[:2])) for stats in statistics], dtype=np.int64)
 
 
-class _CorrectionSums:
-    """Running sums of ``Σ_k (Q_Aᵀ G_ik Q_S)²`` over examples: EK-FAC's eigenvalues (identity bases: the diagonal)."""
+def _layer_structure(layers: list[CapturedLayer], num_uncovered: int) -> tuple[Any, ...]:
+    """What the traced per-batch updates depend on besides their tensors: the key they are shared under."""
+    return (*((layer.kind, layer.num_rows, layer.num_columns) for layer in layers), num_uncovered)
 
-    def __init__(self, blocks: list[CurvatureBlock]) -> None:
-        self.blocks = blocks
-        self.bases = [
-            (
-                None if block.row_basis is None else tf.constant(block.row_basis, tf.float64),
-                None if block.column_basis is None else tf.constant(block.column_basis, tf.float64),
-            )
-            for block in blocks
-        ]
-        self.sums = [tf.zeros([block.rows, block.columns], tf.float64) for block in blocks]
-        self.num_examples = 0
 
-    def add(self, statistics: list[LayerStatistics]) -> None:
-        for index, (block, (row_basis, column_basis), stats) in enumerate(
-            zip(self.blocks, self.bases, statistics, strict=True)
+def _factor_update(model: InfluenceModel, layers: list[CapturedLayer], num_uncovered: int) -> Any:
+    """The traced update of one factor pass: float64 running sums of ``a aᵀ`` per layer, ``g gᵀ`` and ``g²``.
+
+    ``update(row_sums, column_sums, uncovered_sum, statistics, uncovered)`` returns the three sums with one batch
+    added (``row_sums[i]`` ``[rows, rows]``, ``[rows]`` for an Embedding: token counts; ``column_sums[i]``
+    ``[columns, columns]``; ``uncovered_sum`` ``[U]``). One graph call per batch for every layer; shared by the
+    solvers of one model (``InfluenceModel.shared_function``), traced again only for a new batch shape, then
+    with relaxed shapes.
+    """
+    kinds = [(layer.kind, layer.num_rows, layer.num_columns) for layer in layers]
+
+    def update(
+        row_sums: list[tf.Tensor],
+        column_sums: list[tf.Tensor],
+        uncovered_sum: tf.Tensor,
+        statistics: list[LayerStatistics],
+        uncovered: tf.Tensor,
+    ) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
+        rows_out, columns_out = [], []
+        for (kind, rows, columns), row_sum, column_sum, (activations, gradients) in zip(
+            kinds, row_sums, column_sums, statistics, strict=True
         ):
-            gradients = tf.cast(stats.gradients, tf.float64)  # [K, B, T, columns]
-            if column_basis is not None:
-                gradients = tf.matmul(gradients, column_basis)
-            if block.kind == "embedding":
-                self.sums[index] += _embedding_squares(stats.activations, gradients, block.rows)
-                continue
-            activations = tf.cast(stats.activations, tf.float64)  # [B, T, rows]
-            if row_basis is not None:
-                activations = tf.matmul(activations, row_basis)
-            self.sums[index] += _dense_squares(activations, gradients)
-        self.num_examples += int(statistics[0].gradients.shape[1]) if statistics else 0
+            if kind == "embedding":
+                tokens = tf.reshape(activations, [-1])
+                row = tf.math.unsorted_segment_sum(tf.ones_like(tokens, tf.float64), tokens, rows)
+            else:
+                flat = tf.reshape(tf.cast(activations, tf.float64), [-1, rows])
+                row = tf.matmul(flat, flat, transpose_a=True)
+            flat_gradients = tf.reshape(tf.cast(gradients, tf.float64), [-1, columns])
+            rows_out.append(row_sum + row)
+            columns_out.append(column_sum + tf.matmul(flat_gradients, flat_gradients, transpose_a=True))
+        squares = tf.reduce_sum(tf.square(tf.cast(uncovered, tf.float64)), axis=[0, 1])
+        return rows_out, columns_out, uncovered_sum + squares
 
-    def eigenvalues(self) -> list[np.ndarray]:
-        return [total.numpy() / max(self.num_examples, 1) for total in self.sums]
+    key = ("influenciae.kfac.factor_update", _layer_structure(layers, num_uncovered))
+    return model.shared_function(key, lambda: tf.function(update, reduce_retracing=True))
+
+
+def _correction_update(model: InfluenceModel, layers: list[CapturedLayer], num_uncovered: int) -> Any:
+    """The traced update of the eigenvalue pass: ``Σ_{k,i} (Q_Aᵀ G_ik Q_S)²`` per layer, and ``g²`` of the rest.
+
+    ``update(sums, uncovered_sum, statistics, uncovered, row_bases, column_bases)`` returns the sums
+    (``[rows, columns]`` per layer, float64) with one batch added; a basis is None for the identity. The bases
+    rotate ``a`` and ``g`` and the per-example products ``Σ_t a_t g_tᵀ`` are formed in the layer's dtype (these
+    are the pass's ``O(B T r c)`` products); each batch's sum of squares is accumulated in float64. Shared and
+    traced as :func:`_factor_update`.
+    """
+    kinds = [layer.kind for layer in layers]
+
+    def update(
+        sums: list[tf.Tensor],
+        uncovered_sum: tf.Tensor,
+        statistics: list[LayerStatistics],
+        uncovered: tf.Tensor,
+        row_bases: list[tf.Tensor | None],
+        column_bases: list[tf.Tensor | None],
+    ) -> tuple[list[tf.Tensor], tf.Tensor]:
+        out = []
+        for kind, total, (activations, gradients), row_basis, column_basis in zip(
+            kinds, sums, statistics, row_bases, column_bases, strict=True
+        ):
+            if column_basis is not None:
+                gradients = tf.matmul(gradients, tf.cast(column_basis, gradients.dtype))  # [K, B, T, columns]
+            if kind == "embedding":
+                out.append(total + _embedding_squares(activations, gradients, int(total.shape[0])))
+                continue
+            activations = tf.cast(activations, gradients.dtype)  # [B, T, rows]
+            if row_basis is not None:
+                activations = tf.matmul(activations, tf.cast(row_basis, gradients.dtype))
+            out.append(total + _dense_squares(activations, gradients))
+        squares = tf.reduce_sum(tf.square(tf.cast(uncovered, tf.float64)), axis=[0, 1])
+        return out, uncovered_sum + squares
+
+    key = ("influenciae.kfac.correction_update", _layer_structure(layers, num_uncovered))
+    return model.shared_function(key, lambda: tf.function(update, reduce_retracing=True))
 
 
 def _dense_squares(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-    """``Σ_{k,i} (Σ_t a_it g_iktᵀ)²`` ``[rows, columns]`` from activations ``[B, T, r]``, gradients ``[K, B, T, c]``."""
-    if activations.shape[1] == 1:  # (a ⊗ g)² = a² ⊗ g²: one matmul
+    """``Σ_{k,i} (Σ_t a_it g_iktᵀ)²`` ``[rows, columns]`` float64 from activations ``[B, T, r]``, gradients
+    ``[K, B, T, c]`` (both in the layer's dtype).
+
+    One position per example: ``(a ⊗ g)² = a² ⊗ g²``, one matmul. Otherwise the per-example products are formed
+    ``_CHUNK_ELEMENTS`` at a time, in a graph loop over chunks of examples when the batch is larger.
+    """
+    if activations.shape[1] == 1:
         squared_gradients = tf.reduce_sum(tf.square(gradients[:, :, 0]), axis=0)  # [B, c]
-        return tf.matmul(tf.square(activations[:, 0]), squared_gradients, transpose_a=True)
-    count, size = int(gradients.shape[0]), int(gradients.shape[1])
-    rows, columns = int(activations.shape[-1]), int(gradients.shape[-1])
+        return tf.cast(tf.matmul(tf.square(activations[:, 0]), squared_gradients, transpose_a=True), tf.float64)
+    count, rows, columns = int(gradients.shape[0]), int(activations.shape[-1]), int(gradients.shape[-1])
     chunk = max(1, _CHUNK_ELEMENTS // max(count * rows * columns, 1))
-    total = tf.zeros([rows, columns], tf.float64)
-    for start in range(0, size, chunk):
+
+    def squares(start: tf.Tensor | int) -> tf.Tensor:
         per_example = tf.einsum(
             "btr,kbtc->kbrc", activations[start : start + chunk], gradients[:, start : start + chunk]
         )
-        total += tf.reduce_sum(tf.square(per_example), axis=[0, 1])
+        return tf.cast(tf.reduce_sum(tf.square(per_example), axis=[0, 1]), tf.float64)
+
+    size = activations.shape[0]
+    if size is not None and size <= chunk:
+        return squares(0)
+    _, total = tf.while_loop(
+        lambda start, _: start < tf.shape(activations)[0],
+        lambda start, total: (start + chunk, total + squares(start)),
+        (tf.constant(0), tf.zeros([rows, columns], tf.float64)),
+    )
     return total
 
 
 def _embedding_squares(tokens: tf.Tensor, gradients: tf.Tensor, vocabulary: int) -> tf.Tensor:
-    """``Σ_{k,i} G_ik²`` ``[vocabulary, columns]`` with ``G_ik[v] = Σ_{t: token_it = v} g_ikt``, never dense in v."""
-    count, size, positions, columns = (int(d) for d in gradients.shape)
-    example = tf.repeat(tf.range(size, dtype=tf.int64), positions)
+    """``Σ_{k,i} G_ik²`` ``[vocabulary, columns]`` float64 with ``G_ik[v] = Σ_{t: token_it = v} g_ikt``, never dense
+    in v (tokens ``[B, T]``, gradients ``[K, B, T, columns]``)."""
+    count, columns = int(gradients.shape[0]), int(gradients.shape[-1])
+    size, positions = tf.shape(gradients)[1], tf.shape(gradients)[2]
+    example = tf.repeat(tf.range(tf.cast(size, tf.int64), dtype=tf.int64), positions)
     keys = example * vocabulary + tf.reshape(tokens, [-1])
     unique, segment = tf.unique(keys)
-    values = tf.reshape(tf.transpose(gradients, [1, 2, 0, 3]), [size * positions, count * columns])
+    values = tf.reshape(tf.transpose(gradients, [1, 2, 0, 3]), [-1, count * columns])
     summed = tf.math.unsorted_segment_sum(values, segment, tf.shape(unique)[0])  # [U, K * columns]
     squares = tf.reduce_sum(tf.reshape(tf.square(summed), [-1, count, columns]), axis=1)
-    return tf.math.unsorted_segment_sum(squares, unique % vocabulary, vocabulary)
+    return tf.cast(tf.math.unsorted_segment_sum(squares, unique % vocabulary, vocabulary), tf.float64)
 
 
 def _symmetric_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -630,6 +693,73 @@ def _identity_block(layer: CapturedLayer) -> CurvatureBlock:
 
 def _diagonal_block(indices: np.ndarray, diagonal: np.ndarray) -> CurvatureBlock:
     return CurvatureBlock("<uncovered>", "diagonal", indices, int(indices.size), 1, np.asarray(diagonal)[:, None])
+
+
+def _apply_blocks(
+    model: InfluenceModel, blocks: list[CurvatureBlock], permutation: np.ndarray, *, inverse: bool
+) -> Any:
+    """The traced ``apply(vectors [n, P], bases, scales) -> [n, P]`` of :meth:`BlockDiagonalIHVP._apply`.
+
+    ``bases`` lists the blocks' ``Q_A``, ``Q_S`` in order, leaving out identities; ``scales`` ``Λ + λ``
+    ``[rows, columns]`` per block. Each block's coordinates ``Q_Aᵀ V Q_S`` are divided (``inverse``) or multiplied by
+    the scale and rotated back: two small matmuls per side, batched over the vectors. The flat parameters are
+    reordered to the blocks' layout by contiguous slices (a sequential model's layout is the identity), not by a
+    column gather. One trace per model, block layout and direction, for any number of vectors.
+    """
+    layout = tuple((block.kind, block.rows, block.columns) for block in blocks)
+    dtype = model.dtype
+    has_bases = [
+        (row is not None, column is not None) for row, column in ((b.row_basis, b.column_basis) for b in blocks)
+    ]
+    key = ("influenciae.kfac.apply_blocks", layout, tuple(has_bases), _digest(permutation), bool(inverse))
+
+    def build() -> Any:
+        sizes = [rows * columns for _, rows, columns in layout]
+        inverse_permutation = np.empty_like(permutation)
+        inverse_permutation[permutation] = np.arange(permutation.size)
+        to_blocks, from_blocks = _column_selection(permutation), _column_selection(inverse_permutation)
+
+        def apply(vectors: tf.Tensor, bases: list[tf.Tensor], scales: list[tf.Tensor]) -> tf.Tensor:
+            count = tf.shape(vectors)[0]
+            remaining = iter(bases)
+            outputs = []
+            for (_, rows, columns), part, (has_row, has_column), scale in zip(
+                layout, tf.split(to_blocks(vectors), sizes, axis=1), has_bases, scales, strict=True
+            ):
+                row_basis = next(remaining) if has_row else None
+                column_basis = next(remaining) if has_column else None
+                matrices = tf.reshape(part, [count, rows, columns])
+                rotated = _rotate(matrices, row_basis, column_basis, transpose=True)
+                rotated = rotated / scale if inverse else rotated * scale
+                outputs.append(tf.reshape(_rotate(rotated, row_basis, column_basis, transpose=False), [count, -1]))
+            return from_blocks(tf.concat(outputs, axis=1))
+
+        basis_specs = []
+        for block, (has_row, has_column) in zip(blocks, has_bases, strict=True):
+            basis_specs += [tf.TensorSpec([block.rows] * 2, dtype)] if has_row else []
+            basis_specs += [tf.TensorSpec([block.columns] * 2, dtype)] if has_column else []
+        scale_specs = [tf.TensorSpec([rows, columns], dtype) for _, rows, columns in layout]
+        signature = [tf.TensorSpec([None, int(permutation.size)], dtype), basis_specs, scale_specs]
+        return tf.function(apply, input_signature=signature)
+
+    return model.shared_function(key, build)
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _column_selection(order: np.ndarray) -> Any:
+    """``vectors [n, P] -> vectors[:, order]`` by at most ``_MAX_SLICES`` contiguous slices (a gather otherwise)."""
+    if np.array_equal(order, np.arange(order.size)):
+        return lambda vectors: vectors
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(order) != 1) + 1])
+    ends = np.concatenate([starts[1:], [order.size]])
+    runs = [(int(order[start]), int(order[end - 1]) + 1) for start, end in zip(starts, ends, strict=True)]
+    if len(runs) <= _MAX_SLICES:
+        return lambda vectors: tf.concat([vectors[:, start:stop] for start, stop in runs], axis=1)
+    indices = tf.constant(order)
+    return lambda vectors: tf.gather(vectors, indices, axis=1)
 
 
 def _rotate(
