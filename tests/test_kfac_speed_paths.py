@@ -50,13 +50,15 @@ def _reference_blocks(solver: kfac.BlockDiagonalIHVP, train) -> tuple[list, list
             rows[index] = rows[index] + a.T @ a
             columns[index] = columns[index] + g.T @ g
             positions[index] += a.shape[0]
-        gradients_per_batch.append([block_gradients(layer, s).numpy() for layer, s in zip(layers, statistics)])
+        gradients_per_batch.append(
+            [block_gradients(layer, s).numpy() for layer, s in zip(layers, statistics, strict=True)]
+        )
         uncovered_sum = uncovered_sum + np.sum(uncovered.numpy() ** 2, axis=(0, 1))
         count += int(uncovered.shape[1])
-    row_factors = [total / n for total, n in zip(rows, positions)]
+    row_factors = [total / n for total, n in zip(rows, positions, strict=True)]
     column_factors = [total / count for total in columns]
     eigenvalues = []
-    for index, (row_factor, column_factor) in enumerate(zip(row_factors, column_factors)):
+    for index, (row_factor, column_factor) in enumerate(zip(row_factors, column_factors, strict=True)):
         row_basis = np.linalg.eigh((row_factor + row_factor.T) / 2)[1]
         column_basis = np.linalg.eigh((column_factor + column_factor.T) / 2)[1]
         total = 0.0
@@ -107,7 +109,9 @@ def test_fast_paths_equal_the_plain_formulas(problem, variant, monkeypatch):
     row_factors, column_factors, eigenvalues, uncovered = _reference_blocks(solver, train)
     *kronecker, diagonal = solver.blocks
     assert [block.kind for block in kronecker] == ["conv2d", "dense", "dense"] and diagonal.kind == "diagonal"
-    for block, row_factor, column_factor, expected in zip(kronecker, row_factors, column_factors, eigenvalues):
+    for block, row_factor, column_factor, expected in zip(
+        kronecker, row_factors, column_factors, eigenvalues, strict=True
+    ):
         np.testing.assert_allclose(block.row_factor, row_factor, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(block.column_factor, column_factor, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(block.eigenvalues, expected, rtol=1e-10, atol=1e-14 * np.max(expected))
