@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -36,6 +38,62 @@ def test_export_round_trip_reproduces_keras_outputs_the_torch_way(exported):
     assert [w.shape for w, _ in spec.torch_layers(problem.layers)] == [(spec.HIDDEN_UNITS, 64), (10, spec.HIDDEN_UNITS)]
     keras_losses = np.asarray(ours.loss_function()(y, keras_logits))
     np.testing.assert_allclose(spec.per_example_cross_entropy(torch_logits, y), keras_losses, rtol=1e-5, atol=1e-6)
+
+
+def test_the_hidden_width_is_part_of_the_problem_file(tmp_path):
+    """The larger model (H = 32, P = 2,410) is read back with its width from the kernel shapes, by every worker."""
+    ours = pytest.importorskip("benchmarks.peers.ours")
+    rng = np.random.default_rng(4)
+    model = ours.build_model(hidden=32)
+    model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
+    layers = ours._layers_of(model)
+    x = rng.random((7, spec.NUM_FEATURES), dtype=np.float32)
+    y = rng.integers(0, spec.NUM_CLASSES, 7)
+    path = tmp_path / ours.problem_name(32, 7)
+    spec.save_problem(path, spec.Problem(x, y, x[:3], y[:3], layers, [layers], 1.0))
+    problem = spec.load_problem(path)
+    assert path.name == "problem_h32_n7.npz"
+    assert problem.hidden_units == 32 and problem.num_params == 64 * 32 + 32 + 32 * 10 + 10 == 2410
+    rebuilt = ours.build_model(problem.layers)  # no width given: read from the kernels
+    np.testing.assert_allclose(np.asarray(rebuilt(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
+    torch_logits = spec.torch_style_logits(spec.torch_layers(problem.layers), x)
+    np.testing.assert_allclose(torch_logits, np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_run_job_reports_cold_warm_cpu_load_and_the_limit(tmp_path):
+    """The worker protocol calls compute twice in one process and reports both calls, CPU seconds and the load."""
+    rng = np.random.default_rng(5)
+    layers = [(rng.normal(size=(64, 8)).astype(np.float32), np.zeros(8, np.float32))]
+    layers.append((rng.normal(size=(8, 10)).astype(np.float32), np.zeros(10, np.float32)))
+    x = rng.random((6, 64), dtype=np.float32)
+    y = rng.integers(0, 10, 6)
+    problem_path = tmp_path / "problem.npz"
+    spec.save_problem(problem_path, spec.Problem(x, y, x[:2], y[:2], layers, [layers], 1.0))
+    calls = []
+
+    def compute(state, job):
+        calls.append(len(calls))
+        busy = time.process_time()
+        while time.process_time() - busy < 0.05:  # CPU work the report must see
+            pass
+        # The warm call differs by 1e-3 relative: the report must measure it.
+        return {"scores": state * (1.0 + 1e-3 * (len(calls) - 1))}
+
+    job = spec.Job(str(problem_path), "exact", "self", str(tmp_path / "out"))
+    spec.run_job(job, lambda problem, job: np.arange(1.0, 7.0), compute, lambda *args: {"limit_seconds": 0.25})
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert calls == [0, 1]
+    assert report["hidden_units"] == 8 and report["num_params"] == 610 and report["num_train"] == 6
+    assert report["cpu_seconds"] >= 0.04 and report["warm_cpu_seconds"] >= 0.04
+    assert report["seconds"] >= 0.04 and report["warm_seconds"] >= 0.04
+    assert report["warm_relative_difference"] == pytest.approx(1e-3)
+    assert report["limit_seconds"] == 0.25
+    assert report["load_start"] >= 0 and report["load_end"] >= 0
+    with np.load(tmp_path / "out.npz") as saved:  # the cold scores are the ones kept
+        np.testing.assert_array_equal(saved["scores"], np.arange(1.0, 7.0))
+    measurement = run_peers.measurement_from_report("ours", job, 6, report, {})
+    assert measurement.warm_seconds == report["warm_seconds"] and measurement.limit_seconds == 0.25
+    assert measurement.key == ("exact", "self", 8, 6)
 
 
 def test_export_round_trip_keeps_everything(exported):
@@ -111,18 +169,44 @@ def test_write_block_replaces_only_the_block(tmp_path):
 
 
 def _measurement(library, method, task, size, result, **kwargs):
+    options = {"seconds": 2.0, "warm_seconds": 1.0, "cpu_seconds": 3.0, "warm_cpu_seconds": 1.5, "num_params": 610}
+    options.update(kwargs)
     return run_peers.Measurement(
         library,
         method,
         task,
         size,
         "ok",
-        seconds=2.0,
         peak_rss_mib=500.0,
         rss_before_mib=400.0,
         result=result,
-        **kwargs,
+        load_start=1.0,
+        load_end=2.0,
+        **options,
     )
+
+
+def test_ratio_to_the_best_peer_and_the_fraction_of_the_limit():
+    ours = _measurement("ours", "exact", "self", 30, {}, seconds=2.0, warm_seconds=1.0, limit_seconds=0.5)
+    measurements = [
+        ours,
+        _measurement("pydvl", "exact", "self", 30, {}, seconds=8.0, warm_seconds=3.0),
+        _measurement("captum", "exact", "self", 30, {}, seconds=4.0, warm_seconds=10.0),
+        # Another model size and a failed run never count as the best peer.
+        _measurement("captum", "exact", "self", 30, {}, seconds=0.1, warm_seconds=0.1, hidden=32, num_params=2410),
+        run_peers.Measurement("pydvl", "exact", "self", 30, "timeout (> 1 s)"),
+    ]
+    assert run_peers.best_peer(measurements, ours.key).library == "captum"
+    assert run_peers.best_peer(measurements, ours.key, warm=True).library == "pydvl"
+    assert run_peers.ratio_to_best(measurements, ours) == pytest.approx(2.0 / 4.0)
+    assert run_peers.ratio_to_best(measurements, ours, warm=True) == pytest.approx(1.0 / 3.0)
+    assert run_peers.limit_fraction(ours) == pytest.approx(0.25)
+    assert run_peers.limit_fraction(ours, warm=True) == pytest.approx(0.5)
+    alone = _measurement("ours", "cg", "self", 30, {})
+    assert math.isnan(run_peers.ratio_to_best(measurements, alone)) and math.isnan(run_peers.limit_fraction(alone))
+    # A peer that scored a subset is compared on its time extrapolated to all N.
+    subset = _measurement("pydvl", "cg", "self", 30, {}, seconds=1.0, warm_seconds=1.0, train_limit=3)
+    assert run_peers.ratio_to_best([alone, subset], alone) == pytest.approx(2.0 / 10.0)
 
 
 def test_agreement_converts_the_peer_convention():
@@ -159,10 +243,15 @@ def test_agreement_on_a_subset_and_on_top_k():
 def test_render_block_is_a_complete_block():
     rng = np.random.default_rng(3)
     scores = rng.normal(size=(spec.TEST_SIZE, 30))
+    large = {"hidden": 32, "num_params": 2410}
     measurements = [
-        _measurement("ours", "exact", "matrix", 30, {"scores": scores}),
-        _measurement("pydvl", "exact", "matrix", 30, {"scores": scores}),
+        _measurement(
+            "ours", "exact", "matrix", 30, {"scores": scores}, limit_seconds=0.5, warm_relative_difference=0.0
+        ),
+        _measurement("pydvl", "exact", "matrix", 30, {"scores": scores}, seconds=4.0, warm_seconds=4.0),
         run_peers.Measurement("captum", "exact", "matrix", 30, "timeout (> 1 s)"),
+        _measurement("ours", "exact", "matrix", 30, {"scores": scores}, seconds=6.0, **large),
+        _measurement("pydvl", "exact", "matrix", 30, {"scores": -scores}, seconds=3.0, **large),
     ]
     libraries = [run_peers.OURS, *run_peers.PEERS]
     found = run_peers.agreements(measurements, libraries)
@@ -175,8 +264,20 @@ def test_render_block_is_a_complete_block():
         started=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
         elapsed=1.0,
         load=(1.0, math.nan),
-        num_params=610,
+        num_params={8: 610, 32: 2410},
+        command="the exact command",
+        commit="abc1234",
+        note="reduced run",
     )
     assert blocks.extract_block(block) == block.rstrip("\n")
-    assert run_peers.COMMAND in block and "timeout" in block and "| 1.00× |" in block
-    assert "every peer agrees" in block
+    assert run_peers.COMMAND in block and "the exact command" in block and "`abc1234`" in block
+    assert "reduced run" in block and "timeout" in block
+    # Ours/best peer per P, cold and warm: P = 610 cold 2/4, warm 1/4; P = 2,410 cold 6/3.
+    assert (
+        "| exact | test × train | 610 | 30 | 4.00 (pyDVL 0.10) | 2.00 | **0.50×** | 4.00 (pyDVL 0.10) | 1.00 | "
+        "**0.25×** | 0.50 | 0.25× / 0.50× |" in block
+    )
+    assert "| exact | test × train | 2,410 | 30 | 3.00 (pyDVL 0.10) | 6.00 | **2.00×** |" in block
+    assert "| exact | test × train | 610 | 30 | limit (numpy) | 0.50 |" in block
+    assert "**disagreement** for pydvl matrix P=2,410 N=30" in block  # the sign flip at P = 2,410 is caught
+    assert "influenciae (ours) 0.0e+00" in block and "ours is within 1e-06" in block

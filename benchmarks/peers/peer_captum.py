@@ -28,9 +28,8 @@ def build_model(layers: list[tuple[np.ndarray, np.ndarray]]) -> Any:
     import torch
     from torch import nn
 
-    model = nn.Sequential(
-        nn.Linear(spec.NUM_FEATURES, spec.HIDDEN_UNITS), nn.Tanh(), nn.Linear(spec.HIDDEN_UNITS, spec.NUM_CLASSES)
-    )
+    hidden = int(layers[0][0].shape[1])  # the width is part of the problem file (Keras kernel [64, H])
+    model = nn.Sequential(nn.Linear(spec.NUM_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, spec.NUM_CLASSES))
     linear = [model[0], model[2]]
     with torch.no_grad():
         for module, (weight, bias) in zip(linear, spec.torch_layers(layers), strict=True):

@@ -32,9 +32,10 @@ EXACT_HESSIAN_BATCH = 10
 def build_model(layers: list[tuple[np.ndarray, np.ndarray]]) -> Any:
     import tensorflow as tf
 
+    hidden = int(layers[0][0].shape[1])  # the width is part of the problem file (kernel [64, H])
     model = tf.keras.Sequential(
         [
-            tf.keras.layers.Dense(spec.HIDDEN_UNITS, activation="tanh", input_shape=(spec.NUM_FEATURES,)),
+            tf.keras.layers.Dense(hidden, activation="tanh", input_shape=(spec.NUM_FEATURES,)),
             tf.keras.layers.Dense(spec.NUM_CLASSES),
         ]
     )

@@ -10,6 +10,11 @@ scale. pyDVL has no self-influence method nor top-k search: self-influence is th
 ``influences_from_factors`` applied to the training set's own factors (one solve per example, like ours), and
 top-k is not offered (n/a). LiSSA reads the data loader with ``batch_size = N`` so that each of its steps uses the
 full Hessian, like ours and Influenciae's.
+
+``nystrom`` is ``NystroemSketchInfluence`` (rank :data:`problem.NYSTROM_RANK` sketch of the Hessian, inverted by
+Woodbury with ``λ``), ``ekfac`` is ``EkfacInfluence(update_diagonal=True, hessian_regularization=λ)``: its own
+cross-entropy, its Kronecker factors and corrected eigenvalues from one backward pass per batch of the pseudo-loss
+``Σ_c √p_c log p_c`` (``empirical_cross_entropy_loss_fn``), averaged over the examples.
 """
 
 from __future__ import annotations
@@ -29,9 +34,8 @@ def build_model(layers: list[tuple[np.ndarray, np.ndarray]]) -> Any:
     import torch
     from torch import nn
 
-    model = nn.Sequential(
-        nn.Linear(spec.NUM_FEATURES, spec.HIDDEN_UNITS), nn.Tanh(), nn.Linear(spec.HIDDEN_UNITS, spec.NUM_CLASSES)
-    )
+    hidden = int(layers[0][0].shape[1])  # the width is part of the problem file (Keras kernel [64, H])
+    model = nn.Sequential(nn.Linear(spec.NUM_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, spec.NUM_CLASSES))
     with torch.no_grad():
         for module, (weight, bias) in zip([model[0], model[2]], spec.torch_layers(layers), strict=True):
             module.weight.copy_(torch.from_numpy(weight))
@@ -64,7 +68,14 @@ def setup(problem: spec.Problem, job: spec.Job) -> dict[str, Any]:
 
 
 def calculator(state: dict[str, Any], method: str) -> Any:
-    from pydvl.influence.torch import ArnoldiInfluence, CgInfluence, DirectInfluence, LissaInfluence
+    from pydvl.influence.torch import (
+        ArnoldiInfluence,
+        CgInfluence,
+        DirectInfluence,
+        EkfacInfluence,
+        LissaInfluence,
+        NystroemSketchInfluence,
+    )
     from torch.nn.functional import cross_entropy
 
     model = state["model"]
@@ -99,6 +110,10 @@ def calculator(state: dict[str, Any], method: str) -> Any:
             rank=spec.ARNOLDI_RANK,
             krylov_dimension=spec.ARNOLDI_SUBSPACE,
         )
+    elif method == "nystrom":
+        influence = NystroemSketchInfluence(model, cross_entropy, regularization=spec.DAMPING, rank=spec.NYSTROM_RANK)
+    elif method == "ekfac":
+        influence = EkfacInfluence(model, update_diagonal=True, hessian_regularization=spec.DAMPING)
     else:
         raise ValueError(f"pyDVL has no {method!r} influence.")
     return influence.fit(state["loader"])

@@ -4,9 +4,11 @@ This module is imported by the orchestrator (our ``.venv``) and by every worker,
 (TensorFlow + tf_keras for Influenciae 0.3.0, torch for Captum and pyDVL), so it uses the standard library and NumPy
 only.
 
-The problem: scikit-learn's digits (64 pixels in ``[0, 1]``, 10 classes), an MLP ``64 → 8 (tanh) → 10`` (logits,
-``P = 610`` parameters) trained by our side with plain SGD on the mean cross-entropy, exported with its weights
-(final and per checkpoint) to one ``.npz`` file per training-set size. Every library evaluates that same function:
+The problem: scikit-learn's digits (64 pixels in ``[0, 1]``, 10 classes), an MLP ``64 → H (tanh) → 10`` (logits;
+``H = 8``: ``P = 610`` parameters, ``H = 32``: ``P = 2,410``) trained by our side with plain SGD on the mean
+cross-entropy, exported with its weights (final and per checkpoint) to one ``.npz`` file per (hidden width,
+training-set size). The hidden width is part of the file: every worker reads it from the exported kernel shapes
+(:attr:`Problem.hidden_units`). Every library evaluates that same function:
 
 * Keras ``Dense``: ``y = x @ kernel + bias`` with ``kernel [in, out]``.
 * torch ``nn.Linear``: ``y = x @ weight.T + bias`` with ``weight [out, in] = kernel.T``.
@@ -31,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-HIDDEN_UNITS = 8
+HIDDEN_UNITS = 8  # the default hidden width of ``ours.py prepare``; workers read it from the problem file
+HIDDEN_WIDTHS = (8, 32)  # P = 610 and P = 2,410: the two model sizes of the comparison
 NUM_CLASSES = 10
 NUM_FEATURES = 64
 TEST_SIZE = 50
@@ -45,8 +48,10 @@ CG_MAX_ITERATIONS = 500
 LISSA_DEPTH = 100  # a fixed number of full-batch LiSSA steps for every library (no early stop)
 ARNOLDI_SUBSPACE = 200  # Krylov dimension
 ARNOLDI_RANK = 50  # eigenpairs kept
+NYSTROM_RANK = 50  # Nyström sketch size (ours and pyDVL's NystroemSketchInfluence)
+WARM_RELATIVE_TOLERANCE = 1e-6  # the warm repeat must reproduce the cold scores: max |warm − cold| / max |cold|
 
-METHODS = ("exact", "cg", "lissa", "arnoldi", "tracin")
+METHODS = ("exact", "cg", "lissa", "arnoldi", "nystrom", "ekfac", "tracin")
 TASKS = ("self", "matrix", "topk")
 
 
@@ -79,6 +84,11 @@ class Problem:
     @property
     def num_params(self) -> int:
         return sum(kernel.size + bias.size for kernel, bias in self.layers)
+
+    @property
+    def hidden_units(self) -> int:
+        """The hidden width ``H``, read from the first kernel ``[64, H]``."""
+        return int(self.layers[0][0].shape[1])
 
 
 def save_problem(path: str | os.PathLike, problem: Problem) -> None:
@@ -189,30 +199,79 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (NaN where unavailable)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return float("nan")
+
+
+def relative_difference(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> float:
+    """``max |first − second| / max |first|`` over the score arrays (``scores``, or top-k ``values``)."""
+    name = "scores" if "scores" in first else "values"
+    a, b = np.asarray(first[name], dtype=np.float64), np.asarray(second[name], dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-300)) if a.size else 0.0
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``(result, wall seconds, CPU seconds)`` of ``function()``."""
+    cpu = cpu_seconds()
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start, cpu_seconds() - cpu
+
+
 def run_job(
-    job: Job, setup: Callable[[Problem, Job], Any], compute: Callable[[Any, Job], dict[str, np.ndarray]]
+    job: Job,
+    setup: Callable[[Problem, Job], Any],
+    compute: Callable[[Any, Job], dict[str, np.ndarray]],
+    limit: Callable[[Any, Problem, Job, dict[str, np.ndarray]], dict[str, float]] | None = None,
 ) -> None:
-    """Load, set up (untimed), compute (timed), and write the report and the scores.
+    """Load, set up (untimed), compute twice (cold, then the warm repeat), and write the report and the scores.
 
     ``setup`` builds the models and datasets (framework imports and model loading are excluded from the time);
     ``compute`` does everything else, solver construction (Hessian, factorization, Arnoldi) included, and returns
     numpy arrays: ``{"scores": ...}`` for ``self``/``matrix``, ``{"indices": ..., "values": ...}`` for ``topk``.
+    The first call is the **cold** one (tracing, first-use costs); the second, in the same process on the same
+    state, is the **warm** repeat (solver set-up again, traced functions and caches of the framework reused). The
+    saved scores and the agreement are those of the cold call; ``warm_relative_difference`` says how far the warm
+    scores are from them. ``limit`` (optional, untimed here) returns extra report fields, e.g. the time of the
+    arithmetic limit of the task.
     """
     problem = load_problem(job.problem)
+    load_start = load_average()
     state = setup(problem, job)
     rss_before = peak_rss_mib()
-    start = time.perf_counter()
-    result = compute(state, job)
-    seconds = time.perf_counter() - start
+    result, seconds, cpu = timed(lambda: compute(state, job))
     peak = peak_rss_mib()
+    warm, warm_seconds, warm_cpu = timed(lambda: compute(state, job))
     np.savez(job.output + ".npz", **{name: np.asarray(value) for name, value in result.items()})
-    report = {
+    report: dict[str, Any] = {
         "seconds": seconds,
+        "cpu_seconds": cpu,
+        "warm_seconds": warm_seconds,
+        "warm_cpu_seconds": warm_cpu,
+        "warm_relative_difference": relative_difference(result, warm),
         "peak_rss_mib": peak,
         "rss_before_mib": rss_before,
         "num_train": problem.num_train,
+        "num_params": problem.num_params,
+        "hidden_units": problem.hidden_units,
         "train_limit": job.train_limit,
     }
+    if limit is not None:
+        report.update(limit(state, problem, job, result))
+    report["load_start"] = load_start
+    report["load_end"] = load_average()
     Path(job.output + ".json").write_text(json.dumps(report), encoding="utf-8")
     print(json.dumps(report), file=sys.stderr)
 
