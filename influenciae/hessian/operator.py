@@ -130,8 +130,8 @@ def hold_batches(model: InfluenceModel, batches: Iterable[Any], budget: int) -> 
     """Read ``batches`` once and hold them as :class:`HeldBatches`, or ``None`` when they do not fit.
 
     They do not fit when their inputs, targets and weights take more than ``budget`` bytes (the pass stops
-    there) or when batches differ in anything but their length (e.g. sequences padded per batch). Each batch is
-    validated as :meth:`InfluenceModel.batch_hvp_sum` validates it.
+    there), when batches differ in anything but their length (e.g. sequences padded per batch) or when they hold
+    ragged, sparse or string tensors. Each batch is validated as :meth:`InfluenceModel.batch_hvp_sum` validates it.
 
     Args:
         model: The wrapped model (validates the batches and gives the weights' dtype).
@@ -146,6 +146,8 @@ def hold_batches(model: InfluenceModel, batches: Iterable[Any], budget: int) -> 
     for batch in batches:
         inputs, targets, weights = model._prepare(batch)
         flat = tf.nest.flatten((inputs, targets, weights))
+        if not all(isinstance(tensor, tf.Tensor) and tensor.dtype != tf.string for tensor in flat):
+            return None  # ragged, sparse or string data: streamed as given
         trailing = [(tensor.dtype, tuple(tensor.shape[1:])) for tensor in flat]
         if shapes is not None and trailing != shapes:
             return None
