@@ -116,7 +116,7 @@ def tiny_model():
     return InfluenceModel(model, last_layer=-1, loss_function=sparse_ce()), dataset(x, y, batch_size=24)
 
 
-def test_python_path_on_a_hessian_operator_matches_exact(tiny_model):
+def test_cg_on_a_hessian_operator_matches_exact_on_both_paths(tiny_model):
     im, ds = tiny_model
     vectors = np.random.default_rng(2).standard_normal((5, im.nb_params))
     expected = ExactIHVP(im, ds, damping=0.1).solve(vectors).numpy()
@@ -143,7 +143,8 @@ def test_python_path_on_a_hessian_operator_matches_exact(tiny_model):
 def test_preconditioners_converge_in_fewer_iterations_to_the_same_solution():
     rng = np.random.default_rng(3)
     num_params = 60
-    # badly scaled (Jacobi's case) and with a few huge eigenvalues (Nyström's case): condition number ~1e6
+    # badly scaled (Jacobi's case, condition 1e3: 135 -> 24 iterations) and with six huge eigenvalues (Nyström's
+    # case, condition 2e4: 63 -> 25 iterations with a rank-8 sketch)
     scales = np.logspace(-1.5, 1.5, num_params)
     core, _ = spd(np.concatenate([np.logspace(2, 4, 6), np.linspace(0.5, 2.0, num_params - 6)]), seed=4)
     scaled = np.sqrt(scales)[:, None] * spd(np.linspace(0.5, 2.0, num_params), seed=5)[0] * np.sqrt(scales)[None]
