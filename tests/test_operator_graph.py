@@ -186,3 +186,20 @@ def test_held_output_space_curvatures_equal_the_streamed_ones(curvature, options
     per_batch = _count_calls(monkeypatch, type(held), "_batch_sum")
     np.testing.assert_allclose(held.matmul_rows(vectors).numpy(), expected, rtol=0, atol=1e-10)
     assert len(per_batch) == 0 and held.num_examples == NUM_EXAMPLES
+
+
+def test_a_held_product_that_cannot_be_built_streams_with_a_warning(monkeypatch):
+    import influenciae.hessian.operator as operator_module
+
+    im, data, vectors = _problem()
+    operator = HessianOperator(im, data)
+    assert operator.traceable
+
+    def unconvertible(*args, **kwargs):
+        raise ValueError("No pfor vectorization defined for SomeOp")
+
+    monkeypatch.setattr(operator_module, "held_matmul", unconvertible)
+    with pytest.warns(RuntimeWarning, match="SomeOp.*streaming the dataset"):
+        product = operator.matmul_rows(vectors).numpy()
+    np.testing.assert_allclose(product, _streamed("float64", 20), rtol=0, atol=1e-10)
+    assert not operator.traceable  # streams from now on

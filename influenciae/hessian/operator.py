@@ -10,6 +10,7 @@ separate tiny wrapper, :func:`damped`.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -266,7 +267,8 @@ class DatasetOperator(RowOperator):
     operator is then :attr:`traceable`. Otherwise each product streams the dataset. (Held data is the first pass's:
     a pipeline that changes on every pass, e.g. random augmentation, is read once.)
 
-    Subclasses implement :meth:`_held_batch_sum` (pure TensorFlow, static shapes) and :meth:`_streamed_matmul_rows`.
+    Subclasses implement :meth:`_held_product` (a per-batch sum in pure TensorFlow, on static shapes) and
+    :meth:`_streamed_matmul_rows`.
 
     Args:
         model: The wrapped model.
@@ -334,7 +336,20 @@ class DatasetOperator(RowOperator):
         if held is None:
             return self._streamed_matmul_rows(vectors)
         key, batch_sum, extra = self._held_product()
-        return held_matmul(self.model, key, batch_sum, held, vectors, extra, blocked=self._blocked)
+        if tf.inside_function():
+            return held_matmul(self.model, key, batch_sum, held, vectors, extra, blocked=self._blocked)
+        try:
+            return held_matmul(self.model, key, batch_sum, held, vectors, extra, blocked=self._blocked)
+        except (ValueError, NotImplementedError, LookupError) as error:  # pfor could not convert an op in the loop
+            warnings.warn(
+                f"{type(self).__name__}: the one-call product over the held data failed to build "
+                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}); "
+                "streaming the dataset per batch instead (slower).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._held = None
+            return self._streamed_matmul_rows(vectors)
 
     def _prepare_held(self, held: HeldBatches) -> None:
         """Eager checks on the held data before its first product (none by default)."""
