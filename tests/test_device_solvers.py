@@ -119,7 +119,8 @@ def tiny_model():
 def test_cg_on_a_hessian_operator_matches_exact_on_both_paths(tiny_model):
     im, ds = tiny_model
     vectors = np.random.default_rng(2).standard_normal((5, im.nb_params))
-    expected = ExactIHVP(im, ds, damping=0.1).solve(vectors).numpy()
+    exact = ExactIHVP(im, ds, damping=0.1)
+    expected = exact.solve(vectors).numpy()
     hessian = HessianOperator(im, ds)
     for solver in (
         ConjugateGradientDescentIHVP(im, ds, damping=0.1),  # whichever path the Hessian operator allows
@@ -134,7 +135,7 @@ def test_cg_on_a_hessian_operator_matches_exact_on_both_paths(tiny_model):
         # the graph path exactly when operator and preconditioner can be traced (a held dataset operator can)
         traceable = solver.operator.traceable and solver._prepared_preconditioner().traceable
         assert (solver._graph_solve is not None) == traceable
-    exact_inverse = np.linalg.inv(ExactIHVP(im, ds, damping=0.1).operator.to_dense().numpy())
+    exact_inverse = np.linalg.inv(exact.operator.to_dense().numpy())
     perfect = ConjugateGradientDescentIHVP(im, ds, damping=0.1, preconditioner=exact_inverse)
     np.testing.assert_allclose(perfect.solve(vectors).numpy(), expected, atol=1e-8 * np.abs(expected).max())
     assert perfect.info.iterations == 1
