@@ -200,6 +200,8 @@ def test_ratio_to_the_best_peer_and_the_fraction_of_the_limit():
     assert run_peers.best_peer(measurements, ours.key, warm=True).library == "pydvl"
     assert run_peers.ratio_to_best(measurements, ours) == pytest.approx(2.0 / 4.0)
     assert run_peers.ratio_to_best(measurements, ours, warm=True) == pytest.approx(1.0 / 3.0)
+    # CPU seconds: ours 3 / 1.5 (the helper's defaults) against the same for every peer.
+    assert run_peers.ratio_to_best(measurements, ours, cpu=True) == pytest.approx(1.0)
     assert run_peers.limit_fraction(ours) == pytest.approx(0.25)
     assert run_peers.limit_fraction(ours, warm=True) == pytest.approx(0.5)
     alone = _measurement("ours", "cg", "self", 30, {})
@@ -275,7 +277,7 @@ def test_render_block_is_a_complete_block():
     # Ours/best peer per P, cold and warm: P = 610 cold 2/4, warm 1/4; P = 2,410 cold 6/3.
     assert (
         "| exact | test × train | 610 | 30 | 4.00 (pyDVL 0.10) | 2.00 | **0.50×** | 4.00 (pyDVL 0.10) | 1.00 | "
-        "**0.25×** | 0.50 | 0.25× / 0.50× |" in block
+        "**0.25×** | 1.00× / 1.00× | 0.50 | 0.25× / 0.50× |" in block
     )
     assert "| exact | test × train | 2,410 | 30 | 3.00 (pyDVL 0.10) | 6.00 | **2.00×** |" in block
     assert "| exact | test × train | 610 | 30 | limit (numpy) | 0.50 |" in block

@@ -133,7 +133,7 @@ def setup(problem: spec.Problem, job: spec.Job) -> dict[str, Any]:
         "train_set": dataset(x_scored, y_scored),
         "test_set": dataset(problem.x_test, problem.y_test),
     }
-    if job.method == "tracin":
+    if job.method in ("tracin", "tracin_fast"):
         state["models"] = [build_model(layers) for layers in problem.checkpoints]
     else:
         state["model"] = InfluenceModel(build_model(problem.layers), loss_function=loss_function())
@@ -143,10 +143,12 @@ def setup(problem: spec.Problem, job: spec.Job) -> dict[str, Any]:
 
 def calculator(state: dict[str, Any], method: str) -> Any:
     """Our calculator for ``method``, configured like the peers (see ``run_peers.py``)."""
-    from influenciae import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator, TracIn
+    from influenciae import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator, TracIn, TracInCPFast
 
     if method == "tracin":
         return TracIn(state["models"], spec.LEARNING_RATE, loss_function=loss_function())
+    if method == "tracin_fast":  # the last Dense layer's kernel and bias, without per-example backward passes
+        return TracInCPFast(state["models"], spec.LEARNING_RATE, loss_function=loss_function())
     model, hessian_set = state["model"], state["hessian_set"]
     if method == "arnoldi":
         return ArnoldiInfluenceCalculator(

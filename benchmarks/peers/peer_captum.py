@@ -8,6 +8,8 @@ Conventions (converted to ours by ``run_peers.py``): the loss is the per-example
 over the Hessian dataset, ``N·H`` with ``H`` the Hessian of the mean loss. With ``hessian_reg = N·λ`` its inverse is
 ``(N (H + λI))⁻¹``, so Captum's scores are ours divided by ``N``. ``NaiveInfluenceFunction`` keeps every eigenpair
 (``projection_dim = P``): the exact inverse. TracInCP is ``Σ_c η_c ∇ℓ_c(x)·∇ℓ_c(z)`` as ours.
+``TracInCPFast`` (method ``tracin_fast``) takes the final ``nn.Linear``'s weight only, ``Σ_c η_c (a_x·a_z)(g_x·g_z)``,
+where our ``TracInCPFast`` also counts its bias, ``Σ_c η_c (a_x·a_z + 1)(g_x·g_z)``: close, not equal.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def setup(problem: spec.Problem, job: spec.Job) -> dict[str, Any]:
         return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=spec.BATCH_SIZE)
 
     directory = tempfile.mkdtemp(prefix="captum_checkpoints_")
-    checkpoints = problem.checkpoints if job.method == "tracin" else [problem.layers]
+    checkpoints = problem.checkpoints if job.method in ("tracin", "tracin_fast") else [problem.layers]
     paths = []
     for index, layers in enumerate(checkpoints):
         path = os.path.join(directory, f"checkpoint_{index}.pt")
@@ -75,7 +77,7 @@ def _load_checkpoint(model: Any, path: str) -> float:
 
 
 def calculator(state: dict[str, Any], method: str) -> Any:
-    from captum.influence import NaiveInfluenceFunction, TracInCP
+    from captum.influence import NaiveInfluenceFunction, TracInCP, TracInCPFast
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction  # not re-exported
     from torch import nn
 
@@ -89,6 +91,10 @@ def calculator(state: dict[str, Any], method: str) -> Any:
     }
     if method == "tracin":
         return TracInCP(checkpoints=state["checkpoints"], **common)
+    if method == "tracin_fast":
+        # The final Linear layer's weight only (Captum leaves its bias out); a summed loss, as Captum requires.
+        common["loss_fn"] = nn.CrossEntropyLoss(reduction="sum")
+        return TracInCPFast(final_fc_layer=state["model"][2], checkpoints=state["checkpoints"], **common)
     regularization = state["num_hessian"] * spec.DAMPING  # the Hessian is that of the summed loss
     common.update(checkpoint=state["checkpoints"][0], hessian_dataset=state["hessian_loader"])
     if method == "exact":

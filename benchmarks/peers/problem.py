@@ -51,7 +51,7 @@ ARNOLDI_RANK = 50  # eigenpairs kept
 NYSTROM_RANK = 50  # Nyström sketch size (ours and pyDVL's NystroemSketchInfluence)
 WARM_RELATIVE_TOLERANCE = 1e-6  # the warm repeat must reproduce the cold scores: max |warm − cold| / max |cold|
 
-METHODS = ("exact", "cg", "lissa", "arnoldi", "nystrom", "ekfac", "tracin")
+METHODS = ("exact", "cg", "lissa", "arnoldi", "nystrom", "ekfac", "tracin", "tracin_fast")
 TASKS = ("self", "matrix", "topk")
 
 
