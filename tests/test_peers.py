@@ -277,7 +277,7 @@ def test_render_block_is_a_complete_block():
     # Ours/best peer per P, cold and warm: P = 610 cold 2/4, warm 1/4; P = 2,410 cold 6/3.
     assert (
         "| exact | test × train | 610 | 30 | 4.00 (pyDVL 0.10) | 2.00 | **0.50×** | 4.00 (pyDVL 0.10) | 1.00 | "
-        "**0.25×** | 1.00× / 1.00× | 0.50 | 0.25× / 0.50× |" in block
+        "**0.25×** | 1.00× / 1.00× | 0.50 | 25 % / 50 % |" in block
     )
     assert "| exact | test × train | 2,410 | 30 | 3.00 (pyDVL 0.10) | 6.00 | **2.00×** |" in block
     assert "| exact | test × train | 610 | 30 | limit (numpy) | 0.50 |" in block

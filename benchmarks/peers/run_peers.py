@@ -551,6 +551,12 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}×" if value < 10 else f"{value:.1f}×" if value < 100 else f"{value:.0f}×"
 
 
+def _percent(value: float) -> str:
+    if not np.isfinite(value):
+        return "—"
+    return f"{100 * value:.2g} %" if value < 0.1 else f"{100 * value:.0f} %"
+
+
 def render_block(
     measurements: Sequence[Measurement],
     found: Sequence[Agreement],
@@ -817,7 +823,7 @@ def _summary_lines(
             continue
         approx_cold = "~" if cold is not None and cold.train_limit is not None else ""
         approx_warm = "~" if warm is not None and warm.train_limit is not None else ""
-        fractions = f"{_ratio(limit_fraction(ours))} / {_ratio(limit_fraction(ours, warm=True))}"
+        fractions = f"{_percent(limit_fraction(ours))} / {_percent(limit_fraction(ours, warm=True))}"
         limit = f"{_seconds(ours.limit_seconds)} | {fractions}" if np.isfinite(ours.limit_seconds) else " | "
         lines.append(
             f"| {ours.method} | {TASK_TITLES[ours.task]} | {ours.num_params:,} | {ours.size} | "
@@ -896,8 +902,8 @@ def _timing_lines(
                             lines.append(
                                 f"{prefix} limit (numpy) | {_seconds(measurement.limit_seconds)} | | "
                                 f"{_seconds(measurement.limit_seconds)} | | | | fraction of the limit: "
-                                f"{_ratio(limit_fraction(measurement))} | "
-                                f"{_ratio(limit_fraction(measurement, warm=True))} |"
+                                f"{_percent(limit_fraction(measurement))} | "
+                                f"{_percent(limit_fraction(measurement, warm=True))} |"
                             )
     return lines
 
