@@ -1138,6 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs.mkdir(exist_ok=True)
 
         def report(measurements: list[Measurement]) -> str:
+            now = _commit()  # the workers import the working tree: a commit landing mid-run shows here
             return render_block(
                 measurements,
                 agreements(measurements, libraries),
@@ -1150,7 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_params=num_params,
                 full=args.full,
                 command=command,
-                commit=commit,
+                commit=commit if now == commit else f"{commit}` at the start, `{now}` at the last measurement",
                 note=args.note,
             )
 
