@@ -268,7 +268,7 @@ def test_render_block_is_a_complete_block():
         load=(1.0, math.nan),
         num_params={8: 610, 32: 2410},
         command="the exact command",
-        commit="abc1234",
+        commit="`abc1234`",
         note="reduced run",
     )
     assert blocks.extract_block(block) == block.rstrip("\n")

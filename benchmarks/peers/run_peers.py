@@ -570,7 +570,7 @@ def render_block(
     num_params: dict[int, int],
     full: bool = False,
     command: str = COMMAND,
-    commit: str = "unknown",
+    commit: str = "`unknown`",
     note: str = "",
 ) -> str:
     """The markdown peers block of one run.
@@ -587,7 +587,7 @@ def render_block(
         num_params: Hidden width -> P of the MLP.
         full: Whether the slow peers' budgets were ignored.
         command: The exact command of this run (shown in the block).
-        commit: The measured commit (``git rev-parse --short HEAD``).
+        commit: The measured commit (``git rev-parse --short HEAD``), as markdown.
         note: A sentence on a reduced run (what was left out and why), shown near the top.
     """
     titles = {library.name: library.title for library in libraries}
@@ -615,7 +615,7 @@ def render_block(
         "| Run | |",
         "|---|---|",
         f"| Date | {started:%Y-%m-%d %H:%M} UTC |",
-        f"| Commit measured | `{commit}` |",
+        f"| Commit measured | {commit} |",
         f"| Machine | {_cpu_count()} cores available, {platform.platform()} |",
         f"| Total time (measurements) | {elapsed:.0f} s |",
         f"| Load average (1 min), start / end of the run | {load[0]:.2f} / {load[1]:.2f} |",
@@ -1151,7 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_params=num_params,
                 full=args.full,
                 command=command,
-                commit=commit if now == commit else f"{commit}` at the start, `{now}` at the last measurement",
+                commit=f"`{commit}`" if now == commit else f"`{commit}` at the start, `{now}` at the last measurement",
                 note=args.note,
             )
 
