@@ -926,7 +926,8 @@ def _warm_lines(measurements: Sequence[Measurement], titles: dict[str, str]) -> 
     lines = [
         "**Warm = cold.** Largest `max |warm − cold| / max |cold|` over every measurement of a library: "
         + ", ".join(f"{titles.get(name, name)} {value:.1e}" for name, value in worst.items())
-        + f"; ours is {verdict}. (Randomized solvers reseed per call, so the repeat computes the same numbers.)",
+        + f"; ours is {verdict} (our randomized solvers reseed per call). A peer above 0 computes different numbers "
+        "in its repeat: e.g. pyDVL's Nyström draws a new random sketch per call.",
     ]
     if limits:
         lines += [
