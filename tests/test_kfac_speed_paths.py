@@ -83,8 +83,8 @@ def _dense_solve(solver: kfac.BlockDiagonalIHVP, vectors: np.ndarray, *, inverse
 def _kfac_traces(im: InfluenceModel) -> dict[str, int]:
     counts: dict[str, int] = {}
     for key, function in im._shared_functions.items():
-        if isinstance(key, tuple) and str(key[0]).startswith("influenciae.kfac."):
-            name = key[0].removeprefix("influenciae.kfac.")
+        if isinstance(key, tuple) and str(key[0]).startswith(("influenciae.kfac.", "influenciae.capture")):
+            name = key[0].removeprefix("influenciae.kfac.").removeprefix("influenciae.")
             counts[name] = counts.get(name, 0) + function.experimental_get_tracing_count()
     return counts
 
@@ -125,13 +125,18 @@ def test_fitting_and_solving_trace_a_bounded_number_of_functions(problem):
     model, x, y = problem
     im = InfluenceModel(model, loss_function=sparse_ce())
     solver = EKFACIHVP(im, dataset(x, y, batch_size=4), damping=DAMPING).fit()  # 3 batches, the last one smaller
-    # one trace per phase for the full batches, one with relaxed shapes for the last: not one per batch or layer
-    assert _kfac_traces(im) == {"factor_update": 2, "correction_update": 2}
+    # one trace per phase for the full batches, one with relaxed shapes for the last: not one per batch or layer;
+    # the capture pads every chunk to the first batch's size: one trace
+    fitted = {"capture": 1, "factor_update": 2, "correction_update": 2}
+    assert _kfac_traces(im) == fitted
     for count in (1, 3, 7, 2):
         solver.solve(np.ones((count, im.nb_params)))
     solver.hvp(np.ones((4, im.nb_params)))
-    assert _kfac_traces(im) == {"factor_update": 2, "correction_update": 2, "apply_blocks": 2}  # solve, hvp
-    # another solver of the same model, more batches of other sizes: the traced functions are reused as they are
+    assert _kfac_traces(im) == {**fitted, "apply_blocks": 2}  # one for solves, one for products
+    # a new solver of the same model on the same batches traces nothing again
+    EKFACIHVP(im, dataset(x, y, batch_size=4), damping=DAMPING).solve(np.ones((2, im.nb_params)))
+    assert _kfac_traces(im) == {**fitted, "apply_blocks": 2}
+    # more batches of another size: only the capture of the new chunk size is traced
     other = KFACIHVP(im, dataset(np.concatenate([x, x]), np.concatenate([y, y]), batch_size=3), damping=DAMPING)
     other.solve(np.ones((2, im.nb_params)))
-    assert _kfac_traces(im) == {"factor_update": 2, "correction_update": 2, "apply_blocks": 2}
+    assert _kfac_traces(im) == {**fitted, "capture": 2, "apply_blocks": 2}

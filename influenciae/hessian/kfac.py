@@ -29,6 +29,12 @@ Which curvature block each layer gets (positions ``t`` as in :mod:`influenciae.c
 
 Damping per block is ``damping + relative_damping · mean(block eigenvalues)``: absolute, relative (kronfluence uses
 ``relative_damping=0.1``), or both.
+
+Cost: each fitting phase is one capture pass whose per-batch update (every layer at once) is one traced call shared
+by the solvers of a model: ``a aᵀ`` and ``g gᵀ`` summed in float64; the eigenvalue correction rotates ``a`` and ``g``
+and forms the per-example ``Σ_t a_t g_tᵀ`` in the layer's dtype (float32 agrees with the float64 formula to about
+3e-7 of the largest eigenvalue), summed in float64. A solve or product is one traced call for any number of vectors:
+two small matmuls on each side of every block.
 """
 
 from __future__ import annotations
