@@ -253,3 +253,28 @@ def test_traced_once_per_solver_and_shared_by_the_python_loop(conditioned, tiny_
     ConjugateGradientDescentIHVP(None, operator=Opaque(HessianOperator(im, ds)), damping=0.1).solve(vectors)
     ConjugateGradientDescentIHVP(None, operator=Opaque(HessianOperator(im, ds)), damping=0.1).solve(vectors[:2])
     assert step.experimental_get_tracing_count() == before
+
+
+class FailsInGraph(Opaque):
+    """Claims to be traceable but cannot be built inside a graph (as a held product pfor cannot convert)."""
+
+    @property
+    def traceable(self):
+        return True
+
+    def _matmul_rows(self, vectors):
+        if tf.inside_function():
+            raise NotImplementedError("pfor cannot convert this op")
+        return self.inner.matmul_rows(vectors)
+
+
+def test_a_product_that_cannot_be_traced_falls_back_to_the_python_loop():
+    matrix, _ = spd(np.linspace(1.0, 3.0, 12), seed=10)
+    vectors = np.random.default_rng(11).standard_normal((3, 12))
+    expected = np.linalg.solve(matrix, vectors.T).T
+    cg = ConjugateGradientDescentIHVP(None, operator=FailsInGraph(matrix), tolerance=1e-12)
+    lissa = LissaIHVP(None, operator=FailsInGraph(matrix), tolerance=1e-12, depth=2000)
+    for solver in (cg, lissa):
+        for _ in range(2):  # the second solve goes straight to the Python loop
+            np.testing.assert_allclose(solver.solve(vectors).numpy(), expected, atol=1e-9)
+        assert solver._graph_failed and solver.info.converged.all()

@@ -146,6 +146,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             None if self._preconditioner_name is not None else _preconditioner_of(preconditioner)
         )
         self._graph_solve: Any | None = None
+        self._graph_failed = False
         self.info: ConvergenceInfo | None = None
 
     @property
@@ -169,15 +170,21 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
         preconditioner = self._prepared_preconditioner()
         bar = self.progress(self.max_iterations, "CG iterations")
-        if self.operator.traceable and preconditioner.traceable:
-            state = self._graph_function(preconditioner)(
-                vectors, tf.constant(self.tolerance, self.dtype), tf.constant(self.max_iterations, tf.int32)
-            )
-            iterations = int(state.iterations)
-            bar.update(iterations)
-        else:
+        state = None
+        if self.operator.traceable and preconditioner.traceable and not self._graph_failed:
+            try:
+                state = self._graph_function(preconditioner)(
+                    vectors, tf.constant(self.tolerance, self.dtype), tf.constant(self.max_iterations, tf.int32)
+                )
+            except (ValueError, NotImplementedError, LookupError):
+                # the operator's product could not be built inside the loop's graph (e.g. pfor cannot convert an
+                # op): the Python loop calls it eagerly, where the operator falls back (and says so) itself
+                self._graph_failed = True
+            else:
+                bar.update(int(state.iterations))
+        if state is None:
             state = self._python_loop(vectors, preconditioner, bar)
-            iterations = int(state.iterations)
+        iterations = int(state.iterations)
         bar.close()
         if bool(state.non_positive):
             raise ValueError(

@@ -98,6 +98,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         self.power_iterations = power_iterations
         self.seed = seed
         self._graph_recursion: Any | None = None
+        self._graph_failed = False
         self.info: ConvergenceInfo | None = None
 
     @property
@@ -139,17 +140,23 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
         limit = 1e8 * start_norm * max(1.0, self.scale)
         bar = self.progress(self.depth, "LiSSA steps")
-        if self.batches_per_step is None and self.operator.traceable:
-            estimate, step, change, diverged = self._graph_function()(
-                vectors,
-                scale,
-                tf.constant(limit, tf.float64),
-                tf.constant(self.tolerance, tf.float64),
-                tf.constant(self.depth, tf.int32),
-            )
-            step, change, diverged = int(step), float(change), bool(diverged)
-            bar.update(step)
-        else:
+        graph = self.batches_per_step is None and self.operator.traceable and not self._graph_failed
+        if graph:
+            try:
+                estimate, step, change, diverged = self._graph_function()(
+                    vectors,
+                    scale,
+                    tf.constant(limit, tf.float64),
+                    tf.constant(self.tolerance, tf.float64),
+                    tf.constant(self.depth, tf.int32),
+                )
+            except (ValueError, NotImplementedError, LookupError):
+                # the product could not be built inside the loop's graph: step eagerly (the operator falls back)
+                self._graph_failed, graph = True, False
+            else:
+                step, change, diverged = int(step), float(change), bool(diverged)
+                bar.update(step)
+        if not graph:
             estimate, step, change, diverged = vectors, 0, np.inf, False
             for step in range(1, self.depth + 1):  # noqa: B007 - the last step is reported in info
                 updated, norm, change_tensor = _lissa_step(vectors, estimate, product(estimate), scale)
