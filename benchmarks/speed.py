@@ -80,7 +80,8 @@ def task(state: dict[str, Any], method: str, name: str) -> Callable[[], np.ndarr
         if name == "self-influence":
             return np.asarray(calc.self_influence(state["train"]))
         if method in ("cg", "lissa"):
-            return np.asarray(calc.influence_from_factors(calc.compute_influence_factors(state["test"]), state["train"]))
+            factors = calc.compute_influence_factors(state["test"])
+            return np.asarray(calc.influence_from_factors(factors, state["train"]))
         return np.asarray(calc.influence_matrix(state["test"], state["train"]))
 
     return run
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--hidden", nargs="+", type=int, default=[8, 32])
-    parser.add_argument("--tasks", nargs="+", choices=("self-influence", "matrix"), default=["self-influence", "matrix"])
+    tasks = ["self-influence", "matrix"]
+    parser.add_argument("--tasks", nargs="+", choices=tasks, default=tasks)
     args = parser.parse_args(argv)
     import warnings
 
