@@ -390,14 +390,28 @@ class BaseInfluenceCalculator(abc.ABC):
             ValueError: If a batch fails a check; the message names the batch and the fix.
         """
         check_dataset(dataset, name=name)
-        checked = with_indices(with_checks(dataset, num_classes=self._sparse_classes(dataset)))
-        for _ in checked_iteration(checked, name=name):
+        for _ in checked_iteration(self._checked(dataset), name=name):
             pass
 
     def _indexed(self, dataset: tf.data.Dataset, name: str, description: str) -> Iterator[tuple[tf.Tensor, Any]]:
         check_dataset(dataset, name=name)
+        yield from checked_iteration(self._progress(self._checked(dataset), description), name=name)
+
+    def _checked(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        """The indexed, checked pipeline of ``dataset``, reused for the last few datasets (its map traces once).
+
+        Held strongly for at most ``_CHECKED_PIPELINES`` datasets (a pipeline references its dataset, so a weak
+        mapping would never let go of them either).
+        """
+        pipelines: dict[int, tuple[tf.data.Dataset, tf.data.Dataset]] = self.__dict__.setdefault("_pipelines", {})
+        entry = pipelines.get(id(dataset))
+        if entry is not None and entry[0] is dataset:
+            return entry[1]
         checked = with_indices(with_checks(dataset, num_classes=self._sparse_classes(dataset)))
-        yield from checked_iteration(self._progress(checked, description), name=name)
+        if len(pipelines) >= _CHECKED_PIPELINES:
+            pipelines.pop(next(iter(pipelines)))
+        pipelines[id(dataset)] = (dataset, checked)
+        return checked
 
     def _sparse_classes(self, dataset: tf.data.Dataset) -> int | None:
         """``C`` when the targets are sparse class labels for a ``[B, C]`` output (``C > 1``), else ``None``."""
@@ -473,7 +487,7 @@ class BaseInfluenceCalculator(abc.ABC):
         check_stable_order(train_set, name="train_set")
 
         def shards() -> Iterator[ShardInput]:
-            checked = with_indices(with_checks(train_set, num_classes=self._sparse_classes(train_set)))
+            checked = self._checked(train_set)
             groups = _shard_groups(checked_iteration(checked, name="train_set"), self.batches_per_shard)
             for shard_id, group in self._progress(
                 groups, f"influence vectors ({self.batches_per_shard} batches/shard)"
@@ -531,6 +545,9 @@ class BaseInfluenceCalculator(abc.ABC):
         if best is None:
             raise ValueError("train_set is empty.")
         return merge_top_k(*best, best[0][:, :0], best[1][:, :0], k=k, order=order)
+
+
+_CHECKED_PIPELINES = 4  # datasets whose checked pipeline a calculator keeps (see _checked)
 
 
 def _row_groups(stream: Iterable[tuple[tf.Tensor, Any]], rows: int) -> Iterator[list[tuple[tf.Tensor, Any]]]:
