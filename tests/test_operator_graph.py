@@ -19,7 +19,7 @@ NUM_EXAMPLES, BATCH_SIZE = 76, 8  # 10 batches, the last one partial (4 examples
 @functools.cache  # one model per dtype for the module: its traced functions are shared
 def _problem(dtype: str = "float64"):
     model = small_mlp(dtype=dtype)  # L2 kernel regularizers on both layers
-    im = InfluenceModel(model, last_layer=-1, loss_function=sparse_ce())
+    im = InfluenceModel(model, last_layer=-1, loss_function=sparse_ce(), hvp_chunk_size=16)  # blocks of 16
     x, y = classification_data(NUM_EXAMPLES)
     weights = np.random.default_rng(1).uniform(0.2, 3.0, NUM_EXAMPLES)
     data = dataset(x.astype(dtype), y, batch_size=BATCH_SIZE, sample_weight=weights.astype(dtype))
