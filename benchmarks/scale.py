@@ -3,7 +3,7 @@
 From the repository root::
 
     .venv/bin/python benchmarks/scale.py                      # N = 10^4, 10^5, 10^6
-    .venv/bin/python benchmarks/scale.py --sizes 10000 100000
+    .venv/bin/python benchmarks/scale.py --sizes 10000 100000 --output docs/benchmarks.md
 
 A small MLP (16 → 16 (tanh) → 2 logits, P = 306) on synthetic data, the exact solver (a 306 × 306 Gauss-Newton
 matrix on a fixed 4,096-example Hessian set, so the solver costs the same at every N), batches of 512. Each N runs
@@ -113,6 +113,7 @@ def table(results: list[dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**4, 10**5, 10**6])
+    parser.add_argument("--output", type=Path, help="markdown file whose scale block is replaced (or appended)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -136,8 +137,25 @@ def main(argv: list[str] | None = None) -> int:
             results.append(json.loads(lines[-1][len("RESULT ") :]))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             shutil.rmtree(os.path.join(directory, f"cache_{size}"), ignore_errors=True)
-    print(table(results))
+    text = table(results)
+    print(text)
+    if args.output is not None:
+        write_block(args.output, text)
     return 0
+
+
+BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
+
+
+def write_block(path: Path, text: str) -> None:
+    """Replace the block between :data:`BEGIN` and :data:`END` in ``path`` (append it when absent)."""
+    block = f"{BEGIN}\n## Scale on one machine\n\n{__doc__.split(chr(10) * 2, 3)[3].strip()}\n\n{text}\n{END}"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new, encoding="utf-8")
 
 
 if __name__ == "__main__":
