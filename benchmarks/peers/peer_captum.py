@@ -24,20 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import problem as spec  # noqa: E402
-
-
-def build_model(layers: list[tuple[np.ndarray, np.ndarray]]) -> Any:
-    import torch
-    from torch import nn
-
-    hidden = int(layers[0][0].shape[1])  # the width is part of the problem file (Keras kernel [64, H])
-    model = nn.Sequential(nn.Linear(spec.NUM_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, spec.NUM_CLASSES))
-    linear = [model[0], model[2]]
-    with torch.no_grad():
-        for module, (weight, bias) in zip(linear, spec.torch_layers(layers), strict=True):
-            module.weight.copy_(torch.from_numpy(weight))
-            module.bias.copy_(torch.from_numpy(bias))
-    return model
+from torch_model import build_model  # noqa: E402
 
 
 def setup(problem: spec.Problem, job: spec.Job) -> dict[str, Any]:
