@@ -474,27 +474,23 @@ def compare(ours: Measurement, peer: Measurement, library: Library) -> Agreement
     if not (ours.ok and peer.ok):
         return None
     factor = scale_factor(library, peer.method, peer.size)
+    overlap = float("nan")
     if peer.task == "topk":
         ours_values, peer_values = ours.result["values"], factor * peer.result["values"]
-        overlap = np.mean(
-            [len(set(a) & set(b)) / len(a) for a, b in zip(ours.result["indices"], peer.result["indices"], strict=True)]
+        overlap = float(
+            np.mean(
+                [
+                    len(set(a) & set(b)) / len(a)
+                    for a, b in zip(ours.result["indices"], peer.result["indices"], strict=True)
+                ]
+            )
         )
         first, second = ours_values.ravel(), peer_values.ravel()
-        return Agreement(
-            library.name,
-            peer.method,
-            peer.task,
-            peer.size,
-            _pearson(first, second),
-            _relative(first, second),
-            first.size,
-            float(overlap),
-            peer.hidden,
-        )
-    first, second = ours.result["scores"], factor * peer.result["scores"]
-    if peer.train_limit is not None:  # the peer scored the first train_limit training examples only
-        first = first[..., : peer.train_limit]
-    first, second = first.ravel(), second.ravel()
+    else:
+        first, second = ours.result["scores"], factor * peer.result["scores"]
+        if peer.train_limit is not None:  # the peer scored the first train_limit training examples only
+            first = first[..., : peer.train_limit]
+        first, second = first.ravel(), second.ravel()
     return Agreement(
         library.name,
         peer.method,
@@ -503,7 +499,8 @@ def compare(ours: Measurement, peer: Measurement, library: Library) -> Agreement
         _pearson(first, second),
         _relative(first, second),
         first.size,
-        hidden=peer.hidden,
+        overlap,
+        peer.hidden,
     )
 
 
