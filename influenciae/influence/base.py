@@ -508,9 +508,8 @@ class BaseInfluenceCalculator(abc.ABC):
         Calculators whose per-batch work has an expensive set-up (e.g. loading checkpoints) override this to do the
         set-up once per shard instead of once per batch.
         """
-        if self._solve_block_rows() > 1:
-            return self._influence_vectors(_concat_structures([batch for _, batch in group])).numpy()
-        return np.concatenate([self._influence_vectors(batch).numpy() for _, batch in group])
+        blocks = _merged_rows(group, self._solve_block_rows())  # the same blocks as the in-memory path
+        return np.concatenate([self._influence_vectors(batch).numpy() for _, batch in blocks])
 
     def _build_search(
         self,
