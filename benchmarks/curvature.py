@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.run_benchmarks import Check, Section, log, median_times, milliseconds, ratio
 from influenciae import EKFACIHVP, FirstOrderInfluenceCalculator, InfluenceModel
 from influenciae._backend import keras, tf
-from influenciae.capture import LayerCapture
+from influenciae.model.capture import LayerCapture
 from influenciae.data import from_numpy
 
 __all__ = ["run"]

@@ -153,7 +153,7 @@ def measure(
     import tensorflow as tf
 
     from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
-    from influenciae.capture import LayerCapture
+    from influenciae.model.capture import LayerCapture
     from influenciae.hessian import EKFACIHVP
     from influenciae.language import completion_log_probability, token_cross_entropy
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 from helpers import FLOAT, classification_data, dataset, exact_softmax_ggn, fit, kron_basis, small_mlp, sparse_ce
 
 from influenciae import EKFACIHVP, KFACIHVP, FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae.capture import LayerCapture
+from influenciae.model.capture import LayerCapture
 from influenciae.hessian import DiagonalIHVP, ExactIHVP, IdentityIHVP, get_ihvp, registered_solvers
 
 CLASSES = 3

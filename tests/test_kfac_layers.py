@@ -20,7 +20,7 @@ import pytest
 from helpers import FLOAT, dataset, exact_softmax_ggn, kron_basis, sparse_ce
 
 from influenciae import EKFACIHVP, InfluenceModel
-from influenciae.capture import LayerCapture
+from influenciae.model.capture import LayerCapture
 from influenciae.hessian import DiagonalIHVP
 
 CLASSES = 3
@@ -208,7 +208,7 @@ import tensorflow as tf
 from helpers import FLOAT, dataset, fit, sparse_ce
 from scipy.stats import spearmanr
 from influenciae import EKFACIHVP, InfluenceModel
-from influenciae.capture import LayerCapture
+from influenciae.model.capture import LayerCapture
 
 keras.utils.set_random_seed(0)
 inputs = keras.Input((6,), dtype="int32")

@@ -14,7 +14,7 @@ import pytest
 from helpers import FLOAT, dataset, kron_basis, sparse_ce
 
 from influenciae import EKFACIHVP, KFACIHVP, InfluenceModel
-from influenciae.capture import block_gradients
+from influenciae.model.capture import block_gradients
 from influenciae.hessian import kfac
 
 CLASSES = 3
@@ -83,7 +83,7 @@ def _dense_solve(solver: kfac.BlockDiagonalIHVP, vectors: np.ndarray, *, inverse
 def _kfac_traces(im: InfluenceModel) -> dict[str, int]:
     counts: dict[str, int] = {}
     for key, function in im._shared_functions.items():
-        if isinstance(key, tuple) and str(key[0]).startswith(("influenciae.kfac.", "influenciae.capture")):
+        if isinstance(key, tuple) and str(key[0]).startswith(("influenciae.kfac.", "influenciae.model.capture")):
             name = key[0].removeprefix("influenciae.kfac.").removeprefix("influenciae.")
             counts[name] = counts.get(name, 0) + function.experimental_get_tracing_count()
     return counts

@@ -16,7 +16,7 @@ __all__ = ["DiagonalIHVP", "IdentityIHVP"]
 class DiagonalIHVP(BlockDiagonalIHVP, name="diagonal"):
     """``(diag(C) + λI)⁻¹`` with ``diag(C) = E[g²]`` the diagonal of the Gauss-Newton matrix (or Fisher).
 
-    One pass over the dataset with the layer capture of :mod:`influenciae.capture`: for a Dense, Conv2D or Embedding
+    One pass over the dataset with the layer capture of :mod:`influenciae.model.capture`: for a Dense, Conv2D or Embedding
     layer the per-example gradients are rebuilt from ``a ⊗ g`` and squared (``fisher="expected"`` gives the exact GGN
     diagonal); other watched weights use a vectorized Jacobian. A cheap baseline for K-FAC and EK-FAC: it ignores
     every correlation between parameters.

@@ -1,7 +1,7 @@
 """K-FAC and EK-FAC: block-diagonal, Kronecker-factored Gauss-Newton inverse-HVPs (Martens & Grosse 2015,
 Grosse & Martens 2016, George et al. 2018, Grosse et al. 2023).
 
-For a layer ``y = φ(W a + b)`` (Dense, EinsumDense, Conv1D, Conv2D, Embedding: :mod:`influenciae.capture`) with ``W``
+For a layer ``y = φ(W a + b)`` (Dense, EinsumDense, Conv1D, Conv2D, Embedding: :mod:`influenciae.model.capture`) with ``W``
 seen as a matrix ``[rows, columns]`` (the bias as an appended row, ``a`` with an appended 1), the per-example
 (pseudo-)gradient is ``G = Σ_t a_t g_tᵀ`` and the layer's block of the Gauss-Newton matrix is
 ``E[vec(G) vec(G)ᵀ]``. K-FAC approximates it by ``A ⊗ S`` with
@@ -16,7 +16,7 @@ eigenvalues ``λ_A λ_Sᵀ`` by the exact second moments in that basis, ``Λ = E
 Gauss-Newton block in the eigenbasis (one more pass over the data). Watched weights outside a supported layer get a
 diagonal block ``E[g²]``. The regularizer Ω of the model is not included: damping plays its role.
 
-Which curvature block each layer gets (positions ``t`` as in :mod:`influenciae.capture`):
+Which curvature block each layer gets (positions ``t`` as in :mod:`influenciae.model.capture`):
 
 * Kronecker blocks (K-FAC, EK-FAC): ``Dense`` on vectors or N-D inputs (``[B, T, D]``: statistics summed over
   tokens), ``EinsumDense`` as a Dense over its contracted axes (MultiHeadAttention's query/key/value
@@ -50,7 +50,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
-from influenciae.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
+from influenciae.model.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.fingerprint import model_identity
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision
@@ -132,12 +132,12 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         relative_damping: Add ``relative_damping × mean eigenvalue`` of each block (≥ 0).
         fisher: ``"expected"`` (exact Gauss-Newton statistics, one backward pass per model output),
             ``"sampled"`` (one backward pass with random pseudo-gradients: the GGN in expectation) or
-            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See :mod:`influenciae.capture`.
+            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See :mod:`influenciae.model.capture`.
         seed: Seed of ``fisher="sampled"``.
         factors_path: Directory to load the fitted factors from (when it holds factors fitted with the same
             settings, weights and dataset) or to save them to after fitting. Damping is not part of the factors.
         overwrite_factors: Refit and replace the factors at ``factors_path`` even if they do not match.
-        max_output_size: See :class:`~influenciae.capture.LayerCapture`.
+        max_output_size: See :class:`~influenciae.model.capture.LayerCapture`.
         show_progress: A progress bar over batches while fitting.
         operator: Only a Gauss-Newton or Fisher operator of :mod:`influenciae.hessian.ggn`, as passed by
             ``get_ihvp(..., curvature=...)``: it selects ``fisher`` (``"ggn"``/``"fisher"`` → ``"expected"``, or
