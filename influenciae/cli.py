@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 
 from influenciae.distributed import cli as distributed_cli  # standard-library imports only at module level
+from influenciae.influence.registry import METHODS as CALCULATOR_METHODS
+from influenciae.influence.registry import CalculatorMethod, CalculatorOptions, CalculatorSetup
 from influenciae.io import InputError
 
 __all__ = ["Command", "COMMANDS", "METHODS", "Method", "build_parser", "main"]
@@ -204,198 +206,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- influence methods of one saved model
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """An influence method the commands can run on one saved model.
-
-    Attributes:
-        name: The ``--method`` value.
-        description: One line for ``--help`` and reports, with the score's sign.
-        build: ``build(setup) -> calculator`` (a :class:`~influenciae.BaseInfluenceCalculator`).
-        pairwise: Whether it scores training examples against test examples (``top-k``), not only self-influence.
-        options: The method-specific options (argparse ``dest`` names) it reads; others are refused.
-        gradients: Whether it differentiates a loss with respect to watched weights (reports show them).
-    """
-
-    name: str
-    description: str
-    build: Callable[[Any], Any]
-    pairwise: bool = True
-    options: tuple[str, ...] = ()
-    gradients: bool = True
-
-
-def _influence_model(setup: Any) -> Any:
-    from influenciae.model import InfluenceModel
-
-    start_layer = -1 if setup.args.start_layer is None else setup.args.start_layer
-    # --start-layer documents "from this layer to the output": say so, which also keeps the MigrationWarning (for
-    # Python code written for the original's "layer k only") out of the CLI.
-    return InfluenceModel(setup.model, start_layer=start_layer, last_layer=-1, loss_function=setup.loss.function)
-
-
-def _build_first_order(setup: Any, *, normalize: bool = False) -> Any:
-    from influenciae import FirstOrderInfluenceCalculator
-
-    return FirstOrderInfluenceCalculator(
-        _influence_model(setup),
-        setup.train,
-        ihvp_calculator=setup.args.solver or "exact",
-        normalize=normalize,
-        damping=setup.args.damping,
-        ihvp_options=setup.solver_options or None,
-        show_progress=setup.show_progress,
-    )
-
-
-def _build_arnoldi(setup: Any) -> Any:
-    from influenciae import ArnoldiInfluenceCalculator
-
-    return ArnoldiInfluenceCalculator(
-        _influence_model(setup),
-        setup.train,
-        subspace_dim=setup.args.subspace_dim,
-        k_largest_eig_vals=setup.args.rank,
-        damping=setup.args.damping,
-        seed=setup.args.seed,
-        show_progress=setup.show_progress,
-    )
-
-
-def _build_tracin(setup: Any) -> Any:
-    from influenciae import TracIn
-
-    learning_rate = 1.0 if setup.args.learning_rate is None else setup.args.learning_rate
-    return TracIn([_influence_model(setup)], learning_rate, show_progress=setup.show_progress)
-
-
-def _build_representer(setup: Any) -> Any:
-    from influenciae import RepresenterPointL2
-
-    l2 = 1e-3 if setup.args.l2 is None else setup.args.l2
-    return RepresenterPointL2(setup.model, setup.train, setup.loss.function, l2, show_progress=setup.show_progress)
-
-
-def _build_representer_lje(setup: Any) -> Any:
-    from influenciae import RepresenterPointLJE
-
-    return RepresenterPointLJE(
-        setup.model,
-        setup.train,
-        setup.loss.function,
-        step_size=1e-2 if setup.args.step_size is None else setup.args.step_size,
-        ihvp_calculator=setup.args.solver or "exact",
-        damping=setup.args.damping,
-        ihvp_options=setup.solver_options or None,
-        show_progress=setup.show_progress,
-    )
-
-
-def _build_trak(setup: Any) -> Any:
-    from influenciae import TrakCalculator
-
-    return TrakCalculator(
-        _influence_model(setup),
-        setup.train,
-        setup.args.projection_dim,
-        seed=setup.args.seed,
-        damping=setup.args.damping,
-        output_function="output" if setup.loss.kind == "regression" else "margin",
-        show_progress=setup.show_progress,
-    )
-
-
-def _build_similarity(setup: Any) -> Any:
-    from influenciae import SimilarityInfluence
-
-    layer = -2 if setup.args.layer is None else setup.args.layer
-    similarity = setup.args.similarity or "cosine"
-    return SimilarityInfluence(setup.model, layer, similarity, show_progress=setup.show_progress)
-
-
-def _build_sample_boundary(setup: Any) -> Any:
-    from influenciae import SampleBoundaryCalculator
-
-    return SampleBoundaryCalculator(setup.model, show_progress=setup.show_progress)
-
-
-def _build_weights_boundary(setup: Any) -> Any:
-    from influenciae import WeightsBoundaryCalculator
-
-    return WeightsBoundaryCalculator(setup.model, show_progress=setup.show_progress)
-
-
-_GRADIENT = ("start_layer",)
-_SOLVED = ("solver", "solver_options")
-METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (
-        Method(
-            "first_order",
-            "Koh & Liang's influence ∇ℓ(x)ᵀ H⁻¹ ∇ℓ(z) (positive: z helps x; high self-influence: atypical, mislabeled)",
-            _build_first_order,
-            options=(*_GRADIENT, *_SOLVED),
-        ),
-        Method(
-            "relatif",
-            "RelatIF: first-order influence with the training side normalized by ‖H⁻¹∇ℓ(z)‖",
-            lambda setup: _build_first_order(setup, normalize=True),
-            options=(*_GRADIENT, *_SOLVED),
-        ),
-        Method(
-            "arnoldi",
-            "first-order influence through the top eigenpairs of H (Schioppa et al.); same sign and scale",
-            _build_arnoldi,
-            options=(*_GRADIENT, "subspace_dim", "rank"),
-        ),
-        Method(
-            "tracin",
-            "TracIn with the saved model as its single checkpoint: η ∇ℓ(x)·∇ℓ(z) (positive: z helps x)",
-            _build_tracin,
-            options=(*_GRADIENT, "learning_rate"),
-        ),
-        Method(
-            "representer",
-            "representer points with an L2-refit last layer (Yeh et al.): positive = excitatory for the prediction",
-            _build_representer,
-            options=("l2",),
-        ),
-        Method(
-            "representer_lje",
-            "representer points by local Jacobian expansion of the last layer (Sui et al.)",
-            _build_representer_lje,
-            options=(*_SOLVED, "step_size"),
-        ),
-        Method(
-            "trak",
-            "TRAK (Park et al.) with the saved model as its single checkpoint: positive = z raises x's margin",
-            _build_trak,
-            options=(*_GRADIENT, "projection_dim"),
-        ),
-        Method(
-            "similarity",
-            "similarity of a layer's activations (not an influence): higher = more similar",
-            _build_similarity,
-            options=("layer", "similarity"),
-            gradients=False,
-        ),
-        Method(
-            "sample_boundary",
-            "minus the DeepFool distance of the input to the decision boundary (self-influence only, label-free)",
-            _build_sample_boundary,
-            pairwise=False,
-            gradients=False,
-        ),
-        Method(
-            "weights_boundary",
-            "minus the distance of the last layer's weights to the example's boundary (self-influence only)",
-            _build_weights_boundary,
-            pairwise=False,
-            gradients=False,
-        ),
-    )
-}
-"""The methods the ``self-influence`` and ``top-k`` commands offer, by ``--method`` name."""
+Method = CalculatorMethod
+"""An influence method the commands can run on one saved model (the calculator registry's entry)."""
+METHODS = CALCULATOR_METHODS
+"""The methods the ``self-influence`` and ``top-k`` commands offer, by ``--method`` name (the calculator registry)."""
 _METHOD_OPTIONS = {
     "start_layer": "--start-layer",
     "solver": "--solver",
@@ -763,8 +577,17 @@ def _prepare(args: argparse.Namespace, *, command: str) -> _Setup:
 def _build_calculator(setup: _Setup) -> Any:
     method = METHODS[setup.args.method]
     setup.log(f"building {method.name} on {setup.train_scan.num_examples} training examples")
+    args = setup.args
+    options = CalculatorOptions(
+        damping=args.damping,
+        seed=args.seed,
+        solver_options=setup.solver_options or None,
+        show_progress=setup.show_progress,
+        **{name: getattr(args, name) for name in _METHOD_OPTIONS if name != "solver_options"},
+    )
+    regression = setup.loss.kind == "regression"
     with _timer(setup.timings, "setup"):
-        calculator = method.build(setup)
+        calculator = method.build(CalculatorSetup(setup.model, setup.train, setup.loss.function, options, regression))
     return calculator
 
 
