@@ -1,7 +1,8 @@
-"""Import TensorFlow and tell Keras 3 objects from legacy ``tf_keras`` ones.
+"""Import TensorFlow, with a user-facing error message when it is missing.
 
-This is the only place that imports TensorFlow at module level with a user-facing error message, and the only place
-that knows how the two Keras flavours differ. ``model.py`` builds on it; nothing else needs it.
+This is the only place that imports TensorFlow at module level. Everything Keras (the two Keras flavours, the
+``tf.Variable`` behind a weight) lives in :mod:`influenciae.model._backend`; the names it defines are still reachable
+here, for code written before that move.
 """
 
 from __future__ import annotations
@@ -18,51 +19,17 @@ except ImportError as error:  # pragma: no cover - exercised only without Tensor
         "or install the TensorFlow distribution of your choice first."
     ) from error
 
-import keras
+__all__ = ["tf"]
 
-__all__ = ["tf", "keras", "is_keras3_object", "is_legacy_keras_object", "keras_module_of", "variable_tensor"]
-
-
-def is_keras3_object(obj: Any) -> bool:
-    """Whether ``obj`` is a Keras 3 model, layer, loss or variable."""
-    return _defined_in(obj, ("keras.",)) or isinstance(obj, keras.Variable)
+_MOVED = frozenset(
+    {"keras", "is_keras3_object", "is_legacy_keras_object", "keras_module_of", "variable_tensor", "variable_name"}
+)
 
 
-def is_legacy_keras_object(obj: Any) -> bool:
-    """Whether ``obj`` comes from legacy Keras 2 (``tf_keras`` or ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``)."""
-    return _defined_in(obj, ("tf_keras.", "tensorflow.python.keras."))
+def __getattr__(name: str) -> Any:
+    """The Keras helpers that moved to :mod:`influenciae.model._backend` (imported on first use: no import cycle)."""
+    if name in _MOVED:
+        from influenciae.model import _backend as model_backend  # noqa: PLC0415 - lazy, see above
 
-
-def _defined_in(obj: Any, prefixes: tuple[str, ...]) -> bool:
-    """Whether the class of ``obj`` or one of its bases (user subclasses included) comes from these packages."""
-    return any(klass.__module__.startswith(prefixes) for klass in type(obj).__mro__)
-
-
-def keras_module_of(obj: Any) -> Any:
-    """The Keras package (``keras`` or ``tf_keras``) that ``obj`` belongs to."""
-    if is_legacy_keras_object(obj):
-        import tf_keras
-
-        return tf_keras
-    return keras
-
-
-def variable_tensor(variable: Any) -> tf.Variable:
-    """The ``tf.Variable`` behind a Keras 3 or legacy Keras variable.
-
-    Keras 3 variables are not ``tf.Variable``: the tensor a model reads is ``variable.value``, and that is what a
-    ``GradientTape`` or ``ForwardAccumulator`` has to watch.
-    """
-    if isinstance(variable, keras.Variable):
-        return variable.value
-    if isinstance(variable, tf.Variable):
-        return variable
-    raise TypeError(
-        f"Expected a Keras or tf.Variable weight, got {type(variable).__name__}. Pass the model's own weights "
-        "(e.g. `model.layers[-1].kernel`) in weights_to_watch."
-    )
-
-
-def variable_name(variable: Any) -> str:
-    """A readable, unique name for a weight: Keras 3's ``.path`` or the legacy ``.name``."""
-    return str(getattr(variable, "path", None) or variable.name)
+        return getattr(model_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

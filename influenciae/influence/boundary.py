@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras, keras_module_of, tf, variable_tensor
+from influenciae._backend import keras_module_of, tf, variable_tensor
 from influenciae.data import unpack_batch
 from influenciae.influence.base import BaseInfluenceCalculator, Block
 from influenciae.influence.similarity import as_influence_model, check_first_batch, symbolic_inputs
 from influenciae.model import InfluenceModel
+from influenciae.model.selection import last_dense_layer
 from influenciae.types import CACHE
 
 __all__ = ["BoundaryCalculator", "DeepFool", "SampleBoundaryCalculator", "WeightsBoundaryCalculator"]
@@ -461,7 +462,7 @@ class WeightsBoundaryCalculator(BoundaryCalculator):
         super().__init__(
             model, step_nbr, norm, eps=eps, max_candidate_classes=max_candidate_classes, show_progress=show_progress
         )
-        self.layer = _last_dense_layer(self.model.model)
+        self.layer = last_dense_layer(self.model.model, purpose="WeightsBoundaryCalculator")
         self._features_model = _features_model(self.model.model, self.layer)
         self._features = tf.function(self._layer_inputs, reduce_retracing=True)
         self._runner = self._deepfool(lambda offsets, logits: logits + offsets)
@@ -500,34 +501,6 @@ def _dual_norm_of(vectors: tf.Tensor, norm: float) -> tf.Tensor:
     if norm == math.inf:
         return tf.reduce_sum(tf.abs(vectors), axis=1)
     return tf.reduce_max(tf.abs(vectors), axis=1)
-
-
-def _dense_classes() -> tuple[type, ...]:
-    classes: list[type] = [keras.layers.Dense]
-    try:
-        import tf_keras
-    except ImportError:  # pragma: no cover - tf_keras is optional
-        return tuple(classes)
-    classes.append(tf_keras.layers.Dense)
-    return tuple(classes)
-
-
-def _last_dense_layer(model: Any) -> Any:
-    layers = list(getattr(model, "layers", []))
-    positions = [i for i, layer in enumerate(layers) if isinstance(layer, _dense_classes())]
-    if not positions:
-        raise ValueError(
-            f"WeightsBoundaryCalculator moves the weights of the model's last Dense layer, but {type(model).__name__} "
-            "has no Dense layer among model.layers."
-        )
-    position = positions[-1]
-    after = [layer.name for layer in layers[position + 1 :] if layer.weights]
-    if after:
-        raise ValueError(
-            f"Layers with weights {after} come after the last Dense layer {layers[position].name!r}: the logits must "
-            "be the last Dense layer's outputs (followed only by weightless layers such as a softmax)."
-        )
-    return layers[position]
 
 
 def _features_model(model: Any, layer: Any) -> Any:

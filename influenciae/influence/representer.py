@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import is_legacy_keras_object, keras, keras_module_of, tf
+from influenciae._backend import keras_module_of, tf
 from influenciae.cache import fingerprint_arrays
 from influenciae.data import check_dataset, unpack_batch
 from influenciae.hessian import ConjugateGradientDescentIHVP, InverseHessianVectorProduct, RowOperator, get_ihvp
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel
+from influenciae.model.selection import last_dense_layer
 
 __all__ = ["RepresenterPointL2", "RepresenterPointLJE"]
 
@@ -243,7 +244,7 @@ class _RepresenterCalculator(BaseInfluenceCalculator):
         batches_per_shard: int,
     ) -> None:
         keras_model, loss_function = _unwrap(model, loss_function)
-        layer = _last_dense(keras_model)
+        layer = last_dense_layer(keras_model, at_output=True, purpose="Representer points")
         influence_model = InfluenceModel(
             keras_model, weights_to_watch=layer.trainable_weights, loss_function=loss_function
         )
@@ -707,23 +708,6 @@ def _unwrap(model: Any, loss_function: Any) -> tuple[Any, Any]:
     if isinstance(model, InfluenceModel):
         return model.model, model.loss_function if loss_function is None else loss_function
     return model, loss_function
-
-
-def _last_dense(model: Any) -> Any:
-    layers = list(getattr(model, "layers", None) or [])
-    if not layers:
-        raise ValueError("Representer points need a Keras model with layers, the last of which is Dense.")
-    dense_classes: tuple[type, ...] = (keras.layers.Dense,)
-    if is_legacy_keras_object(model):
-        dense_classes += (keras_module_of(model).layers.Dense,)
-    layer = layers[-1]
-    if not isinstance(layer, dense_classes):
-        raise ValueError(
-            f"Representer points decompose the model's last layer, which must be a Dense layer; it is "
-            f"{type(layer).__name__} ({layer.name!r}). Fold a final activation into the Dense layer "
-            "(activation=...) or into the loss (from_logits=True), so that the model ends with its Dense layer."
-        )
-    return layer
 
 
 def _feature_extractor(model: Any, layer: Any) -> Any:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import (
+from influenciae.data import Batch, unpack_batch
+from influenciae.model._backend import (
     is_keras3_object,
     is_legacy_keras_object,
     keras,
@@ -27,7 +28,8 @@ from influenciae._backend import (
     variable_name,
     variable_tensor,
 )
-from influenciae.data import Batch, unpack_batch
+from influenciae.model.selection import layer_index as _layer_index
+from influenciae.model.selection import original_default_layer
 
 __all__ = ["InfluenceModel", "MigrationWarning"]
 
@@ -912,20 +914,6 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _layer_index(model: Any, layer: int | str, argument: str) -> int:
-    layers = list(model.layers)
-    if isinstance(layer, str):
-        names = [candidate.name for candidate in layers]
-        if layer not in names:
-            raise ValueError(f"{argument}={layer!r} is not a layer of the model. Layers are: {names}.")
-        return names.index(layer)
-    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
-        if not -len(layers) <= layer < len(layers):
-            raise ValueError(f"{argument}={layer} is out of range for a model with {len(layers)} layers.")
-        return int(layer) % len(layers)
-    raise TypeError(f"{argument} must be a layer index or name, got {type(layer).__name__}.")
-
-
 def _resolve_weights(
     model: Any,
     start_layer: int | str | None,
@@ -1121,12 +1109,6 @@ def _warn_start_layer_only(model: Any, start_layer: int | str, weights: list[Any
         MigrationWarning,
         stacklevel=3,
     )
-
-
-def original_default_layer(layers: Sequence[Any]) -> int | None:
-    """The layer the original Influenciae's ``InfluenceModel(model)`` watched: the last one with weights before the
-    output layer (the output layer itself is skipped), or ``None`` when there is none."""
-    return next((index for index in range(len(layers) - 2, -1, -1) if layers[index].weights), None)
 
 
 _DEFAULT_WATCH_WARNED = False  # the default-selection warning is shown once per process

@@ -62,9 +62,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from influenciae._backend import is_keras3_object, keras, tf, variable_name, variable_tensor
 from influenciae.data import unpack_batch
 from influenciae.model import InfluenceModel
+from influenciae.model._backend import is_keras3_object, keras, tf, variable_name, variable_tensor
 
 __all__ = ["CapturedLayer", "LayerCapture", "LayerStatistics", "FISHER_TYPES", "supported_layer_kind"]
 

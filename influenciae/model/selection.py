@@ -1,0 +1,154 @@
+"""Which layers of a Keras model a method reads: layer indices/names, the last Dense layer, the original default.
+
+One rule decides "the last Dense layer" for every method that decomposes it (TracIn's fast variants, representer
+points, the weights-boundary distance):
+
+1. It is the last layer of ``model.layers`` that is a Dense layer (Keras 3 or ``tf_keras``); a model without one is
+   refused ("no Dense layer").
+2. No layer with weights may follow it (weightless layers such as a softmax may): the logits are that layer's
+   outputs ("come after the last Dense layer").
+3. With ``at_output=True`` it must also produce the model's single output itself: the methods that use the identity
+   ``∇_W ℓ = a ⊗ g`` on the model's output (TracIn fast, representer points) refuse a trailing ``Softmax`` or
+   ``Activation`` layer ("is not Dense"; its activation may be fused, e.g. ``Dense(k, activation="softmax")``).
+
+The three copies this replaces differed only in which of 2. and 3. they checked; this keeps every one of their
+refusals (and their tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from influenciae.model._backend import keras
+
+__all__ = ["last_dense_layer", "check_outer_product_layer", "layer_index", "original_default_layer"]
+
+
+def layer_index(model: Any, layer: int | str, argument: str) -> int:
+    """The index in ``model.layers`` of ``layer`` (an index, negative allowed, or a layer name).
+
+    Args:
+        model: A Keras model.
+        layer: A layer index in ``[-len(layers), len(layers))`` or a layer name.
+        argument: The argument's name, for the error message.
+
+    Raises:
+        ValueError: If the name is not a layer of the model or the index is out of range.
+        TypeError: If ``layer`` is neither an integer nor a string.
+    """
+    layers = list(model.layers)
+    if isinstance(layer, str):
+        names = [candidate.name for candidate in layers]
+        if layer not in names:
+            raise ValueError(f"{argument}={layer!r} is not a layer of the model. Layers are: {names}.")
+        return names.index(layer)
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"{argument}={layer} is out of range for a model with {len(layers)} layers.")
+        return int(layer) % len(layers)
+    raise TypeError(f"{argument} must be a layer index or name, got {type(layer).__name__}.")
+
+
+def original_default_layer(layers: Sequence[Any]) -> int | None:
+    """The layer the original Influenciae's ``InfluenceModel(model)`` watched: the last one with weights before the
+    output layer (the output layer itself is skipped), or ``None`` when there is none."""
+    return next((index for index in range(len(layers) - 2, -1, -1) if layers[index].weights), None)
+
+
+def dense_classes() -> tuple[type, ...]:
+    """The Dense layer classes: Keras 3's and, when ``tf_keras`` is installed, the legacy one."""
+    classes: list[type] = [keras.layers.Dense]
+    try:
+        import tf_keras  # noqa: PLC0415 - optional
+    except ImportError:  # pragma: no cover - tf_keras is optional
+        return tuple(classes)
+    classes.append(tf_keras.layers.Dense)
+    return tuple(classes)
+
+
+def last_dense_layer(model: Any, *, at_output: bool = False, purpose: str = "This method") -> Any:
+    """The last Dense layer of ``model`` (the rule in this module's docstring).
+
+    Args:
+        model: A Keras model (its ``model.layers`` are searched).
+        at_output: Whether the Dense layer must also produce the model's single output (no trailing weightless
+            layer such as ``Softmax``).
+        purpose: Who asks, e.g. ``"Representer points"``: starts the error messages.
+
+    Returns:
+        The Dense layer.
+
+    Raises:
+        ValueError: If the model has no Dense layer, a layer with weights follows the last one, or (``at_output``)
+            the model has several outputs or its output does not come straight from that Dense layer.
+    """
+    layers = list(getattr(model, "layers", None) or [])
+    classes = dense_classes()
+    positions = [i for i, layer in enumerate(layers) if isinstance(layer, classes)]
+    if not positions:
+        raise ValueError(
+            f"{purpose} uses the model's last Dense layer, but {type(model).__name__} has no Dense layer among "
+            "model.layers."
+        )
+    position = positions[-1]
+    dense = layers[position]
+    after = [layer.name for layer in layers[position + 1 :] if layer.weights]
+    if after:
+        raise ValueError(
+            f"Layers with weights {after} come after the last Dense layer {dense.name!r}: the logits must be the "
+            "last Dense layer's outputs (followed only by weightless layers such as a softmax)."
+        )
+    if not at_output:
+        return dense
+    try:
+        outputs = list(model.outputs or [])
+    except (AttributeError, ValueError):
+        outputs = []  # subclassed models: the last entry of model.layers stands for the output layer
+    if len(outputs) > 1:
+        raise ValueError(f"{purpose} needs a Keras model with one output; {type(model).__name__} has {len(outputs)}.")
+    history = getattr(outputs[0], "_keras_history", None) if outputs else None
+    output_layer = history[0] if history is not None else layers[-1]
+    if output_layer is not dense:
+        raise ValueError(
+            f"{purpose} reads the model's output layer, which must be a Dense layer: "
+            f"{getattr(output_layer, 'name', None)!r} ({type(output_layer).__name__}) is not Dense. Fold a final "
+            "activation into the Dense layer (activation=..., e.g. Dense(k, activation='softmax')) or into the loss "
+            "(from_logits=True), so that the model ends with its Dense layer."
+        )
+    return dense
+
+
+def check_outer_product_layer(model: Any, dense: Any, purpose: str = "This method") -> None:
+    """Check that the gradient of ``dense``'s kernel is the outer product ``a ⊗ g`` of its inputs and output grads.
+
+    Args:
+        model: The Keras model (it needs a symbolic graph: ``dense.input`` is read).
+        dense: Its last Dense layer (:func:`last_dense_layer` with ``at_output=True``).
+        purpose: Who asks, for the error messages.
+
+    Raises:
+        ValueError: If the model has no symbolic outputs (subclassed), or the layer has LoRA enabled, is not
+            trainable or gets inputs of rank other than 2 (``[batch, features]``).
+    """
+    try:
+        outputs = list(model.outputs or [])
+    except (AttributeError, ValueError):
+        outputs = []
+    if len(outputs) != 1:
+        raise ValueError(
+            f"{purpose} needs a Sequential or functional Keras model with one output (it reads the input of its "
+            f"last layer); got {type(model).__name__} with {len(outputs) or 'no symbolic'} outputs."
+        )
+    if getattr(dense, "lora_enabled", False):
+        raise ValueError(f"The last Dense layer {dense.name!r} has LoRA enabled: {purpose} cannot use it.")
+    if not dense.trainable:
+        raise ValueError(f"The last Dense layer {dense.name!r} is not trainable: there is no gradient to trace.")
+    rank = len(dense.input.shape)
+    if rank != 2:
+        raise ValueError(
+            f"The last Dense layer {dense.name!r} gets inputs of rank {rank}; the outer-product identity needs "
+            "[batch, features] inputs."
+        )
