@@ -122,7 +122,7 @@ def getting_started() -> list[Cell]:
 
             from influenciae import ORDER, FirstOrderInfluenceCalculator, InfluenceModel
             from influenciae.data import from_numpy
-            from influenciae.plots import new_figure, plot_image_grid, plot_proponents_opponents
+            from influenciae.app.plots import new_figure, plot_image_grid, plot_proponents_opponents
 
             EPOCHS = 15 if FAST else 60
             """
@@ -344,7 +344,7 @@ def mislabeled_detection() -> list[Cell]:
             from influenciae import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator, InfluenceModel, TracIn
             from influenciae.data import from_numpy
             from influenciae.evaluation import detection_curve, detection_metrics, flip_labels
-            from influenciae.plots import plot_detection_curve, plot_image_grid
+            from influenciae.app.plots import plot_detection_curve, plot_image_grid
 
             EPOCHS = 20 if FAST else 80
             FLIP_FRACTION = 0.1
@@ -531,7 +531,7 @@ def ihvp_solvers() -> list[Cell]:
                 LissaIHVP,
             )
             from influenciae.data import from_numpy
-            from influenciae.plots import new_figure
+            from influenciae.app.plots import new_figure
 
             EPOCHS = 20 if FAST else 60
             HIDDEN = 8 if FAST else 16
@@ -750,7 +750,7 @@ def other_families() -> list[Cell]:
                 TrakCalculator,
             )
             from influenciae.data import from_numpy
-            from influenciae.plots import plot_image_grid
+            from influenciae.app.plots import plot_image_grid
 
             EPOCHS = 16 if FAST else 60
             NUM_CHECKPOINTS = 4
@@ -1032,7 +1032,7 @@ def tabular_data() -> list[Cell]:
             from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
             from influenciae.data import from_numpy
             from influenciae.evaluation import detection_metrics
-            from influenciae.plots import new_figure
+            from influenciae.app.plots import new_figure
 
             NUM_REMOVALS = 10 if FAST else 40
             """
@@ -1287,7 +1287,7 @@ def group_influence() -> list[Cell]:
 
             from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, SecondOrderInfluenceCalculator
             from influenciae.data import from_numpy
-            from influenciae.plots import new_figure
+            from influenciae.app.plots import new_figure
 
             GROUP_FRACTIONS = [0.01, 0.025, 0.05] if FAST else [0.005, 0.01, 0.02, 0.035, 0.05]
             GROUPS_PER_SIZE = 1 if FAST else 2
@@ -1828,7 +1828,7 @@ def robustness() -> list[Cell]:
 
             from influenciae import ORDER, FirstOrderInfluenceCalculator, InfluenceModel
             from influenciae.data import from_numpy
-            from influenciae.plots import new_figure, plot_image_grid
+            from influenciae.app.plots import new_figure, plot_image_grid
             from influenciae.relevance import LRP, EpsilonRule, ZPlusRule
             from influenciae.robustness import FGSM, PGD, MinParamPerturbation
 

@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, cli, io, plots, report
+from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, cli
 from influenciae._backend import keras
+from influenciae.app import io, plots, report
 from influenciae.data import from_numpy
 
 NUM_TRAIN, NUM_TEST, NUM_FEATURES, NUM_CLASSES = 40, 6, 5, 3

@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from influenciae import cli, plots
-from influenciae.demo import (
+from influenciae import cli
+from influenciae.app import plots
+from influenciae.app.demo import (
     DemoConfig,
     _cleaned_training_set,
     _fit,

@@ -46,12 +46,12 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from influenciae._backend import keras, tf
+from influenciae.app.report import CSS, html_table, image_tag, write_csv
 from influenciae.data import from_numpy
 from influenciae.evaluation.mislabeling import detection_curve, detection_metrics, flip_labels
 from influenciae.hessian import registered_solvers
 from influenciae.influence import ArnoldiInfluenceCalculator, BaseInfluenceCalculator, FirstOrderInfluenceCalculator
 from influenciae.model import InfluenceModel
-from influenciae.report import CSS, html_table, image_tag, write_csv
 from influenciae.types import CACHE
 
 __all__ = [
@@ -564,7 +564,7 @@ def run_demo(
         cleaning_seeds=cleaning_seeds,
         cleaning_action=cleaning_action,
     )
-    from influenciae import plots
+    from influenciae.app import plots
 
     plots.require_matplotlib()  # fail before training, not after
     output = Path(output_dir)
@@ -752,7 +752,7 @@ def _write_outputs(
     detection: dict[str, Any],
     config: DemoConfig,
 ) -> list[str]:
-    from influenciae import plots
+    from influenciae.app import plots
 
     write_csv(
         output / "self_influence.csv",

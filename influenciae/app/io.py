@@ -409,7 +409,7 @@ def _feature_decoder(example: Any, key: str, file: str, role: str, x_shape: Sequ
         if len(values) != 1 or proto.dtype == 0:
             raise InputError(
                 f"feature {key!r} of {file} is a bytes feature but not one serialized tensor (tf.io.serialize_tensor); "
-                "write the records with influenciae.io.write_tfrecords or use numeric-list features"
+                "write the records with influenciae.app.io.write_tfrecords or use numeric-list features"
             )
         dtype = tf.as_dtype(proto.dtype)
         tensor_shape = tf.TensorShape([dim.size for dim in proto.tensor_shape.dim])

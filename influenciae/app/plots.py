@@ -6,7 +6,7 @@ returns the :class:`matplotlib.figure.Figure`, so it displays in a notebook and 
 Without a display (a server, CI), the non-interactive Agg backend is selected unless ``MPLBACKEND`` says otherwise.
 
 Example:
-    >>> from influenciae.plots import plot_detection_curve
+    >>> from influenciae.app.plots import plot_detection_curve
     >>> fig = plot_detection_curve({"self-influence": found_si, "loss": found_loss})
     >>> fig.savefig("detection_curve.png")
 """
@@ -45,7 +45,7 @@ def require_matplotlib() -> Any:
         import matplotlib
     except ImportError as error:
         raise ImportError(
-            "influenciae.plots needs matplotlib, which is not installed. Install it with "
+            "influenciae.app.plots needs matplotlib, which is not installed. Install it with "
             "`pip install 'influenciae[plots]'` (or `pip install matplotlib`)."
         ) from error
     headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

@@ -233,7 +233,7 @@ def _settings_rows(metrics: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def _save_figures(output: Path, figures: Mapping[str, Any]) -> dict[str, bytes]:
-    from influenciae import plots
+    from influenciae.app import plots
 
     images = {}
     for name, figure in figures.items():
@@ -244,7 +244,7 @@ def _save_figures(output: Path, figures: Mapping[str, Any]) -> dict[str, bytes]:
 
 def _matplotlib_available() -> bool:
     try:
-        from influenciae import plots
+        from influenciae.app import plots
 
         plots.require_matplotlib()
     except ImportError:
@@ -268,7 +268,7 @@ def self_influence_report(
         output: The output directory.
         metrics: The run's metrics (``model``, ``method``, ``train_data``, ``summary``, ``ranking``).
         scores: Self-influence ``[N]``.
-        scan: The :class:`~influenciae.io.ScanResult` of the training data (labels, predictions, losses).
+        scan: The :class:`~influenciae.app.io.ScanResult` of the training data (labels, predictions, losses).
         shown: Indices of the ranked examples shown ``[k]``, first to last.
         inputs: Their inputs ``[k, ...]`` (images are drawn, other inputs tabulated), or None.
         title: Title of the page.
@@ -276,7 +276,7 @@ def self_influence_report(
     Returns:
         The files written, ``report.html`` first.
     """
-    from influenciae import plots
+    from influenciae.app import plots
 
     order = metrics["ranking"]["order"]
     summary = metrics["summary"]
@@ -378,7 +378,7 @@ def top_k_report(
     Returns:
         The files written, ``report.html`` first.
     """
-    from influenciae import plots
+    from influenciae.app import plots
 
     kinds = list(results)
     some_test = np.stack([test_inputs[int(i)] for i in shown]) if len(test_inputs) == len(shown) else None

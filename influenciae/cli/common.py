@@ -1,0 +1,73 @@
+"""What every subcommand shares: exit codes, the :class:`Command` record, usage errors, the step logger and
+timer, and the JSON writer of ``metrics.json``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# influenciae.cache's hint (not imported: it loads TensorFlow); tests/test_cli.py checks the two are equal
+_OVERWRITE_HINT = "pass overwrite=True to rebuild the cache (this deletes its files) or choose another path"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` declares its options, ``run(args) -> exit code`` does the work."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class _UsageError(Exception):
+    """A combination of arguments argparse cannot check by itself (exit code 2)."""
+
+
+class _Logger:
+    def __init__(self, command: str, *, enabled: bool) -> None:
+        self.command = command
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{self.command} {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _finish_timings(timings: dict[str, float], start: float) -> dict[str, float]:
+    timings["total"] = time.perf_counter() - start
+    return {name: round(value, 3) for name, value in timings.items()}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
