@@ -435,7 +435,7 @@ NUM_PARAMS = 128  # 1 MB of vectors per shard, so that a kill from outside tends
 KILLED_SHARD = 3
 TEMPORARY = ".influenciae-tmp-"
 
-# The child loads cache.py by path so that it does not pay for importing TensorFlow through the package.
+# The child imports influenciae.cache alone so that it does not pay for importing TensorFlow through the package.
 CHILD_SCRIPT = (
     textwrap.dedent(
         """
@@ -443,20 +443,13 @@ CHILD_SCRIPT = (
     import numpy as np
 
     cache_file, path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    # cache.py imports influenciae.fingerprint: load it by path too, under a stub package (no TensorFlow import).
-    import types
+    # influenciae.cache under a stub influenciae package, so that the package's __init__ (TensorFlow) never runs.
+    import importlib, types
     package = types.ModuleType("influenciae")
-    package.__path__ = []
+    package.__path__ = [os.path.dirname(os.path.dirname(cache_file))]
     sys.modules["influenciae"] = package
-    fingerprint_file = os.path.join(os.path.dirname(cache_file), "fingerprint.py")
-    fingerprint_spec = importlib.util.spec_from_file_location("influenciae.fingerprint", fingerprint_file)
-    fingerprint_module = importlib.util.module_from_spec(fingerprint_spec)
-    sys.modules["influenciae.fingerprint"] = fingerprint_module
-    fingerprint_spec.loader.exec_module(fingerprint_module)
-    specification = importlib.util.spec_from_file_location("cache_under_test", cache_file)
-    cache_module = importlib.util.module_from_spec(specification)
-    sys.modules[specification.name] = cache_module
-    specification.loader.exec_module(cache_module)
+    cache_module = importlib.import_module("influenciae.cache")
+    assert "tensorflow" not in sys.modules
     """
     )
     + MAKE_ARRAYS_SOURCE

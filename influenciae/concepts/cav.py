@@ -17,16 +17,14 @@ import json
 import numbers
 import re
 import secrets
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from scipy import optimize
 
-from influenciae import cache as _cache
-from influenciae.cache import canonical_configuration, fingerprint_arrays
+from influenciae.cache import atomic_write, canonical_configuration, fingerprint_arrays, write_npz
 
 __all__ = ["CAV", "CAVClassifier", "CAVStore", "train_cav"]
 
@@ -362,7 +360,7 @@ class CAVStore:
                 previous = None
         arrays = {"vectors": cav.vectors, "accuracies": cav.accuracies, "train_accuracies": cav.train_accuracies}
         file_name = f"{stem}-{secrets.token_hex(8)}.npz"
-        _atomic_write(self.directory / file_name, lambda handle: _write_npz(handle, arrays))
+        atomic_write(self.directory / file_name, lambda handle: write_npz(handle, arrays))
         manifest = {
             "kind": _MANIFEST_KIND,
             "format_version": _FORMAT_VERSION,
@@ -371,28 +369,10 @@ class CAVStore:
             "checksum": fingerprint_arrays(arrays.values()),
         }
         text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n"
-        _atomic_write(manifest_path, lambda handle: handle.write(text.encode()))
+        atomic_write(manifest_path, text.encode())
         if isinstance(previous, str) and previous != file_name and (self.directory / previous).is_file():
             (self.directory / previous).unlink()
         return manifest_path
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """The library's atomic write (temporary file, fsync, ``os.replace``), wherever this version keeps it."""
-    try:
-        from influenciae.fingerprint import atomic_write  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        getattr(_cache, "_atomic_write")(path.parent, path.name, write)  # noqa: B009 -- older layout
-    else:
-        atomic_write(path, write)
-
-
-def _write_npz(handle: IO[bytes], arrays: Mapping[str, np.ndarray]) -> None:
-    """Writes an uncompressed ``.npz`` archive with ``allow_pickle=False`` (``np.savez`` allows pickle)."""
-    with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, array in arrays.items():
-            with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def _short(value: Any) -> str:

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.cache import fingerprint_arrays
+from influenciae.cache import atomic_write, fingerprint_arrays
+from influenciae.cache.fingerprint import canonical_configuration, dataset_fingerprint, describe_differences
+from influenciae.cache.fingerprint import model_identity as _model_identity
 from influenciae.data import check_dataset
-from influenciae.fingerprint import atomic_write, canonical_configuration, dataset_fingerprint, describe_differences
-from influenciae.fingerprint import model_identity as _model_identity
 from influenciae.hessian import ArnoldiIHVP, ExactIHVP, InverseHessianVectorProduct
 from influenciae.model import InfluenceModel
 
@@ -59,8 +59,9 @@ class SolverState:
         eigenvectors: ``[r, P]`` or None.
         factors: Test factors ``H⁻¹∇ℓ(x)`` ``[m, P]`` (test examples in dataset order) or None.
         identity: What the arrays depend on, checked by :meth:`load`: ``"model"`` (loss configuration, watched
-            weights, ``gradient_dtype``: :func:`~influenciae.fingerprint.model_identity`), ``"solver"`` (the solver's
-            settings, damping and Hessian dataset fingerprint included), ``"test"`` (the test set's fingerprint) and
+            weights, ``gradient_dtype``: :func:`~influenciae.cache.fingerprint.model_identity`), ``"solver"``
+            (the solver's settings, damping and Hessian dataset fingerprint included), ``"test"`` (the test set's
+            fingerprint) and
             ``"request"`` (what a command line asked for, e.g. ``--solver``, ``--damping``, ``--test``).
 
     Example:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.fingerprint import dataset_fingerprint
+from influenciae.cache.fingerprint import dataset_fingerprint
 from influenciae.hessian.ggn import curvature_of, curvature_operator
 from influenciae.hessian.operator import RowOperator, as_row_operator, damped
 from influenciae.model import InfluenceModel
@@ -162,8 +162,9 @@ class InverseHessianVectorProduct(abc.ABC):
         }
 
     def hessian_dataset_fingerprint(self) -> dict[str, Any] | None:
-        """The fingerprint of the dataset H is averaged over (:func:`~influenciae.fingerprint.dataset_fingerprint`,
-        order-invariant), or None for an explicit operator without a dataset. Computed once, then kept."""
+        """The fingerprint of the dataset H is averaged over
+        (:func:`~influenciae.cache.fingerprint.dataset_fingerprint`, order-invariant), or None for an explicit
+        operator without a dataset. Computed once, then kept."""
         if self._hessian_dataset_fingerprint is None:
             dataset = getattr(self, "_hessian_dataset", None)
             if dataset is None:

@@ -52,7 +52,7 @@ from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
 from influenciae.model.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
-from influenciae.fingerprint import model_identity
+from influenciae.cache.fingerprint import model_identity
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision
 from influenciae.hessian.ggn import curvature_of
 from influenciae.hessian.operator import RowOperator

@@ -31,7 +31,7 @@ from influenciae.data import (
     with_checks,
     with_indices,
 )
-from influenciae.fingerprint import model_identity
+from influenciae.cache.fingerprint import model_identity
 from influenciae.model import InfluenceModel
 from influenciae.search import NearestNeighbors, get_nearest_neighbors, merge_top_k
 from influenciae.types import CACHE, ORDER
