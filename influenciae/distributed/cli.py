@@ -30,7 +30,6 @@ __all__ = ["add_arguments", "run", "HELP"]
 
 HELP = "score a sharded training set (influence vectors, self-influence, top-k) on an Apache Beam runner"
 """One-line help of the ``score`` subcommand."""
-_SOLVERS = ("exact", "arnoldi", "cg", "lissa")
 
 
 def _positive_int(text: str) -> int:
@@ -70,6 +69,8 @@ def _output_dir(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``influenciae score``."""
+    from influenciae.hessian.registry import registered_solvers  # the package (and TensorFlow) is imported already
+
     data = parser.add_argument_group("inputs and outputs")
     data.add_argument("--model", required=True, help="saved .keras model (compiled with its loss, or see --loss)")
     data.add_argument(
@@ -90,7 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scoring.add_argument("--batch-size", type=_positive_int, default=64, help="examples per batch and output part")
 
     solver = parser.add_argument_group("solver state (computed only when --state does not exist)")
-    solver.add_argument("--solver", choices=_SOLVERS, default="exact", help="inverse-HVP solver (default: exact)")
+    solver.add_argument(
+        "--solver",
+        choices=registered_solvers(operator_only=True),  # those that run on a (distributed) Hessian operator
+        default="exact",
+        help="inverse-HVP solver (default: exact)",
+    )
     solver.add_argument("--damping", type=_non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
     solver.add_argument("--rank", type=_positive_int, default=50, help="eigenpairs kept by arnoldi (default: 50)")
     solver.add_argument("--hessian-data", help="glob of the Hessian's TFRecord files (default: --train)")

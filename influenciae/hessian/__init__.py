@@ -17,9 +17,12 @@ from influenciae.hessian.kfac import EKFACIHVP, KFACIHVP, BlockDiagonalIHVP, Cur
 from influenciae.hessian.lissa import LissaIHVP, largest_eigenvalue
 from influenciae.hessian.nystrom import NystromIHVP
 from influenciae.hessian.operator import DampedOperator, HessianOperator, RowOperator, as_row_operator, damped
+from influenciae.hessian.registry import CURVATURE_REGISTRY, SOLVER_REGISTRY, Registry, resolve_solver
 
 __all__ = [
     "CURVATURES",
+    "CURVATURE_REGISTRY",
+    "SOLVER_REGISTRY",
     "EKFACIHVP",
     "KFACIHVP",
     "ArnoldiIHVP",
@@ -40,6 +43,7 @@ __all__ = [
     "LissaIHVP",
     "NystromIHVP",
     "PseudoInverseIHVP",
+    "Registry",
     "RowOperator",
     "as_row_operator",
     "curvature_operator",
@@ -47,4 +51,5 @@ __all__ = [
     "get_ihvp",
     "largest_eigenvalue",
     "registered_solvers",
+    "resolve_solver",
 ]

@@ -16,12 +16,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.cache.fingerprint import dataset_fingerprint
-from influenciae.hessian.ggn import curvature_of, curvature_operator
+from influenciae.fingerprint import dataset_fingerprint
 from influenciae.hessian.operator import RowOperator, as_row_operator, damped
+from influenciae.hessian.registry import (
+    SOLVER_REGISTRY,
+    curvature_of,
+    curvature_operator,
+    get_ihvp,
+    registered_solvers,
+    resolve_solver,
+)
 from influenciae.model import InfluenceModel
 
-__all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers", "refuse_half_precision"]
+__all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers", "refuse_half_precision", "resolve_solver"]
 
 
 class InverseHessianVectorProduct(abc.ABC):
@@ -50,13 +57,17 @@ class InverseHessianVectorProduct(abc.ABC):
     # True for solvers whose every solve passes over the Hessian dataset (CG, LiSSA): their cost per call does not
     # shrink with the number of right-hand sides, so callers should hand them large blocks.
     iterative: ClassVar[bool] = False
-    _registry: ClassVar[dict[str, type[InverseHessianVectorProduct]]] = {}
+    # False for solvers that cannot work on an explicit curvature operator (operator=..., e.g. a distributed
+    # Hessian): those that fit their own statistics from (model, dataset) (K-FAC, EK-FAC, diagonal) and the identity.
+    takes_operator: ClassVar[bool] = True
+    #: The solver registry's classes by name (:data:`~influenciae.hessian.registry.SOLVER_REGISTRY`).
+    _registry: ClassVar[dict[str, type[InverseHessianVectorProduct]]] = SOLVER_REGISTRY.entries
 
-    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, name: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if name is not None:
             cls.name = name
-            InverseHessianVectorProduct._registry[name] = cls
+            SOLVER_REGISTRY.register(name, cls, aliases=aliases)
 
     def __init__(
         self,
@@ -235,53 +246,6 @@ class _NoProgress:
 
     def close(self) -> None:
         """Nothing to close."""
-
-
-def registered_solvers() -> list[str]:
-    """Names accepted by :func:`get_ihvp`."""
-    return sorted(InverseHessianVectorProduct._registry)
-
-
-def get_ihvp(
-    spec: str | InverseHessianVectorProduct,
-    model: InfluenceModel | None,
-    dataset: tf.data.Dataset | None,
-    **kwargs: Any,
-) -> InverseHessianVectorProduct:
-    """Resolve a solver given by name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ...) or instance.
-
-    Args:
-        spec: A registered name or an already built solver (returned as is).
-        model: The wrapped model.
-        dataset: The Hessian dataset.
-        **kwargs: Options for the solver's constructor (e.g. ``damping``), and ``curvature``/``curvature_options``
-            for every solver: the curvature operator is built here and handed to the solver as its operator.
-
-    Raises:
-        ValueError: For an unknown name.
-        TypeError: For anything else.
-    """
-    if isinstance(spec, InverseHessianVectorProduct):
-        if kwargs:
-            raise ValueError(f"Solver options {sorted(kwargs)} cannot be applied to an already built solver.")
-        return spec
-    if isinstance(spec, str):
-        if spec not in InverseHessianVectorProduct._registry:
-            raise ValueError(f"Unknown inverse-HVP solver {spec!r}; choose one of {registered_solvers()}.")
-        curvature = kwargs.pop("curvature", "hessian")
-        curvature_options = kwargs.pop("curvature_options", None)
-        if curvature != "hessian" or curvature_options:
-            if kwargs.get("operator") is not None:
-                raise ValueError("Pass either operator=... or curvature=..., not both.")
-            if model is None or dataset is None:
-                raise ValueError(f"curvature={curvature!r} needs a model and a dataset.")
-            # through `operator`, so that every solver takes a curvature whatever its own signature
-            kwargs["operator"] = curvature_operator(curvature, model, dataset, **(curvature_options or {}))
-        return InverseHessianVectorProduct._registry[spec](model, dataset, **kwargs)
-    raise TypeError(
-        f"ihvp_calculator must be a solver name {registered_solvers()} or an InverseHessianVectorProduct, "
-        f"got {type(spec).__name__}."
-    )
 
 
 def relative_tolerance(dtype: tf.DType) -> float:

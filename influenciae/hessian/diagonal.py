@@ -16,10 +16,10 @@ __all__ = ["DiagonalIHVP", "IdentityIHVP"]
 class DiagonalIHVP(BlockDiagonalIHVP, name="diagonal"):
     """``(diag(C) + λI)⁻¹`` with ``diag(C) = E[g²]`` the diagonal of the Gauss-Newton matrix (or Fisher).
 
-    One pass over the dataset with the layer capture of :mod:`influenciae.model.capture`: for a Dense, Conv2D or Embedding
-    layer the per-example gradients are rebuilt from ``a ⊗ g`` and squared (``fisher="expected"`` gives the exact GGN
-    diagonal); other watched weights use a vectorized Jacobian. A cheap baseline for K-FAC and EK-FAC: it ignores
-    every correlation between parameters.
+    One pass over the dataset with the layer capture of :mod:`influenciae.model.capture`: for a Dense, Conv2D or
+    Embedding layer the per-example gradients are rebuilt from ``a ⊗ g`` and squared (``fisher="expected"`` gives the
+    exact GGN diagonal); other watched weights use a vectorized Jacobian. A cheap baseline for K-FAC and EK-FAC: it
+    ignores every correlation between parameters.
 
     Takes the arguments of :class:`~influenciae.hessian.kfac.BlockDiagonalIHVP`.
 
@@ -52,6 +52,8 @@ class IdentityIHVP(InverseHessianVectorProduct, name="identity"):
     Example:
         >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="identity")
     """
+
+    takes_operator = False
 
     def __init__(
         self, model: InfluenceModel | None, dataset: tf.data.Dataset | None = None, *, damping: float = 0.0

@@ -32,9 +32,9 @@ from influenciae.hessian.operator import (
     DatasetOperator,
     HeldBatches,
     HessianOperator,
-    RowOperator,
     batches_with_progress,
 )
+from influenciae.hessian.registry import CURVATURE_REGISTRY, curvature_of, curvature_operator
 from influenciae.model import InfluenceModel
 
 __all__ = [
@@ -47,8 +47,6 @@ __all__ = [
     "curvature_of",
 ]
 
-CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
-"""Names accepted by :func:`curvature_operator` (and by the solvers' and calculators' ``curvature=`` keyword)."""
 
 _LIKELIHOODS = ("auto", "categorical", "gaussian")
 _OUTPUT_HESSIANS = ("auto", "autodiff")
@@ -61,7 +59,7 @@ class CurvatureOperator(DatasetOperator):
     Subclasses implement :meth:`_batch_sum`, the sum of their per-example curvature products over one batch (eager,
     for the streamed path), and :meth:`_held_product` (pure TensorFlow, for the held path, see
     :class:`~influenciae.hessian.operator.DatasetOperator`), and set ``curvature`` to their name in
-    :data:`CURVATURES`.
+    :data:`CURVATURES` (and register it in the curvature registry).
 
     Args:
         model: The wrapped model.
@@ -408,47 +406,23 @@ def _gradient_outer_product(gradients: tf.Tensor, weights: tf.Tensor, vectors: t
     return tf.matmul(projections, gradients, transpose_a=True)
 
 
-# ---------------------------------------------------------------------- factory
+# ---------------------------------------------------------------------- registry
 
 
-def curvature_operator(curvature: str, model: InfluenceModel, dataset: tf.data.Dataset, **options: Any) -> RowOperator:
-    """Build the curvature operator named ``curvature`` over ``dataset``.
-
-    Args:
-        curvature: One of :data:`CURVATURES`: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        model: The wrapped model.
-        dataset: The curvature dataset.
-        **options: Options of the operator (e.g. ``estimator="sampled", num_samples=4`` for the Fisher).
-
-    Raises:
-        ValueError: For an unknown name or options the operator does not take.
-    """
-    classes: dict[str, Any] = {
-        "ggn": GaussNewtonOperator,
-        "fisher": FisherOperator,
-        "empirical_fisher": EmpiricalFisherOperator,
-    }
-    if curvature == "hessian":
-        if options:
-            raise ValueError(f"The Hessian takes no curvature options, got {sorted(options)}.")
-        return HessianOperator(model, dataset)
-    if curvature not in classes:
-        raise ValueError(f"Unknown curvature {curvature!r}; choose one of {list(CURVATURES)}.")
-    try:
-        return classes[curvature](model, dataset, **options)  # type: ignore[no-any-return]
-    except TypeError as error:
-        if "unexpected keyword" not in str(error):
-            raise
-        raise ValueError(f"Invalid options {sorted(options)} for curvature {curvature!r}: {error}.") from error
+def _hessian(model: InfluenceModel, dataset: tf.data.Dataset, **options: Any) -> HessianOperator:
+    if options:
+        raise ValueError(f"The Hessian takes no curvature options, got {sorted(options)}.")
+    return HessianOperator(model, dataset)
 
 
-def curvature_of(operator: RowOperator) -> str:
-    """The curvature name of an operator: one of :data:`CURVATURES`, or ``"operator"`` for any other matrix."""
-    if isinstance(operator, HessianOperator):
-        return "hessian"
-    if isinstance(operator, CurvatureOperator):
-        return operator.curvature
-    return "operator"
+CURVATURE_REGISTRY.register("hessian", _hessian)
+CURVATURE_REGISTRY.register("ggn", GaussNewtonOperator)
+CURVATURE_REGISTRY.register("fisher", FisherOperator)
+CURVATURE_REGISTRY.register("empirical_fisher", EmpiricalFisherOperator)
+
+CURVATURES = CURVATURE_REGISTRY.names()
+"""The built-in curvature names (accepted by :func:`curvature_operator` and by the solvers' and calculators'
+``curvature=`` keyword); ``CURVATURE_REGISTRY.names()`` also lists curvatures registered later."""
 
 
 # ---------------------------------------------------------------------- output-space matrices

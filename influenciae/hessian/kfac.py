@@ -1,8 +1,8 @@
 """K-FAC and EK-FAC: block-diagonal, Kronecker-factored Gauss-Newton inverse-HVPs (Martens & Grosse 2015,
 Grosse & Martens 2016, George et al. 2018, Grosse et al. 2023).
 
-For a layer ``y = φ(W a + b)`` (Dense, EinsumDense, Conv1D, Conv2D, Embedding: :mod:`influenciae.model.capture`) with ``W``
-seen as a matrix ``[rows, columns]`` (the bias as an appended row, ``a`` with an appended 1), the per-example
+For a layer ``y = φ(W a + b)`` (Dense, EinsumDense, Conv1D, Conv2D, Embedding: :mod:`influenciae.model.capture`) with
+``W`` seen as a matrix ``[rows, columns]`` (the bias as an appended row, ``a`` with an appended 1), the per-example
 (pseudo-)gradient is ``G = Σ_t a_t g_tᵀ`` and the layer's block of the Gauss-Newton matrix is
 ``E[vec(G) vec(G)ᵀ]``. K-FAC approximates it by ``A ⊗ S`` with
 
@@ -50,13 +50,13 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
-from influenciae.model.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
+from influenciae.fingerprint import model_identity
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
-from influenciae.cache.fingerprint import model_identity
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision
-from influenciae.hessian.ggn import curvature_of
 from influenciae.hessian.operator import RowOperator
+from influenciae.hessian.registry import curvature_of
 from influenciae.model import InfluenceModel
+from influenciae.model.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 
 __all__ = ["CurvatureBlock", "KFACIHVP", "EKFACIHVP", "BlockDiagonalIHVP"]
 
@@ -132,7 +132,8 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         relative_damping: Add ``relative_damping × mean eigenvalue`` of each block (≥ 0).
         fisher: ``"expected"`` (exact Gauss-Newton statistics, one backward pass per model output),
             ``"sampled"`` (one backward pass with random pseudo-gradients: the GGN in expectation) or
-            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See :mod:`influenciae.model.capture`.
+            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See
+            :mod:`influenciae.model.capture`.
         seed: Seed of ``fisher="sampled"``.
         factors_path: Directory to load the fitted factors from (when it holds factors fitted with the same
             settings, weights and dataset) or to save them to after fitting. Damping is not part of the factors.
@@ -151,6 +152,7 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
 
     kronecker: ClassVar[bool] = True
     eigenvalue_correction: ClassVar[bool] = False
+    takes_operator = False  # fits its blocks from the layers, whatever the operator
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from influenciae._backend import tf
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
@@ -380,6 +380,7 @@ class HessianOperator(DatasetOperator):
         >>> hv = operator.matmul_rows(v)  # [n, P] -> [n, P]
     """
 
+    curvature: ClassVar[str] = "hessian"  # its name in the curvature registry
     _empty_message = "The Hessian dataset is empty; pass a dataset with at least one example."
 
     def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, *, held_data_budget: int | None = None) -> None:

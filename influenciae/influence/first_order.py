@@ -10,7 +10,7 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, hash_batch
 from influenciae.data import check_dataset
-from influenciae.hessian import InverseHessianVectorProduct, get_ihvp
+from influenciae.hessian import InverseHessianVectorProduct, resolve_solver
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin
 from influenciae.language import Measurement, as_measurement, query_model
@@ -42,28 +42,18 @@ def build_ihvp(
     curvature: str = "hessian",
     curvature_options: dict[str, Any] | None = None,
 ) -> InverseHessianVectorProduct:
-    """Resolve the solver once, at the boundary, and check it fits the model."""
-    if isinstance(ihvp_calculator, InverseHessianVectorProduct):
-        if damping or ihvp_options:
-            raise ValueError("damping and ihvp_options configure a solver given by name; set them on the instance.")
-        if curvature != "hessian" or curvature_options:
-            raise ValueError(
-                "curvature configures a solver given by name; build the instance with curvature=... instead "
-                "(e.g. get_ihvp('cg', model, dataset, curvature='ggn'))."
-            )
-        solver = ihvp_calculator
-    else:
-        # damping None: the solver's own default (ExactIHVP: "auto", damped only when H is singular)
-        options = {**({"damping": damping} if damping is not None else {}), **(ihvp_options or {})}
-        if curvature != "hessian" or curvature_options:
-            options.update(curvature=curvature, curvature_options=curvature_options)
-        solver = get_ihvp(ihvp_calculator, model, hessian_dataset(dataset, n_samples_for_hessian), **options)
-    if solver.nb_params != model.nb_params:
-        raise ValueError(
-            f"The solver works on {solver.nb_params} parameters but the model watches {model.nb_params}; build the "
-            "solver from the same InfluenceModel."
-        )
-    return solver
+    """Resolve the solver once, at the boundary (:func:`~influenciae.hessian.registry.resolve_solver`'s rule)."""
+    if isinstance(ihvp_calculator, str):
+        dataset = hessian_dataset(dataset, n_samples_for_hessian)
+    return resolve_solver(
+        ihvp_calculator,
+        model,
+        dataset,
+        damping=damping,
+        curvature=curvature,
+        curvature_options=curvature_options,
+        **(ihvp_options or {}),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

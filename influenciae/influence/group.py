@@ -24,7 +24,8 @@ from typing import Any
 
 from influenciae._backend import tf
 from influenciae.data import batch_size_of, check_dataset
-from influenciae.hessian.base import InverseHessianVectorProduct, get_ihvp
+from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.registry import resolve_solver
 from influenciae.model import InfluenceModel
 
 __all__ = ["GroupInfluenceMixin", "SecondOrderInfluenceCalculator"]
@@ -184,10 +185,8 @@ class SecondOrderInfluenceCalculator(GroupInfluenceMixin):
             self.hessian_set = self.train_set
         else:
             self.hessian_set = _first_examples(self.train_set, n_samples_for_hessian)
-        options = dict(ihvp_options or {})
-        if isinstance(ihvp_calculator, str) or damping != 0.0:
-            options["damping"] = damping  # an already built solver keeps its own damping (get_ihvp says so)
-        self.ihvp = get_ihvp(ihvp_calculator, model, self.hessian_set, **options)
+        # an already built solver keeps its own damping (resolve_solver's rule)
+        self.ihvp = resolve_solver(ihvp_calculator, model, self.hessian_set, damping=damping, **(ihvp_options or {}))
         if show_progress:
             self.ihvp.show_progress = True
         self._train_size: int | None = None

@@ -38,7 +38,12 @@ import numpy as np
 from influenciae._backend import keras_module_of, tf
 from influenciae.cache import fingerprint_arrays
 from influenciae.data import check_dataset, unpack_batch
-from influenciae.hessian import ConjugateGradientDescentIHVP, InverseHessianVectorProduct, RowOperator, get_ihvp
+from influenciae.hessian import (
+    ConjugateGradientDescentIHVP,
+    InverseHessianVectorProduct,
+    RowOperator,
+    resolve_solver,
+)
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel
 from influenciae.model.selection import last_dense_layer
@@ -667,12 +672,12 @@ class RepresenterPointLJE(_RepresenterCalculator):
         self.step_size = float(step_size)
         self.objective = self._objective(_layer_penalty(self.layer, self.use_bias))
         self.expansion_point = self.trained_weights + self.step_size * self.objective.gradient(self.trained_weights)
-        self.ihvp: InverseHessianVectorProduct = get_ihvp(  # the solver only sees the operator
+        self.ihvp: InverseHessianVectorProduct = resolve_solver(  # the solver only sees the operator
             ihvp_calculator,
             self.model,
             None,
+            damping=damping,
             operator=_LastLayerHessian(self.objective, self.expansion_point),
-            **({"damping": damping} if damping is not None else {}),
             **(ihvp_options or {}),
         )
         constant = self.expansion_point
