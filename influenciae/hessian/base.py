@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.fingerprint import dataset_fingerprint
+from influenciae.cache.fingerprint import dataset_fingerprint
 from influenciae.hessian.operator import RowOperator, as_row_operator, damped
 from influenciae.hessian.registry import (
     SOLVER_REGISTRY,

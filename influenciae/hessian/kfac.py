@@ -50,7 +50,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
-from influenciae.fingerprint import model_identity
+from influenciae.cache.fingerprint import model_identity
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision
 from influenciae.hessian.operator import RowOperator
