@@ -45,27 +45,15 @@ from influenciae.cli.common import (
     _OVERWRITE_HINT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
-    EXIT_OK,
     EXIT_USAGE,
     Command,
     _UsageError,
 )
+from influenciae.cli.common import EXIT_OK as EXIT_OK  # re-exported: the exit codes are part of the script
 from influenciae.distributed import cli as distributed_cli  # standard-library imports only at module level
 from influenciae.influence.registry import METHODS, CalculatorMethod
 
-__all__ = [
-    "Command",
-    "COMMANDS",
-    "METHODS",
-    "Method",
-    "build_parser",
-    "main",
-    "EXIT_OK",
-    "EXIT_FAILURE",
-    "EXIT_USAGE",
-    "EXIT_INTERRUPTED",
-    "_OVERWRITE_HINT",
-]
+__all__ = ["Command", "COMMANDS", "METHODS", "Method", "build_parser", "main"]
 
 Method = CalculatorMethod
 """An influence method the commands can run on one saved model (an entry of the calculator registry)."""

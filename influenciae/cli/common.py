@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK = 0
+"""Exit code of a successful run (also after ``--help``)."""
+EXIT_FAILURE = 1
+"""Exit code of a valid command line whose run failed (a missing file, data that do not fit, a computation error)."""
+EXIT_USAGE = 2
+"""Exit code of a usage error (argparse's convention)."""
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C."""
 # influenciae.cache's hint (not imported: it loads TensorFlow); tests/test_cli.py checks the two are equal
 _OVERWRITE_HINT = "pass overwrite=True to rebuild the cache (this deletes its files) or choose another path"
 
