@@ -8,6 +8,7 @@ from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.kfac import BlockDiagonalIHVP
 from influenciae.hessian.operator import RowOperator
+from influenciae.hessian.registry import curvature_of
 from influenciae.model import InfluenceModel
 
 __all__ = ["DiagonalIHVP", "IdentityIHVP"]
@@ -48,6 +49,8 @@ class IdentityIHVP(InverseHessianVectorProduct, name="identity"):
         model: The wrapped model (only its number of parameters and dtype are used).
         dataset: Ignored (accepted so that every solver is built the same way).
         damping: λ ≥ 0; solutions are ``v / (1 + λ)``.
+        operator: A curvature operator (``get_ihvp("identity", ..., curvature=...)``): the identity stands in for
+            it, so only its name is kept (in :attr:`curvature` and the configuration) and it is never applied.
 
     Example:
         >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="identity")
@@ -56,15 +59,23 @@ class IdentityIHVP(InverseHessianVectorProduct, name="identity"):
     takes_operator = False
 
     def __init__(
-        self, model: InfluenceModel | None, dataset: tf.data.Dataset | None = None, *, damping: float = 0.0
+        self,
+        model: InfluenceModel | None,
+        dataset: tf.data.Dataset | None = None,
+        *,
+        damping: float = 0.0,
+        operator: Any | None = None,
     ) -> None:
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"IdentityIHVP needs the InfluenceModel (for P and the dtype), got {type(model).__name__}.")
         super().__init__(None, None, damping=damping, operator=_IdentityOperator(model.nb_params, model.dtype))
         self.model = model
+        if operator is not None:
+            self.curvature = curvature_of(operator)
 
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
         return vectors / tf.constant(1.0 + self.damping, self.dtype)
 
     def configuration(self) -> dict[str, Any]:
-        return {"name": self.name, "damping": self.damping}
+        named = {"curvature": self.curvature} if self.curvature != "operator" else {}
+        return {"name": self.name, "damping": self.damping, **named}

@@ -193,7 +193,8 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         self._checked = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
         self.relative_damping = float(relative_damping)
         self.fisher = fisher
-        self.curvature = "empirical_fisher" if fisher == "empirical" else "ggn"
+        # the curvature asked for (get_ihvp(..., curvature=...)) or the one the statistics estimate
+        self.curvature = curvature_of(operator) if operator is not None else _CURVATURE_OF_FISHER[fisher]
         self.seed = int(seed)
         self.hessian = undamped
         self.operator = _BlockOperator(self, damped=True, num_params=model.nb_params, dtype=model.dtype)
@@ -509,6 +510,9 @@ _SAVED_FIELDS = (
     "row_eigenvalues",
     "column_eigenvalues",
 )
+
+
+_CURVATURE_OF_FISHER = {"expected": "ggn", "sampled": "ggn", "empirical": "empirical_fisher"}
 
 
 def _fisher_of_operator(operator: Any, solver: str) -> str:
