@@ -13,17 +13,9 @@ import pytest
 
 from influenciae import cli
 from influenciae.app import plots
-from influenciae.app.demo import (
-    DemoConfig,
-    _cleaned_training_set,
-    _fit,
-    _retrained_accuracy,
-    _Retrainer,
-    _test_scores,
-    format_summary,
-    load_noisy_digits,
-    run_demo,
-)
+from influenciae.app.demo import DemoConfig, format_summary, load_noisy_digits, run_demo
+from influenciae.app.demo_analysis import _cleaned_training_set, _retrained_accuracy, _test_scores
+from influenciae.app.demo_digits import _fit, _Retrainer
 from influenciae.evaluation import roc_auc
 
 EXPECTED_FILES = {

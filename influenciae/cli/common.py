@@ -4,12 +4,10 @@ timer, and the JSON writer of ``metrics.json``."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +37,6 @@ class Command:
 
 class _UsageError(Exception):
     """A combination of arguments argparse cannot check by itself (exit code 2)."""
-
-
-class _Logger:
-    def __init__(self, command: str, *, enabled: bool) -> None:
-        self.command = command
-        self.enabled = enabled
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{self.command} {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _finish_timings(timings: dict[str, float], start: float) -> dict[str, float]:

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from influenciae.cli.common import _Logger, _timer, _UsageError
+from influenciae.app.progress import StepLogger, timed
+from influenciae.cli.common import _UsageError
 from influenciae.cli.options import _METHOD_OPTIONS, _check_method_options, _check_start_layer, _data_spec
 from influenciae.influence.registry import METHODS, CalculatorOptions, CalculatorSetup
 
@@ -66,9 +67,9 @@ def _prepare(args: argparse.Namespace, *, command: str) -> _Setup:
         test_spec.check_exists("test data")
     output = _make_output(args.output)
 
-    log = _Logger(command, enabled=not args.no_progress)
+    log = StepLogger(command, enabled=not args.no_progress)
     timings: dict[str, float] = {}
-    with _timer(timings, "loading"):
+    with timed(timings, "loading"):
         log(f"loading the model {args.model}")
         model = io.load_model(args.model)
         _check_start_layer(args, model)
@@ -103,7 +104,7 @@ def _build_calculator(setup: _Setup) -> Any:
         **{name: getattr(args, name) for name in _METHOD_OPTIONS if name != "solver_options"},
     )
     regression = setup.loss.kind == "regression"
-    with _timer(setup.timings, "setup"):
+    with timed(setup.timings, "setup"):
         calculator = method.build(CalculatorSetup(setup.model, setup.train, setup.loss.function, options, regression))
     return calculator
 

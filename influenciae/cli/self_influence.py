@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from influenciae.cli.common import EXIT_OK, _finish_timings, _timer, _write_json
+from influenciae.app.progress import timed
+from influenciae.cli.common import EXIT_OK, _finish_timings, _write_json
 from influenciae.cli.options import (
     _add_data_arguments,
     _add_method_arguments,
@@ -44,7 +45,7 @@ def _run_self_influence(args: argparse.Namespace) -> int:
     setup = _prepare(args, command="self-influence")
     calculator = _build_calculator(setup)
     setup.log("computing self-influence")
-    with _timer(setup.timings, "self_influence"):
+    with timed(setup.timings, "self_influence"):
         scores = np.asarray(calculator.self_influence(setup.train), dtype=np.float64)
     scan = setup.train_scan
     order = _ranking(scores, args.order)
@@ -67,7 +68,7 @@ def _run_self_influence(args: argparse.Namespace) -> int:
         "scores": [float(scores[i]) for i in shown],
     }
     setup.log("writing the report")
-    with _timer(setup.timings, "report"):
+    with timed(setup.timings, "report"):
         inputs = _gather(setup.train, shown)
         files = report.self_influence_report(
             setup.output, metrics, scores, scan, shown, inputs, title=f"Self-influence ({args.method})"

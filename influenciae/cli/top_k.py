@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from influenciae.cli.common import EXIT_OK, _finish_timings, _timer, _UsageError, _write_json
+from influenciae.app.progress import timed
+from influenciae.cli.common import EXIT_OK, _finish_timings, _UsageError, _write_json
 from influenciae.cli.options import (
     _add_data_arguments,
     _add_method_arguments,
@@ -60,7 +61,7 @@ def _run_top_k(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     setup = _prepare(args, command="top-k")
     test_spec = _data_spec(args, test=True)
-    with _timer(setup.timings, "loading"):
+    with timed(setup.timings, "loading"):
         setup.log(f"reading the test data: {test_spec.describe()}")
         test = io.prepare_dataset(
             setup.model, io.load_data(test_spec, batch_size=args.batch_size, what="test data"), setup.loss
@@ -77,7 +78,7 @@ def _run_top_k(args: argparse.Namespace) -> int:
         cache_dir = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="influenciae-top-k-"))
         for kind in kinds:
             setup.log(f"finding the {args.k} {kind}s of {test_scan.num_examples} test examples")
-            with _timer(setup.timings, f"top_k_{kind}s"):
+            with timed(setup.timings, f"top_k_{kind}s"):
                 indices, values = calculator.most_influential(
                     test,
                     setup.train,
@@ -110,7 +111,7 @@ def _run_top_k(args: argparse.Namespace) -> int:
     if args.cache_dir:
         metrics["cache_dir"] = str(args.cache_dir)
     setup.log("writing the report")
-    with _timer(setup.timings, "report"):
+    with timed(setup.timings, "report"):
         shown = np.arange(min(args.report_examples, test_scan.num_examples))
         train_needed = np.unique(np.concatenate([results[kind][0][shown].reshape(-1) for kind in kinds]))
         files = report.top_k_report(
