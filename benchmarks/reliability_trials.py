@@ -936,7 +936,7 @@ def _migration_b_start_layer() -> None:
 def _migration_b_default() -> None:
     """(b) ``InfluenceModel(model)``: the original watched the last weighted layer before the output (a small CNN)."""
     from influenciae import compat
-    from influenciae import model as model_module
+    from influenciae.model import migration as model_module
 
     model_module._DEFAULT_WATCH_WARNED = False  # shown once per process: earlier cases may have seen it
     keras.utils.set_random_seed(0)

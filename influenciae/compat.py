@@ -26,7 +26,8 @@ import numpy as np
 
 from influenciae._backend import keras_module_of, tf
 from influenciae.data import check_dataset, unpack_batch
-from influenciae.model import InfluenceModel, original_default_layer
+from influenciae.model import InfluenceModel
+from influenciae.model.selection import original_default_layer
 from influenciae.types import CACHE, ORDER
 
 __all__ = [

@@ -273,7 +273,7 @@ def test_start_layer_alone_warns_exactly_when_the_original_watched_less():
 
 def test_default_selection_warns_once_with_both_counts(monkeypatch):
     """``InfluenceModel(model)`` watches everything; the original watched the last weighted layer before the output."""
-    from influenciae import model as model_module
+    from influenciae.model import migration as model_module
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

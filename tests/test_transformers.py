@@ -73,7 +73,7 @@ ONEDNN_PROBE = r"""
 import json, warnings
 import numpy as np, keras
 import influenciae as inf
-from influenciae import model as model_module
+from influenciae.model import _autodiff as model_module
 
 def build(attention):
     keras.utils.set_random_seed(0)

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras_module_of, tf, variable_tensor
-from influenciae.data import unpack_batch
+from influenciae._backend import tf, variable_tensor
+from influenciae.data import check_first_batch, unpack_batch
 from influenciae.influence.base import BaseInfluenceCalculator, Block
-from influenciae.influence.similarity import as_influence_model, check_first_batch, symbolic_inputs
 from influenciae.model import InfluenceModel
+from influenciae.model.graph import as_influence_model, layer_input_model
 from influenciae.model.selection import last_dense_layer
 from influenciae.types import CACHE
 
@@ -463,7 +463,7 @@ class WeightsBoundaryCalculator(BoundaryCalculator):
             model, step_nbr, norm, eps=eps, max_candidate_classes=max_candidate_classes, show_progress=show_progress
         )
         self.layer = last_dense_layer(self.model.model, purpose="WeightsBoundaryCalculator")
-        self._features_model = _features_model(self.model.model, self.layer)
+        self._features_model = layer_input_model(self.model.model, self.layer)
         self._features = tf.function(self._layer_inputs, reduce_retracing=True)
         self._runner = self._deepfool(lambda offsets, logits: logits + offsets)
 
@@ -501,15 +501,3 @@ def _dual_norm_of(vectors: tf.Tensor, norm: float) -> tf.Tensor:
     if norm == math.inf:
         return tf.reduce_sum(tf.abs(vectors), axis=1)
     return tf.reduce_max(tf.abs(vectors), axis=1)
-
-
-def _features_model(model: Any, layer: Any) -> Any:
-    inputs = symbolic_inputs(model)
-    try:
-        features = layer.input
-    except (AttributeError, ValueError, RuntimeError) as error:
-        raise ValueError(
-            f"The inputs of layer {layer.name!r} are not defined in the model's graph (the layer is never called or "
-            f"called several times): {error}"
-        ) from error
-    return keras_module_of(model).Model(inputs, features)

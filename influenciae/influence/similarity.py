@@ -4,8 +4,7 @@ The training-side influence vectors and the test-side transforms are both the ac
 flattened (and concatenated for several layers), so the shared engine of :mod:`influenciae.influence.base` gives
 matrices, streaming, memory/disk caches of activations and top-k for free.
 
-This module also holds :func:`as_influence_model`, which the boundary calculators share: similarity and boundary
-methods need a model but no loss.
+The activations come from a sub-model cut from the Keras graph (:func:`influenciae.model.graph.layer_outputs_model`).
 """
 
 from __future__ import annotations
@@ -14,95 +13,18 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from influenciae._backend import keras_module_of, tf, variable_tensor
-from influenciae.data import batch_size_of, unpack_batch
+from influenciae._backend import tf
+from influenciae.data import batch_size_of, check_first_batch, unpack_batch
 from influenciae.influence.base import BaseInfluenceCalculator
-from influenciae.model import InfluenceModel, _layer_index
+from influenciae.model import InfluenceModel
+from influenciae.model.graph import as_influence_model, layer_outputs_model
 
-__all__ = ["SimilarityInfluence", "as_influence_model"]
+__all__ = ["SimilarityInfluence"]
 
 SimilarityFunction = Callable[[tf.Tensor, tf.Tensor], Any]
 
 _SIMILARITIES = ("cosine", "euclidean", "dot")
 _PAIRWISE_BUDGET = 2**22  # elements of one block of pairwise differences [rows, n, D] for the euclidean score
-
-
-# ---------------------------------------------------------------------- shared with boundary.py
-
-
-def _no_loss(y_true: Any, y_pred: Any) -> tf.Tensor:
-    raise ValueError(
-        "This InfluenceModel was built from a bare Keras model by a similarity or boundary calculator, which need "
-        "no loss. For loss-based methods wrap the model yourself: InfluenceModel(model, loss_function=...)."
-    )
-
-
-def as_influence_model(model: Any) -> InfluenceModel:
-    """Return ``model`` if it is an :class:`InfluenceModel`, else wrap a Keras model without a loss.
-
-    Methods that only run the model forward (activations, distances to the decision boundary) accept a bare Keras
-    model; the wrapper watches its floating-point weights (they only enter the cache fingerprint) and has a loss
-    that raises a clear error if a loss-based method ever calls it.
-    """
-    if isinstance(model, InfluenceModel):
-        return model
-    weights = list(getattr(model, "trainable_weights", None) or getattr(model, "weights", None) or [])
-    floating = [w for w in weights if tf.as_dtype(variable_tensor(w).dtype).is_floating]
-    if floating:
-        dtype = tf.as_dtype(variable_tensor(floating[0]).dtype)
-        floating = [w for w in floating if tf.as_dtype(variable_tensor(w).dtype) == dtype]
-    return InfluenceModel(model, loss_function=_no_loss, weights_to_watch=floating or None)
-
-
-def check_first_batch(dataset: tf.data.Dataset, function: Callable[[Any], Any], what: str) -> None:
-    """Run ``function`` on the first two examples of ``dataset`` and turn a failure into an error naming the fix."""
-    for batch in dataset.take(1):
-        probe = tf.nest.map_structure(lambda t: t[:2], tuple(batch))
-        try:
-            function(probe)
-        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
-            shapes = tf.nest.map_structure(lambda t: tuple(t.shape), unpack_batch(probe).inputs)
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(
-                f"Computing {what} failed on a batch with input shapes {shapes}: {message}. Check that the dataset "
-                "is batched (`dataset.batch(batch_size)`) and that its inputs fit the model."
-            ) from error
-
-
-def symbolic_inputs(model: Any) -> Any:
-    """The symbolic inputs of a Sequential or functional model, in the structure its call expects."""
-    try:
-        return model.input
-    except (AttributeError, ValueError, RuntimeError):
-        pass  # Keras 3 Sequential models only define `inputs`
-    inputs = getattr(model, "inputs", None)
-    if not inputs:
-        raise ValueError(
-            f"{type(model).__name__} has no symbolic inputs, so the outputs of its layers cannot be extracted: "
-            "subclassed models have no graph to cut. Use a Sequential or functional model built from keras.Input."
-        )
-    return inputs[0] if len(inputs) == 1 else inputs
-
-
-def layer_outputs_model(model: Any, layers: Sequence[Any], argument: str = "layers") -> tuple[Any, list[int]]:
-    """A Keras model from ``model``'s inputs to the outputs of ``layers`` (indices or names in ``model.layers``).
-
-    Returns:
-        ``(extractor, indices)``: the sub-model (one output per layer) and the resolved layer indices.
-    """
-    indices = [_layer_index(model, layer, argument) for layer in layers]
-    inputs = symbolic_inputs(model)
-    outputs = []
-    for index in indices:
-        layer = model.layers[index]
-        try:
-            outputs.append(layer.output)
-        except (AttributeError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"The output of layer {index} ({layer.name}) is not defined: the layer is never called in the "
-                f"model's graph or is called several times ({error})."
-            ) from error
-    return keras_module_of(model).Model(inputs, outputs), indices
 
 
 # ---------------------------------------------------------------------- the calculator

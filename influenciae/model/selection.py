@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from influenciae.model._backend import keras
+from influenciae.model._backend import (
+    is_keras3_object,
+    is_legacy_keras_object,
+    keras,
+    tf,
+    variable_name,
+    variable_tensor,
+)
 
 __all__ = ["last_dense_layer", "check_outer_product_layer", "layer_index", "original_default_layer"]
 
@@ -152,3 +159,62 @@ def check_outer_product_layer(model: Any, dense: Any, purpose: str = "This metho
             f"The last Dense layer {dense.name!r} gets inputs of rank {rank}; the outer-product identity needs "
             "[batch, features] inputs."
         )
+
+
+def check_model(model: Any) -> None:
+    if not (is_keras3_object(model) or is_legacy_keras_object(model)) or not hasattr(model, "trainable_weights"):
+        raise TypeError(
+            f"InfluenceModel wraps a Keras model (Keras 3 or tf_keras), got {type(model).__name__}. "
+            "Build your model with keras.Sequential, the functional API or by subclassing keras.Model."
+        )
+    if not model.built or not model.weights:
+        raise ValueError(
+            "The model is not built, so it has no weights yet. Call `model.build(input_shape)` or call the model "
+            "once on a batch (`model(x[:1])`) before wrapping it."
+        )
+
+
+def resolve_weights(
+    model: Any,
+    start_layer: int | str | None,
+    last_layer: int | str | None,
+    weights_to_watch: Sequence[Any] | None,
+) -> list[Any]:
+    if weights_to_watch is not None:
+        if start_layer is not None or last_layer is not None:
+            raise ValueError("Pass either weights_to_watch or start_layer/last_layer, not both.")
+        candidates = list(weights_to_watch)
+        owned = {id(variable_tensor(weight)) for weight in model.weights}
+        foreign = [variable_name(w) for w in candidates if id(variable_tensor(w)) not in owned]
+        if foreign:
+            raise ValueError(f"weights_to_watch contains weights that are not the model's: {foreign}.")
+    elif start_layer is None and last_layer is None:
+        candidates = list(model.trainable_weights)
+    else:
+        layers = list(model.layers)
+        first = 0 if start_layer is None else layer_index(model, start_layer, "start_layer")
+        last = len(layers) - 1 if last_layer is None else layer_index(model, last_layer, "last_layer")
+        if first > last:
+            raise ValueError(f"start_layer ({first}) comes after last_layer ({last}).")
+        candidates = [weight for layer in layers[first : last + 1] for weight in layer.trainable_weights]
+    unique: dict[int, Any] = {}
+    for weight in candidates:
+        unique.setdefault(id(variable_tensor(weight)), weight)
+    weights = list(unique.values())
+    if not weights:
+        raise ValueError(
+            "There are no weights to watch: the chosen layers have no trainable weights. Pick other layers with "
+            "start_layer/last_layer or pass weights_to_watch explicitly."
+        )
+    dtypes = set()
+    for weight in weights:
+        dtype = tf.as_dtype(variable_tensor(weight).dtype)
+        if not dtype.is_floating:
+            raise TypeError(
+                f"Weight {variable_name(weight)} has dtype {dtype.name}; influence needs floating-point weights. "
+                "Leave it out of weights_to_watch."
+            )
+        dtypes.add(dtype.name)
+    if len(dtypes) > 1:
+        raise TypeError(f"The watched weights mix dtypes {sorted(dtypes)}; watch weights of one dtype.")
+    return weights

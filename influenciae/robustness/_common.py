@@ -84,7 +84,9 @@ def model_front(model: Any, loss_function: Any | None = None) -> ModelFront:
     cross-entropy inferred from the last layer's activation (linear → from logits, softmax/sigmoid → from
     probabilities; sparse labels ``[B]`` or one-hot ``[B, C]``; one output column → binary). ``None`` otherwise.
     """
-    from influenciae.model import InfluenceModel, _legacy_loss_class, _rebuild_loss
+    from influenciae.model import InfluenceModel
+    from influenciae.model.losses import legacy_loss_class as _legacy_loss_class
+    from influenciae.model.losses import rebuild_loss as _rebuild_loss
 
     if isinstance(model, InfluenceModel):
         if loss_function is None:

@@ -1,0 +1,87 @@
+"""What code written for the original Influenciae meets here: a warning where it would watch other weights, and
+attributes that are gone with the name of their replacement."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from influenciae.model._backend import variable_tensor
+from influenciae.model.selection import layer_index, original_default_layer
+
+__all__ = ["MigrationWarning", "Removed", "warn_start_layer_only", "warn_default_watch_once"]
+
+
+class MigrationWarning(UserWarning):
+    """Code written for the original Influenciae would watch other weights or compute another quantity here."""
+
+
+class Removed:
+    """A class attribute the original Influenciae had: reading it raises ``AttributeError`` naming its replacement."""
+
+    def __init__(self, replacement: str) -> None:
+        self.replacement = replacement
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = f"{owner.__name__}.{name}"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        raise AttributeError(f"{self.name} (original Influenciae) is gone: {self.replacement}")
+
+
+def warn_start_layer_only(model: Any, start_layer: int | str, weights: list[Any]) -> None:
+    """Warn when ``start_layer`` alone watches more than the original Influenciae's "layer k only"."""
+    first = layer_index(model, start_layer, "start_layer")
+    own = {id(variable_tensor(weight)) for weight in model.layers[first].trainable_weights}
+    if all(id(variable_tensor(weight)) in own for weight in weights):
+        return
+    layer_only = sum(int(np.prod(variable_tensor(w).shape)) for w in model.layers[first].trainable_weights)
+    watched = sum(int(np.prod(variable_tensor(w).shape)) for w in weights)
+    warnings.warn(
+        f"start_layer={start_layer!r} without last_layer watches layers {first} to the end ({watched} parameters). "
+        f"The original Influenciae watched layer {first} only ({layer_only} parameters). Pass "
+        f"last_layer={start_layer!r} for that layer only, or last_layer=-1 to keep every layer from "
+        f"{start_layer!r} to the end; either silences this warning.",
+        MigrationWarning,
+        stacklevel=3,
+    )
+
+
+_DEFAULT_WATCH_WARNED = False  # the default-selection warning is shown once per process
+
+
+def warn_default_watch_once(model: Any, weights: list[Any]) -> None:
+    """Say once per process what ``InfluenceModel(model)`` watches, where the original Influenciae watched less.
+
+    The original's ``InfluenceModel(model)`` watched only the last layer with weights before the output layer; code
+    moved over unchanged would silently compute influence over other weights. Nothing is said when both rules pick
+    the same weights (one weighted layer) or when the caller chose the weights (any of ``start_layer``,
+    ``last_layer``, ``weights_to_watch``).
+    """
+    global _DEFAULT_WATCH_WARNED
+    if _DEFAULT_WATCH_WARNED:
+        return
+    layers = list(model.layers)
+    original = original_default_layer(layers)
+    if original is None:
+        return
+    original_ids = {id(variable_tensor(weight)) for weight in layers[original].trainable_weights}
+    if {id(variable_tensor(weight)) for weight in weights} == original_ids:
+        return
+    _DEFAULT_WATCH_WARNED = True
+    watched = sum(int(np.prod(variable_tensor(w).shape)) for w in weights)
+    original_count = sum(int(np.prod(variable_tensor(w).shape)) for w in layers[original].trainable_weights)
+    warnings.warn(
+        f"InfluenceModel(model) watches every trainable weight ({watched:,} parameters). Code written for the "
+        f"original Influenciae watched only layer {original} ({layers[original].name!r}, {original_count:,} "
+        "parameters) there: build it with influenciae.compat.original_influence_model(model) for that selection. "
+        "Choosing the weights (start_layer=, last_layer= or weights_to_watch=; last_layer=-1 means all of them) "
+        "silences this warning, which is shown once per process.",
+        MigrationWarning,
+        stacklevel=3,
+    )
+
+
+MigrationWarning.__module__ = "influenciae.model"  # its documented canonical path
