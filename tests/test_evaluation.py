@@ -138,7 +138,7 @@ def test_report_sections_are_pluggable_and_failures_do_not_lose_the_page(tmp_pat
 
 
 def test_full_batch_trainer_reaches_the_optimum_and_warm_starts():
-    from influenciae.evaluation.report import FullBatchTrainer, per_example_loss
+    from influenciae.evaluation.problems import FullBatchTrainer, per_example_loss
 
     rng = np.random.default_rng(0)
     inputs = rng.standard_normal((60, 3))

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from influenciae._backend import keras
 from influenciae.evaluation.mislabeling import flip_labels
+from influenciae.evaluation.problems import digits
 from influenciae.hessian.registry import registered_solvers
 
 __all__ = ["DemoConfig", "NoisyDigits", "load_noisy_digits", "build_model"]
@@ -150,15 +151,12 @@ def load_noisy_digits(
         train_size: Keep only this many training examples (a random subset), e.g. for quick tests.
     """
     try:
-        from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as error:
         raise ImportError(
             "The demo loads scikit-learn's bundled digits; install it with `pip install scikit-learn`."
         ) from error
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]
-    labels = digits.target.astype(np.int64)
+    images, labels = digits("images")
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=test_fraction, random_state=seed, stratify=labels
     )

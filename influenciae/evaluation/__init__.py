@@ -1,5 +1,11 @@
 """Evaluation harnesses: mislabeled-sample detection, leave-one-out retraining and the linear datamodeling score."""
 
+from influenciae.evaluation.evaluators import (
+    LeaveOneOutEvaluator,
+    LeaveOneOutReport,
+    LinearDatamodelingEvaluator,
+    LinearDatamodelingReport,
+)
 from influenciae.evaluation.mislabeling import (
     DetectionResult,
     EvaluationReport,
@@ -11,11 +17,7 @@ from influenciae.evaluation.mislabeling import (
     roc_auc,
 )
 from influenciae.evaluation.retraining import (
-    LeaveOneOutEvaluator,
-    LeaveOneOutReport,
     LeaveOneOutResult,
-    LinearDatamodelingEvaluator,
-    LinearDatamodelingReport,
     LinearDatamodelingResult,
     datamodeling_correlations,
     leave_one_out,
