@@ -7,9 +7,15 @@ A calculator defines
 * ``_inner(transforms [m, D], vectors [n, D]) -> [m, n]``: the score between them (a dot product by default),
 
 and :class:`BaseInfluenceCalculator` derives self-influence, influence matrices, streaming batches of scores, caching
-(memory, disk, none) and top-k through pluggable neighbour strategies. Training examples are always named by their
-index in the training dataset's iteration order. Nothing here holds ``N_test × N_train`` scores except the eager
-:meth:`~BaseInfluenceCalculator.influence_matrix`, whose result is that matrix.
+(memory, disk, none) and top-k through pluggable neighbour strategies. Optional hooks: ``_contexts`` (checkpoints or
+ensemble members the scores sum over, :mod:`influenciae.influence._contexts`), ``_test_side_scores`` (the inverse
+carried by the test side), ``_batch_check`` (what the first batch of a dataset is checked against).
+
+Each public method validates its datasets once (:meth:`BaseInfluenceCalculator._stream`: structure, first batch)
+and hands the internals an :class:`~influenciae.data.IndexedStream`; every pass runs the in-graph checks, and a
+failed check is the library's ``ValueError`` naming the batch, also when it is raised while iterating a returned
+dataset. Training examples are always named by their index in the training dataset's iteration order. Nothing here
+holds ``N_test × N_train`` scores except the eager :meth:`~BaseInfluenceCalculator.influence_matrix`.
 """
 
 from __future__ import annotations
@@ -22,23 +28,28 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from influenciae._backend import tf
-from influenciae.cache import DiskCache, ShardInput, combine_hashes, fill_cache, fingerprint_arrays, hash_batch
+from influenciae.cache import DiskCache, fingerprint_arrays
+from influenciae.cache.fingerprint import model_identity
+from influenciae.cache.shards import fill_vector_cache, read_vector_cache
 from influenciae.data import (
+    IndexedStream,
     check_dataset,
-    check_stable_order,
+    check_first_batch,
     checked_iteration,
     sparse_classes,
+    stream_dataset,
     with_checks,
     with_indices,
 )
-from influenciae.cache.fingerprint import model_identity
+from influenciae.influence._contexts import TRANSFORMS, VECTORS, Contexts, context_self_influence, context_values
 from influenciae.model import InfluenceModel
-from influenciae.search import NearestNeighbors, get_nearest_neighbors, merge_top_k
+from influenciae.search import NearestNeighbors, StreamingTopK, TopK, get_nearest_neighbors
 from influenciae.types import CACHE, ORDER
 
 __all__ = ["BaseInfluenceCalculator"]
 
 Block = tuple[tf.Tensor, tf.Tensor]  # (training indices [n] int64, vectors [n, D])
+Pair = tuple[tf.Tensor, Any]  # (indices [B] int64, batch)
 
 
 class BaseInfluenceCalculator(abc.ABC):
@@ -49,8 +60,9 @@ class BaseInfluenceCalculator(abc.ABC):
         show_progress: Show a tqdm bar (batches, examples and rates) on every pass over a dataset.
         batches_per_shard: Training batches per shard of the disk cache (the unit of resumption).
 
-    Subclasses implement :meth:`_influence_vectors` and :meth:`_transforms`, may override :meth:`_inner` and
-    :meth:`_self_influence`, and describe their settings in :meth:`_configuration` (stored in disk-cache manifests).
+    Subclasses implement :meth:`_influence_vectors` and :meth:`_transforms`, may override :meth:`_inner`,
+    :meth:`_self_influence`, :meth:`_contexts`, :meth:`_test_side_scores` and :meth:`_batch_check`, and describe
+    their settings in :meth:`_configuration` (stored in disk-cache manifests).
     """
 
     method_name: ClassVar[str] = "base"
@@ -58,6 +70,9 @@ class BaseInfluenceCalculator(abc.ABC):
     infinite_results_allowed: ClassVar[bool] = False
     #: Default directory of the disk cache, used when ``CACHE.DISK`` or ``compute_influence_vector`` get no path.
     cache_dir: str | None = None
+    #: Which side carries ``H⁻¹`` in :meth:`influence_matrix`: ``"training"`` (influence vectors, cacheable) or
+    #: ``"test"`` (influence factors through :meth:`_test_side_scores`: one solve per test example).
+    inverse_side: str = "training"
 
     def __init__(self, model: InfluenceModel, *, show_progress: bool = False, batches_per_shard: int = 16) -> None:
         if not isinstance(model, InfluenceModel):
@@ -105,6 +120,33 @@ class BaseInfluenceCalculator(abc.ABC):
         """
         return 1
 
+    def _contexts(self) -> Contexts | None:
+        """The contexts the scores sum over (checkpoints, ensemble members), or ``None`` (one model).
+
+        When switching contexts is expensive (``Contexts.expensive``: a checkpoint read from disk), every pass
+        goes context by context over blocks of ``Contexts.batches_per_load`` batches (a disk-cache shard, or the
+        whole pass for self-influence), so no context is loaded per batch. See :mod:`influenciae.influence._contexts`.
+        """
+        return None
+
+    def _test_side_scores(self, test: IndexedStream) -> Callable[[Any], tf.Tensor]:
+        """With ``inverse_side == "test"``: a function scoring a training batch against every test example.
+
+        A calculator that can precondition the test side (query batching, influence factors: one solve per test
+        example, none per training example) returns ``batch -> [N_test, B]``; :meth:`influence_matrix` then scores
+        the training side in one pass, without influence vectors.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no test-side scores: keep inverse_side='training'.")
+
+    def _batch_check(self) -> tuple[Callable[[Any], Any], str] | None:
+        """What the first batch of a dataset is checked against: ``(function, what it computes)``, or ``None``.
+
+        ``None`` (default): :meth:`InfluenceModel.validate_batch`, the model and its loss. Calculators that use no
+        loss (activations, decision boundaries) check the part of the model they run (see
+        :func:`~influenciae.data.check_first_batch`).
+        """
+        return None
+
     # ------------------------------------------------------------------ eager conveniences (numpy, dataset order)
 
     def self_influence(self, train_set: tf.data.Dataset) -> np.ndarray:
@@ -116,7 +158,8 @@ class BaseInfluenceCalculator(abc.ABC):
         Returns:
             Array ``[N_train]``.
         """
-        values = [values.numpy() for _, values in self._self_influence_stream(train_set)]
+        stream = self._stream(train_set, "train_set")
+        values = [values.numpy() for _, _, values in self._self_influence_stream(stream)]
         return _check_finite(
             np.concatenate(values) if values else np.zeros([0]),
             "self_influence",
@@ -144,9 +187,22 @@ class BaseInfluenceCalculator(abc.ABC):
             Array ``[N_test, N_train]``; entry ``(i, j)`` is the score of training example ``j`` on test example
             ``i``.
         """
-        source = self._vector_source(train_set, influence_vector_in_cache, save_influence_vector_ds_path)
+        train = self._stream(train_set, "train_set")
+        test = self._stream(test_set, "test_set")
+        if self.inverse_side == "test":  # one pass over the training set, nothing to cache
+            if save_influence_vector_ds_path is not None or influence_vector_in_cache is CACHE.DISK:
+                raise ValueError(
+                    "With the inverse on the test side (query_rank) the training side is scored in one pass without "
+                    "influence vectors, so there is nothing to cache: drop save_influence_vector_ds_path/CACHE.DISK, "
+                    "or use query_rank=None."
+                )
+            scores = self._test_side_scores(test)
+            columns = [scores(batch).numpy() for _, batch in train.batches(self._bar("scores against the test side"))]
+            matrix = np.concatenate(columns, axis=1) if columns else np.zeros([0, 0])
+            return _check_finite(matrix, "influence_matrix", "test/training")
+        source = self._vector_source(train, influence_vector_in_cache, save_influence_vector_ds_path)
         rows = []
-        for _, transforms in self._transform_stream(test_set):
+        for _, transforms in self._transform_stream(test):
             blocks = [self._inner(transforms, vectors).numpy() for _, vectors in source()]
             rows.append(np.concatenate(blocks, axis=1) if blocks else np.zeros([int(transforms.shape[0]), 0]))
         return _check_finite(
@@ -178,11 +234,10 @@ class BaseInfluenceCalculator(abc.ABC):
         Returns:
             ``(indices [N_test, k] int64, values [N_test, k])`` with training indices in dataset order.
         """
-        search = self._build_search(
-            train_set, nearest_neighbors, influence_vector_in_cache, save_influence_vector_ds_path
-        )
+        train = self._stream(train_set, "train_set")
+        search = self._build_search(train, nearest_neighbors, influence_vector_in_cache, save_influence_vector_ds_path)
         indices, values = [], []
-        for _, transforms in self._transform_stream(test_set):
+        for _, transforms in self._transform_stream(self._stream(test_set, "test_set")):
             block_indices, block_values = search(transforms, k, order)
             indices.append(block_indices.numpy())
             values.append(block_values.numpy())
@@ -201,12 +256,10 @@ class BaseInfluenceCalculator(abc.ABC):
         Returns:
             A dataset of ``(batch, self_influence [B])`` in training order.
         """
-        check_dataset(train_set, name="train_set")
-        self._validate_first_batch(train_set)
+        stream = self._stream(train_set, "train_set")
         signature = (train_set.element_spec, tf.TensorSpec([None], self.model.dtype))
-        return tf.data.Dataset.from_generator(
-            lambda: ((batch, values) for batch, values in self._self_influence_stream(train_set, validate=False)),
-            output_signature=signature,
+        return stream_dataset(
+            lambda: ((batch, values) for _, batch, values in self._self_influence_stream(stream)), signature
         )
 
     def compute_influence_vector(
@@ -233,9 +286,9 @@ class BaseInfluenceCalculator(abc.ABC):
         """
         path = self.cache_dir if save_influence_vector_ds_path is None else save_influence_vector_ds_path
         mode = CACHE.NO_CACHE if path is None else CACHE.DISK
-        source = self._vector_source(train_set, mode, path, overwrite=overwrite)
+        source = self._vector_source(self._stream(train_set, "train_set"), mode, path, overwrite=overwrite)
         signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, None], self.model.dtype))
-        return tf.data.Dataset.from_generator(source, output_signature=signature)
+        return stream_dataset(source, signature)
 
     def estimate_influence_values_in_batches(
         self,
@@ -256,12 +309,12 @@ class BaseInfluenceCalculator(abc.ABC):
             A dataset of ``(test_indices [Bt], train_indices [Bz], values [Bt, Bz])``, test batches in order and,
             within each, training blocks in order. Memory holds one block of scores at a time.
         """
-        source = self._vector_source(train_set, influence_vector_in_cache, save_influence_vector_ds_path)
-        check_dataset(dataset_to_evaluate, name="dataset_to_evaluate")
-        self._validate_first_batch(dataset_to_evaluate)
+        train = self._stream(train_set, "train_set")
+        source = self._vector_source(train, influence_vector_in_cache, save_influence_vector_ds_path)
+        test = self._stream(dataset_to_evaluate, "dataset_to_evaluate")
 
         def generate() -> Iterator[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
-            for test_indices, transforms in self._transform_stream(dataset_to_evaluate, validate=False):
+            for test_indices, transforms in self._transform_stream(test):
                 for train_indices, vectors in source():
                     yield test_indices, train_indices, self._inner(transforms, vectors)
 
@@ -270,7 +323,7 @@ class BaseInfluenceCalculator(abc.ABC):
             tf.TensorSpec([None], tf.int64),
             tf.TensorSpec([None, None], self.model.dtype),
         )
-        return tf.data.Dataset.from_generator(generate, output_signature=signature)
+        return stream_dataset(generate, signature)
 
     def top_k(
         self,
@@ -300,24 +353,23 @@ class BaseInfluenceCalculator(abc.ABC):
         Returns:
             A dataset of ``(test_batch, values [B, k], indices [B, k] int64)``.
         """
-        search = self._build_search(
-            train_set, nearest_neighbors, influence_vector_in_cache, save_influence_vector_ds_path
-        )
-        check_dataset(dataset_to_evaluate, name="dataset_to_evaluate")
-        self._validate_first_batch(dataset_to_evaluate)
+        train = self._stream(train_set, "train_set")
+        search = self._build_search(train, nearest_neighbors, influence_vector_in_cache, save_influence_vector_ds_path)
+        test = self._stream(dataset_to_evaluate, "dataset_to_evaluate")
 
         def generate() -> Iterator[tuple[Any, tf.Tensor, tf.Tensor]]:
-            batches = self._progress(dataset_to_evaluate, "top-k")
-            for batch in batches:
-                indices, values = search(self._transforms(batch), k, order)
-                yield batch, values, indices
+            # the same grouped pass as every other (one load per context and block, not per test batch)
+            for group, transforms in self._evaluate(test.batches(self._bar("top-k")), TRANSFORMS):
+                for (_, batch), part in zip(group, _split_rows(transforms, group), strict=True):
+                    indices, values = search(part, k, order)
+                    yield batch, values, indices
 
         signature = (
             dataset_to_evaluate.element_spec,
             tf.TensorSpec([None, None], self.model.dtype),
             tf.TensorSpec([None, None], tf.int64),
         )
-        return tf.data.Dataset.from_generator(generate, output_signature=signature)
+        return stream_dataset(generate, signature)
 
     def compute_top_k_from_training_dataset(
         self, train_set: tf.data.Dataset, k: int, order: ORDER = ORDER.DESCENDING
@@ -332,14 +384,11 @@ class BaseInfluenceCalculator(abc.ABC):
         Returns:
             ``(indices [k] int64, values [k])``.
         """
-        best: Block | None = None
-        for indices, values in self._self_influence_stream(train_set, with_index=True):
-            candidate = (indices[None], values[None])
-            best = candidate if best is None else merge_top_k(*best, *candidate, k=k, order=order)
-            best = merge_top_k(*best, indices[:0][None], values[:0][None], k=k, order=order)
-        if best is None:
-            raise ValueError("train_set is empty.")
-        return best[0][0], best[1][0]
+        best = TopK(k, order, empty_message="train_set is empty.")
+        for indices, _, values in self._self_influence_stream(self._stream(train_set, "train_set")):
+            best.add(indices[None], values[None])
+        indices, values = best.result()
+        return indices[0], values[0]
 
     # ------------------------------------------------------------------ configuration and caches
 
@@ -351,7 +400,7 @@ class BaseInfluenceCalculator(abc.ABC):
             "nb_params": self.model.nb_params,
             # shapes, not names: Keras names layers per session ("dense_5"), so names would refuse a valid cache
             "weight_shapes": [list(shape) for shape in self.model.weight_shapes],
-            # loss configuration, watched weights (position, shape, values), gradient_dtype: see fingerprint.py
+            # loss configuration, watched weights (position, shape, values), gradient_dtype: see cache/fingerprint.py
             "model": model_identity(self.model),
             **self._configuration(),
         }
@@ -359,21 +408,6 @@ class BaseInfluenceCalculator(abc.ABC):
     def weights_fingerprint(self) -> str:
         """A hash of all the Keras model's weights (a cache made with other weights is refused)."""
         return fingerprint_arrays(weight.numpy() for weight in self.model.model.weights)
-
-    # ------------------------------------------------------------------ internals
-
-    @property
-    def _uses_dot_product(self) -> bool:
-        return type(self)._inner is BaseInfluenceCalculator._inner
-
-    def _progress(self, iterable: Iterable[Any], description: str) -> Iterable[Any]:
-        if not self.show_progress:
-            return iterable
-        return tqdm(iterable, desc=f"{type(self).__name__}: {description}", unit="batch", dynamic_ncols=True)
-
-    def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
-        for batch in dataset.take(1):
-            self.model.validate_batch(batch)
 
     def check_batches(self, dataset: tf.data.Dataset, *, name: str = "dataset") -> None:
         """Run the per-batch input checks over a whole dataset without computing anything.
@@ -393,9 +427,37 @@ class BaseInfluenceCalculator(abc.ABC):
         for _ in checked_iteration(self._checked(dataset), name=name):
             pass
 
-    def _indexed(self, dataset: tf.data.Dataset, name: str, description: str) -> Iterator[tuple[tf.Tensor, Any]]:
+    # ------------------------------------------------------------------ internals: validation once, streams
+
+    @property
+    def _uses_dot_product(self) -> bool:
+        return type(self)._inner is BaseInfluenceCalculator._inner
+
+    def _bar(self, description: str) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
+        """A progress-bar wrapper for a pass, or ``None`` without progress bars."""
+        if not self.show_progress:
+            return None
+        name = type(self).__name__
+        return lambda items: tqdm(items, desc=f"{name}: {description}", unit="batch", dynamic_ncols=True)
+
+    def _stream(self, dataset: tf.data.Dataset, name: str) -> IndexedStream:
+        """Validate ``dataset`` once (structure, first batch against the model) and return its indexed stream."""
         check_dataset(dataset, name=name)
-        yield from checked_iteration(self._progress(self._checked(dataset), description), name=name)
+        validated: dict[int, tf.data.Dataset] = self.__dict__.setdefault("_validated", {})
+        if validated.get(id(dataset)) is not dataset:
+            self._validate_first_batch(dataset)
+            if len(validated) >= _CHECKED_PIPELINES:
+                validated.pop(next(iter(validated)))
+            validated[id(dataset)] = dataset
+        return IndexedStream(dataset, self._checked(dataset), name)
+
+    def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
+        check = self._batch_check()
+        if check is not None:
+            check_first_batch(dataset, *check)
+            return
+        for batch in dataset.take(1):
+            self.model.validate_batch(batch)
 
     def _checked(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
         """The indexed, checked pipeline of ``dataset``, reused for the last few datasets (its map traces once).
@@ -417,141 +479,114 @@ class BaseInfluenceCalculator(abc.ABC):
         """``C`` when the targets are sparse class labels for a ``[B, C]`` output (``C > 1``), else ``None``."""
         return sparse_classes(self.model.model, dataset)
 
-    def _self_influence_stream(
-        self, train_set: tf.data.Dataset, *, validate: bool = True, with_index: bool = False
-    ) -> Iterator[tuple[Any, tf.Tensor]]:
-        check_dataset(train_set, name="train_set")
-        if validate:
-            self._validate_first_batch(train_set)
-        stream = self._indexed(train_set, "train_set", "self-influence")
-        for group in _row_groups(stream, self._solve_block_rows()):
-            if len(group) == 1:
-                indices, batch = group[0]
-                yield (indices if with_index else batch), self._self_influence(batch)
-                continue
+    # ------------------------------------------------------------------ internals: passes
+
+    def _evaluate(self, pairs: Iterable[Pair], side: str, *, whole: bool = False) -> Iterator[tuple[list[Pair], Any]]:
+        """The side's hook (``VECTORS`` or ``TRANSFORMS``) on consecutive groups: ``(group, values of its rows)``.
+
+        Groups hold ``_solve_block_rows()`` examples, or with expensive contexts ``batches_per_load`` batches (all
+        of ``pairs`` when ``whole``), each context activated once per group.
+        """
+        contexts = self._contexts()
+        if contexts is not None and contexts.expensive:
+            for group in _chunks(pairs, None if whole else contexts.batches_per_load):
+                yield group, context_values(self, [batch for _, batch in group], side)
+            return
+        hook = self._influence_vectors if side == VECTORS else self._transforms
+        for group in _row_groups(pairs, self._solve_block_rows()):
+            yield group, hook(_merged_batch(group))
+
+    def _transform_stream(self, test: IndexedStream) -> Iterator[Block]:
+        for group, transforms in self._evaluate(test.batches(self._bar("test transforms")), TRANSFORMS):
+            yield _merged_indices(group), transforms
+
+    def _compute_vectors(self, train: IndexedStream) -> Iterator[Block]:
+        for group, vectors in self._evaluate(train.batches(self._bar("influence vectors")), VECTORS):
+            yield _merged_indices(group), vectors
+
+    def _self_influence_stream(self, train: IndexedStream) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
+        """``(indices [B], batch, self-influence [B])`` per batch of ``train``."""
+        contexts = self._contexts()
+        if contexts is not None and contexts.expensive:
+            yield from context_self_influence(self, train, self._bar)
+            return
+        for group in _row_groups(train.batches(self._bar("self-influence")), self._solve_block_rows()):
             # one solve for the whole block (iterative solvers pay per call), values handed back per batch
-            values = self._self_influence(_concat_structures([batch for _, batch in group]))
-            sizes = [int(tf.shape(indices)[0]) for indices, _ in group]
-            for (indices, batch), part in zip(group, tf.split(values, sizes), strict=True):
-                yield (indices if with_index else batch), part
-
-    def _transform_stream(
-        self, test_set: tf.data.Dataset, *, validate: bool = True
-    ) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
-        check_dataset(test_set, name="test_set")
-        if validate:
-            self._validate_first_batch(test_set)
-        for indices, batch in _merged_rows(
-            self._indexed(test_set, "test_set", "test transforms"), self._solve_block_rows()
-        ):
-            yield indices, self._transforms(batch)
-
-    def _compute_vectors(self, train_set: tf.data.Dataset) -> Iterator[Block]:
-        stream = self._indexed(train_set, "train_set", "influence vectors")
-        for indices, batch in _merged_rows(stream, self._solve_block_rows()):
-            yield indices, self._influence_vectors(batch)
+            values = self._self_influence(_merged_batch(group))
+            for (indices, batch), part in zip(group, _split_rows(values, group), strict=True):
+                yield indices, batch, part
 
     def _vector_source(
         self,
-        train_set: tf.data.Dataset,
+        train: IndexedStream,
         mode: CACHE,
         path: str | None,
         *,
         overwrite: bool = False,
     ) -> Callable[[], Iterator[Block]]:
         """A re-iterable over the training vectors, per the cache mode (the work is done here, eagerly)."""
-        check_dataset(train_set, name="train_set")
         if not isinstance(mode, CACHE):
             raise TypeError(f"influence_vector_in_cache must be a CACHE member, got {mode!r}.")
-        self._validate_first_batch(train_set)
         if mode is CACHE.NO_CACHE:
-            return lambda: self._compute_vectors(train_set)
+            return lambda: self._compute_vectors(train)
         if mode is CACHE.MEMORY:
-            blocks = list(self._compute_vectors(train_set))
+            blocks = list(self._compute_vectors(train))
             return lambda: iter(blocks)
         path = self.cache_dir if path is None else path
         if path is None:
             raise ValueError("CACHE.DISK needs a directory: pass save_influence_vector_ds_path=...")
         configuration, fingerprint = self.configuration(), self.weights_fingerprint()
         cache = DiskCache(path, configuration=configuration, weights_fingerprint=fingerprint, overwrite=overwrite)
-        self._fill_disk_cache(cache, train_set)
+        description = f"influence vectors ({self.batches_per_shard} batches/shard)"
+        fill_vector_cache(cache, train, self._shard_vectors, self.batches_per_shard, self._bar(description))
+        return lambda: read_vector_cache(cache)
 
-        def read() -> Iterator[Block]:
-            for _, arrays in cache.iter_shards():
-                yield tf.constant(arrays["indices"]), tf.constant(arrays["vectors"])
-
-        return read
-
-    def _fill_disk_cache(self, cache: DiskCache, train_set: tf.data.Dataset) -> None:
-        """Compute the missing shards; every cached shard's input hash, rows and file checksum is checked."""
-        check_stable_order(train_set, name="train_set")
-
-        def shards() -> Iterator[ShardInput]:
-            checked = self._checked(train_set)
-            groups = _shard_groups(checked_iteration(checked, name="train_set"), self.batches_per_shard)
-            for shard_id, group in self._progress(
-                groups, f"influence vectors ({self.batches_per_shard} batches/shard)"
-            ):
-                indices = np.concatenate([index.numpy() for index, _ in group])
-
-                def compute(group: list[tuple[Any, Any]] = group, indices: np.ndarray = indices) -> dict[str, Any]:
-                    return {"indices": indices, "vectors": self._shard_influence_vectors(group)}
-
-                input_hash = combine_hashes(hash_batch(batch) for _, batch in group)
-                yield ShardInput(shard_id, int(indices[0]), int(indices.size), input_hash, compute)
-
-        fill_cache(cache, shards())
-
-    def _shard_influence_vectors(self, group: list[tuple[tf.Tensor, Any]]) -> np.ndarray:
-        """Influence vectors ``[rows, D]`` of one disk-cache shard (a list of ``(indices, batch)``).
-
-        Calculators whose per-batch work has an expensive set-up (e.g. loading checkpoints) override this to do the
-        set-up once per shard instead of once per batch.
-        """
-        blocks = _merged_rows(group, self._solve_block_rows())  # the same blocks as the in-memory path
-        return np.concatenate([self._influence_vectors(batch).numpy() for _, batch in blocks])
+    def _shard_vectors(self, group: list[Pair]) -> np.ndarray:
+        """Influence vectors ``[rows, D]`` of one disk-cache shard: the in-memory blocks, one load per context."""
+        return np.concatenate([vectors.numpy() for _, vectors in self._evaluate(group, VECTORS, whole=True)])
 
     def _build_search(
         self,
-        train_set: tf.data.Dataset,
+        train: IndexedStream,
         nearest_neighbors: str | NearestNeighbors | None,
         mode: CACHE,
         path: str | None,
     ) -> Callable[[tf.Tensor, int, ORDER], Block]:
         """A function ``(transforms [m, D], k, order) -> (indices [m, k], values [m, k])`` over the training set."""
-        source = self._vector_source(train_set, mode, path)
+        source = self._vector_source(train, mode, path)
         if not self._uses_dot_product:
             if nearest_neighbors is not None:
                 raise ValueError(
                     f"{type(self).__name__} scores with its own similarity, so neighbour strategies (which rank by "
                     "dot product) do not apply; leave nearest_neighbors=None."
                 )
-            return lambda transforms, k, order: self._brute_force_top_k(source, transforms, k, order)
-        if nearest_neighbors is None:
-            nearest_neighbors = "linear" if mode is CACHE.MEMORY else "streaming"
-        strategy = get_nearest_neighbors(nearest_neighbors)
+            strategy: NearestNeighbors = StreamingTopK(score=self._inner)  # brute force over the calculator's score
+        else:
+            if nearest_neighbors is None:
+                nearest_neighbors = "linear" if mode is CACHE.MEMORY else "streaming"
+            strategy = get_nearest_neighbors(nearest_neighbors)
         strategy.build(source)
-        return lambda transforms, k, order: strategy.query(transforms, k, order)
-
-    def _brute_force_top_k(
-        self, source: Callable[[], Iterator[Block]], transforms: tf.Tensor, k: int, order: ORDER
-    ) -> Block:
-        best: Block | None = None
-        for indices, vectors in source():
-            scores = self._inner(transforms, vectors)
-            candidate = (tf.tile(indices[None], [tf.shape(scores)[0], 1]), scores)
-            best = candidate if best is None else merge_top_k(*best, *candidate, k=k, order=order)
-        if best is None:
-            raise ValueError("train_set is empty.")
-        return merge_top_k(*best, best[0][:, :0], best[1][:, :0], k=k, order=order)
+        return strategy.query
 
 
-_CHECKED_PIPELINES = 4  # datasets whose checked pipeline a calculator keeps (see _checked)
+_CHECKED_PIPELINES = 4  # datasets whose checked pipeline (and first-batch check) a calculator keeps
 
 
-def _row_groups(stream: Iterable[tuple[tf.Tensor, Any]], rows: int) -> Iterator[list[tuple[tf.Tensor, Any]]]:
+def _chunks(items: Iterable[Pair], size: int | None) -> Iterator[list[Pair]]:
+    """Consecutive groups of ``size`` items (all of them in one group when ``size`` is None)."""
+    group: list[Pair] = []
+    for item in items:
+        group.append(item)
+        if size is not None and len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _row_groups(stream: Iterable[Pair], rows: int) -> Iterator[list[Pair]]:
     """Consecutive ``(indices, batch)`` pairs grouped until a group holds at least ``rows`` examples (1: one each)."""
-    group: list[tuple[tf.Tensor, Any]] = []
+    group: list[Pair] = []
     count = 0
     for indices, batch in stream:
         group.append((indices, batch))
@@ -563,30 +598,22 @@ def _row_groups(stream: Iterable[tuple[tf.Tensor, Any]], rows: int) -> Iterator[
         yield group
 
 
-def _merged_rows(stream: Iterable[tuple[tf.Tensor, Any]], rows: int) -> Iterator[tuple[tf.Tensor, Any]]:
-    """:func:`_row_groups` with each group concatenated into one ``(indices, batch)``."""
-    for group in _row_groups(stream, rows):
-        if len(group) == 1:
-            yield group[0]
-        else:
-            yield tf.concat([indices for indices, _ in group], axis=0), _concat_structures([b for _, b in group])
+def _merged_indices(group: list[Pair]) -> tf.Tensor:
+    return group[0][0] if len(group) == 1 else tf.concat([indices for indices, _ in group], axis=0)
 
 
-def _concat_structures(batches: list[Any]) -> Any:
-    """Batches of one dataset (same nested structure) concatenated along the example axis."""
-    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+def _merged_batch(group: list[Pair]) -> Any:
+    """The group's batches (same nested structure) concatenated along the example axis."""
+    if len(group) == 1:
+        return group[0][1]
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *[batch for _, batch in group])
 
 
-def _shard_groups(indexed: tf.data.Dataset, batches_per_shard: int) -> Iterator[tuple[int, list[tuple[Any, Any]]]]:
-    group: list[tuple[Any, Any]] = []
-    shard_id = 0
-    for indices, batch in indexed:
-        group.append((indices, batch))
-        if len(group) == batches_per_shard:
-            yield shard_id, group
-            shard_id, group = shard_id + 1, []
-    if group:
-        yield shard_id, group
+def _split_rows(values: tf.Tensor, group: list[Pair]) -> list[tf.Tensor]:
+    """Values of a group's rows handed back per batch."""
+    if len(group) == 1:
+        return [values]
+    return tf.split(values, [int(tf.shape(indices)[0]) for indices, _ in group])
 
 
 def _check_finite(values: np.ndarray, method: str, kind: str, *, allow_infinite: bool = False) -> np.ndarray:

@@ -219,8 +219,9 @@ def per_layer_influence(calculator: Any, test_set: Any, train_set: Any, *, by: s
             raise ValueError(
                 "Projected TRAK features mix every parameter, so they do not split by layer: use projection_dim=None."
             )
-        transforms = np.concatenate([t.numpy() for _, t in calculator._transform_stream(test_set)])
-        vectors = np.concatenate([v.numpy() for _, v in calculator._compute_vectors(train_set)])
+        test, train = calculator._stream(test_set, "test_set"), calculator._stream(train_set, "train_set")
+        transforms = np.concatenate([t.numpy() for _, t in calculator._transform_stream(test)])
+        vectors = np.concatenate([v.numpy() for _, v in calculator._compute_vectors(train)])
         size = calculator.model.nb_params
         per_checkpoint = [
             _split(transforms[:, m * size : (m + 1) * size], vectors[:, m * size : (m + 1) * size], blocks)

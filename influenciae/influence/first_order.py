@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, hash_batch
-from influenciae.data import check_dataset
+from influenciae.data import IndexedStream, check_dataset
 from influenciae.hessian import InverseHessianVectorProduct, resolve_solver
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
-from influenciae.types import CACHE
 
 _SOLVE_BLOCK_BYTES = 64 * 2**20  # right-hand sides solved together (see _solve_block_rows)
 
@@ -209,6 +209,8 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
                     "does not allow. Use normalize=False, or query_rank=None."
                 )
         self.query_rank = query_rank
+        #: Which side carries H⁻¹ in influence matrices: "training" (influence vectors) or "test" (factors).
+        self.inverse_side = "training" if query_rank is None else "test"
         self.ihvp = build_ihvp(
             model,
             dataset,
@@ -269,39 +271,20 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
             Array ``[N_test, P]``.
         """
         self._require_unnormalized("compute_influence_factors")
-        factors = [self.ihvp.solve(transforms).numpy() for _, transforms in self._transform_stream(test_set)]
+        return self._factors(self._stream(test_set, "test_set"))
+
+    def _factors(self, test: IndexedStream) -> np.ndarray:
+        factors = [self.ihvp.solve(transforms).numpy() for _, transforms in self._transform_stream(test)]
         return np.concatenate(factors) if factors else np.zeros([0, self.model.nb_params])
 
-    def influence_matrix(
-        self,
-        test_set: tf.data.Dataset,
-        train_set: tf.data.Dataset,
-        *,
-        influence_vector_in_cache: CACHE = CACHE.MEMORY,
-        save_influence_vector_ds_path: str | None = None,
-    ) -> np.ndarray:
-        """Pairwise scores ``[N_test, N_train]``; see :meth:`BaseInfluenceCalculator.influence_matrix`.
-
-        With ``query_rank`` set, the scores come from the rank-``query_rank`` compression of the test examples'
-        influence factors and one pass over ``train_set`` (:meth:`influence_from_factors`); no training influence
-        vector is computed, so the cache options do not apply.
-        """
-        if self.query_rank is None:
-            return super().influence_matrix(
-                test_set,
-                train_set,
-                influence_vector_in_cache=influence_vector_in_cache,
-                save_influence_vector_ds_path=save_influence_vector_ds_path,
-            )
-        if save_influence_vector_ds_path is not None or influence_vector_in_cache is CACHE.DISK:
-            raise ValueError(
-                "With query_rank the training side is scored in one pass without influence vectors, so there is "
-                "nothing to cache: drop save_influence_vector_ds_path/CACHE.DISK, or use query_rank=None."
-            )
-        factors = self.compute_influence_factors(test_set)
+    def _test_side_scores(self, test: IndexedStream) -> Callable[[Any], tf.Tensor]:
+        """With ``query_rank`` (``inverse_side == "test"``): the rank-``query_rank`` compression of the test examples'
+        influence factors scores each training batch (:meth:`influence_from_factors`); no training influence
+        vector is computed, so :meth:`influence_matrix`'s cache options do not apply."""
+        factors = self._factors(test)
         if factors.shape[0] == 0:
-            return np.zeros([0, 0])
-        return self.influence_from_factors(compress_factors(factors, self.query_rank), train_set)
+            return lambda batch: tf.zeros([0, 0], self.model.dtype)
+        return self._low_rank_scores(compress_factors(factors, cast(int, self.query_rank)))
 
     def influence_from_factors(self, factors: Any, train_set: tf.data.Dataset) -> np.ndarray:
         """Scores of training examples against precomputed influence factors (one gradient pass, no solve).
@@ -325,28 +308,29 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         factors = tf.convert_to_tensor(np.asarray(factors), dtype=self.model.dtype)
         if factors.shape.rank != 2 or factors.shape[1] != self.model.nb_params:
             raise ValueError(f"factors must have shape [m, {self.model.nb_params}], got {factors.shape}.")
-        check_dataset(train_set, name="train_set")
-        self._validate_first_batch(train_set)
         blocks = [
             tf.matmul(factors, gradients, transpose_b=True).numpy()
-            for _, gradients in self._stream(train_set, self.model.batch_jacobian_tensor, "gradients")
+            for gradients in self._scores_pass(train_set, self.model.batch_jacobian_tensor, "gradients")
         ]
         return np.concatenate(blocks, axis=1) if blocks else np.zeros([int(factors.shape[0]), 0])
 
     def _influence_from_low_rank(self, factors: LowRankFactors, train_set: tf.data.Dataset) -> np.ndarray:
+        scores = self._low_rank_scores(factors)
+        blocks = [block.numpy() for block in self._scores_pass(train_set, scores, "gradients (low-rank queries)")]
+        return np.concatenate(blocks, axis=1) if blocks else np.zeros([int(factors.coefficients.shape[0]), 0])
+
+    def _low_rank_scores(self, factors: LowRankFactors) -> Callable[[Any], tf.Tensor]:
+        """``batch -> [m, B]`` scores of a training batch against rank-``r`` factors (``[B, P] × [P, r]`` first)."""
         directions = tf.constant(factors.directions, dtype=self.model.dtype)  # [r, P]
         coefficients = tf.constant(factors.coefficients, dtype=self.model.dtype)  # [m, r]
         if directions.shape[1] != self.model.nb_params:
             raise ValueError(f"factors live in {directions.shape[1]} parameters, the model has {self.model.nb_params}.")
-        check_dataset(train_set, name="train_set")
-        self._validate_first_batch(train_set)
 
         def scores(batch: Any) -> tf.Tensor:
             coordinates = tf.matmul(self.model.batch_jacobian_tensor(batch), directions, transpose_b=True)  # [B, r]
             return tf.matmul(coefficients, coordinates, transpose_b=True)  # [m, B]
 
-        blocks = [block.numpy() for _, block in self._stream(train_set, scores, "gradients (low-rank queries)")]
-        return np.concatenate(blocks, axis=1) if blocks else np.zeros([int(coefficients.shape[0]), 0])
+        return scores
 
     def save_influence_factors(self, factors: np.ndarray, path: str, test_set: tf.data.Dataset) -> None:
         """Save factors atomically with this calculator's configuration and the model's weight fingerprint."""
@@ -389,15 +373,15 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         factors = tf.constant(self.compute_influence_factors(test_set), dtype=self.model.dtype)
         blocks = [
             perturbation.numpy()
-            for _, perturbation in self._stream(
+            for perturbation in self._scores_pass(
                 train_set, lambda batch: self.model.batch_perturbation(batch, factors), "perturbation"
             )
         ]
         return np.concatenate(blocks, axis=1)
 
-    def _stream(self, dataset: tf.data.Dataset, function: Any, description: str) -> Any:
-        for indices, batch in self._indexed(dataset, "train_set", description):
-            yield indices, function(batch)
+    def _scores_pass(self, train_set: tf.data.Dataset, function: Callable[[Any], Any], description: str) -> Any:
+        for _, batch in self._stream(train_set, "train_set").batches(self._bar(description)):
+            yield function(batch)
 
     def _measurement_configuration(self) -> dict[str, Any]:
         # factors depend on the measurement; training-side vectors do not, so only factor caches record it

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from influenciae._backend import tf
-from influenciae.data import batch_size_of, check_first_batch, unpack_batch
+from influenciae.data import batch_size_of, unpack_batch
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel
 from influenciae.model.graph import as_influence_model, layer_outputs_model
@@ -147,9 +147,9 @@ class SimilarityInfluence(BaseInfluenceCalculator):
 
     # ------------------------------------------------------------------ engine overrides
 
-    def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
+    def _batch_check(self) -> tuple[Callable[[Any], Any], str]:
         # No loss is involved, so the batch is checked against the activation extractor rather than the loss.
-        check_first_batch(dataset, self.activations, f"the activations of layers {self.layer_indices}")
+        return self.activations, f"the activations of layers {self.layer_indices}"
 
     # ------------------------------------------------------------------ internals
 

@@ -372,9 +372,8 @@ class TrakCalculator(BaseInfluenceCalculator):
         """Cholesky factors of the kernels, from one pass over the training set (computed once)."""
         if self._factors is not None:
             return self._factors
-        self._validate_first_batch(self.train_set)
         kernels: dict[int, tf.Tensor] = {}
-        for batch in self._progress(self.train_set, "TRAK kernel"):
+        for _, batch in self._stream(self.train_set, "train_set").batches(self._bar("TRAK kernel")):
             inputs, targets, weights = _split(batch, self.model.dtype)
             for m in range(self.num_checkpoints):
                 features = self._features(m, inputs, targets)
