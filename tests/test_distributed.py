@@ -396,6 +396,50 @@ def test_solver_state_preconditioners_factors_and_files(tmp_path):
     del tf
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options"), [("tracin", {"learning_rate": 0.5}), ("trak", {"projection_dim": 8, "seed": 3})]
+)
+def test_a_worker_scores_shards_as_one_process_does(trained, tmp_path, method, options):
+    """A scoring worker's calculator (built from files) scores shuffled shards of records as one process does."""
+    import tensorflow as tf
+
+    from influenciae.distributed.kernels import shard_scorer
+    from influenciae.distributed.records import decode_records, read_tfrecords, write_sharded_tfrecords
+    from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
+    from influenciae.model.loading import load_model, named_loss
+
+    model_path, _ = trained
+    (x, y), (x_test, y_test) = _data()
+    write_sharded_tfrecords(tmp_path / "train", x, y, num_shards=3)
+    write_sharded_tfrecords(tmp_path / "test", x_test, y_test, num_shards=1, prefix="test")
+    train_pattern, test_pattern = str(tmp_path / "train" / "*.tfrecord"), str(tmp_path / "test" / "*.tfrecord")
+    train = read_tfrecords(train_pattern, batch_size=BATCH_SIZE)
+    test = read_tfrecords(test_pattern, batch_size=BATCH_SIZE)
+    loss = named_loss("sparse_categorical_crossentropy", from_logits=True)  # the saved model is not compiled
+    setup = CalculatorSetup(load_model(model_path, compile=False), train, loss, CalculatorOptions(**options))
+    calculator = build_calculator(method, setup)
+    expected = {"self_influence": calculator.self_influence(train), "top_k": calculator.influence_matrix(test, train)}
+    assert np.all(np.isfinite(expected["top_k"])) and np.ptp(expected["self_influence"]) > 0
+
+    records = [record.numpy() for record in tf.data.TFRecordDataset(sorted(map(str, (tmp_path / "train").iterdir())))]
+    order = np.random.default_rng(0).permutation(NUM_TRAIN)
+    bundles = [[records[i] for i in order[start : start + 7]] for start in range(0, NUM_TRAIN, 7)]  # any bundling
+    for mode in ("self_influence", "top_k"):
+        score = shard_scorer(
+            mode, str(model_path), train_pattern, method=method, options=options, test_pattern=test_pattern,
+            loss="sparse_categorical_crossentropy", from_logits=True, batch_size=BATCH_SIZE,
+        )  # fmt: skip
+        actual = np.zeros_like(expected[mode])
+        for bundle in bundles:
+            indices, batch = decode_records(bundle)
+            if mode == "self_influence":
+                actual[indices] = score(batch)["self_influence"]
+            else:
+                actual[:, indices] = score(batch)["scores"]
+        np.testing.assert_allclose(actual, expected[mode], rtol=1e-9, atol=1e-12 * np.max(np.abs(expected[mode])))
+
+
 # ---------------------------------------------------------------------- strategies in subprocesses
 
 

@@ -284,3 +284,52 @@ def test_score_command_saves_the_state_and_reuses_it(problem, tmp_path, capsys):
     assert "solver state reused" in second and '"status": "scored"' in second
     assert (tmp_path / "state.npz").stat().st_mtime_ns == state_written
     np.testing.assert_array_equal(read_scoring_output(str(tmp_path / "scores"))["top_k_indices"], problem["top_k"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options", "workers"),
+    [("tracin", ["--learning-rate", "0.5"], "2"), ("trak", ["--projection-dim", "8", "--seed", "3"], "1")],
+)
+def test_score_command_runs_tracin_and_trak_as_one_process(problem, tmp_path, capsys, method, options, workers):
+    """``influenciae score --method tracin|trak``: each worker builds the calculator; scores equal one process."""
+    import argparse
+
+    from influenciae.distributed import cli
+    from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
+    from influenciae.model.loading import load_model
+
+    directory = problem["directory"]
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    common = [
+        "--model", str(directory / "model.keras"),
+        "--train", str(directory / "train" / "train-*.tfrecord"),
+        "--test", str(directory / "test" / "test-*.tfrecord"),
+        "--method", method, *options, "--damping", "0", "-k", str(K), "--batch-size", "16",
+        "--num-workers", workers,
+    ]  # fmt: skip
+    settings = {"learning_rate": 0.5} if method == "tracin" else {"projection_dim": 8, "seed": 3}
+    setup = CalculatorSetup(
+        load_model(directory / "model.keras"), problem["train"], None, CalculatorOptions(damping=0.0, **settings)
+    )
+    calculator = build_calculator(method, setup)
+    scores = calculator.influence_matrix(problem["test"], problem["train"])
+    self_influence = calculator.self_influence(problem["train"])
+    top_indices, top_values = calculator.most_influential(problem["test"], problem["train"], k=K)
+
+    assert cli.run(parser.parse_args([*common, "--output", str(tmp_path / "top_k"), "--mode", "top_k"])) == 0
+    result = read_scoring_output(str(tmp_path / "top_k"))
+    assert result["manifest"]["job"]["method"] == method and result["manifest"]["job"]["state_path"] is None
+    np.testing.assert_array_equal(result["indices"], np.arange(NUM_TRAIN))
+    assert _relative_error(result["scores"], scores) <= 1e-9
+    np.testing.assert_array_equal(result["top_k_indices"], top_indices)
+    np.testing.assert_allclose(result["top_k_values"], top_values, rtol=1e-9)
+
+    argv = [*common, "--output", str(tmp_path / "self"), "--mode", "self_influence"]
+    assert cli.run(parser.parse_args(argv)) == 0
+    result = read_scoring_output(str(tmp_path / "self"))
+    assert _relative_error(result["self_influence"], self_influence) <= 1e-9
+    expected = np.lexsort((np.arange(NUM_TRAIN), -self_influence))[:K]
+    np.testing.assert_array_equal(result["top_k_indices"][0], expected)
+    assert "solver state" not in capsys.readouterr().out  # no solver state: the calculator is the method's

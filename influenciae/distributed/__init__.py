@@ -1,6 +1,7 @@
-"""Beyond one machine: engine-free kernels, ``tf.distribute`` Hessian products and an Apache Beam scoring pipeline.
+"""Beyond one machine: per-shard kernels, ``tf.distribute`` Hessian products and an Apache Beam scoring pipeline.
 
-* :mod:`~influenciae.distributed.kernels`: the per-shard work (HVP sums, scores, exact top-k merges), no engine.
+* :mod:`~influenciae.distributed.kernels`: the per-shard work (HVP sums, exact top-k merges, and the worker's
+  calculator: :func:`shard_scorer` builds it once, :func:`score_shard` hands it each batch).
 * :mod:`~influenciae.distributed.strategy`: :class:`DistributedHessianOperator` and :func:`distributed_ihvp` run
   the phases that sum over the whole dataset (CG, LiSSA, Arnoldi, exact Hessians) on a ``tf.distribute`` strategy.
 * :mod:`~influenciae.distributed.state`: :class:`SolverState`, the saved summary of a solver that scoring workers
@@ -19,9 +20,11 @@ from influenciae.distributed.kernels import (
     merge_candidates,
     score_batch,
     score_block,
+    score_shard,
     self_scores,
+    shard_scorer,
 )
-from influenciae.distributed.state import SolverState, model_fingerprint
+from influenciae.distributed.state import SavedSolver, SolverState, model_fingerprint
 from influenciae.distributed.strategy import (
     DistributedHessianOperator,
     Sharding,
@@ -33,6 +36,7 @@ from influenciae.distributed.strategy import (
 __all__ = [
     "SCORING_MODES",
     "DistributedHessianOperator",
+    "SavedSolver",
     "Sharding",
     "SolverState",
     "block_candidates",
@@ -45,5 +49,7 @@ __all__ = [
     "model_fingerprint",
     "score_batch",
     "score_block",
+    "score_shard",
     "self_scores",
+    "shard_scorer",
 ]

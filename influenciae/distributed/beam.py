@@ -88,7 +88,8 @@ class ScoringJob:
     Attributes:
         input_pattern: Glob of the training TFRecord files (records with an ``index``).
         model_path: The saved ``.keras`` model.
-        state_path: The saved :class:`~influenciae.distributed.state.SolverState`.
+        state_path: The saved :class:`~influenciae.distributed.state.SolverState` (first-order influence through
+            its preconditioner or test factors), or None to score with the registered ``method``.
         output_dir: Where the parts, the top-k and the manifest go.
         mode: ``"vectors"``, ``"self_influence"`` or ``"top_k"``.
         k: Training examples kept per test example (``top_k``) or in total (``self_influence``).
@@ -97,11 +98,16 @@ class ScoringJob:
         loss: ``None`` for the model's compiled loss, or a Keras loss name (e.g.
             ``"sparse_categorical_crossentropy"``).
         from_logits: With a named cross-entropy loss: whether the model outputs logits.
+        method: Without a state: the registered calculator method each worker builds (``"tracin"``, ``"trak"``,
+            ...; :mod:`influenciae.influence.registry`).
+        options: Without a state: fields of :class:`~influenciae.influence.registry.CalculatorOptions` (JSON-able,
+            e.g. ``{"projection_dim": 64, "seed": 0}``).
+        test_pattern: Without a state, mode ``top_k``: glob of the test TFRecord files.
     """
 
     input_pattern: str
     model_path: str
-    state_path: str
+    state_path: str | None
     output_dir: str
     mode: str = "top_k"
     k: int = 10
@@ -109,6 +115,9 @@ class ScoringJob:
     batch_size: int = 64
     loss: str | None = None
     from_logits: bool = False
+    method: str = "first_order"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    test_pattern: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in SCORING_MODES:
@@ -119,6 +128,10 @@ class ScoringJob:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.state_path is not None and self.method != "first_order":
+            raise ValueError(f"A solver state scores first-order influence; method {self.method!r} takes none.")
+        if self.state_path is None and self.mode == "top_k" and self.test_pattern is None:
+            raise ValueError("mode 'top_k' without a solver state needs test_pattern (the test TFRecords).")
 
     @property
     def order_enum(self) -> ORDER:
@@ -229,24 +242,33 @@ class TopKCombineFn(beam.CombineFn):  # type: ignore[misc]
 
 
 class _ScoreBatchesFn(beam.DoFn):  # type: ignore[misc]
-    """Scores batches of serialized records and writes one part per batch; loads model and state in ``setup``."""
+    """Scores batches of serialized records and writes one part per batch; builds its calculator in ``setup``."""
 
     def __init__(self, job: ScoringJob) -> None:
         self.job = job
 
     def setup(self) -> None:
-        from influenciae.distributed.state import SolverState, load_influence_model
+        from influenciae.distributed.kernels import shard_scorer
 
-        local_model = local_copy(self.job.model_path, ".keras")
-        self._model = load_influence_model(local_model, loss=self.job.loss, from_logits=self.job.from_logits)
-        self._state = SolverState.load(local_copy(self.job.state_path, ".npz"), model=self._model)
+        job = self.job
+        self._score = shard_scorer(
+            job.mode,
+            local_copy(job.model_path, ".keras"),
+            job.input_pattern,
+            state_path=None if job.state_path is None else local_copy(job.state_path, ".npz"),
+            method=job.method,
+            options=job.options,
+            test_pattern=job.test_pattern,
+            loss=job.loss,
+            from_logits=job.from_logits,
+            batch_size=job.batch_size,
+        )
 
     def process(self, records: Sequence[bytes]) -> Iterator[Any]:
-        from influenciae.distributed.kernels import score_batch
         from influenciae.distributed.records import decode_records
 
         indices, batch = decode_records(list(records))
-        result = score_batch(self._model, self._state, batch, self.job.mode)
+        result = self._score(batch)
         name = f"{_PART_PREFIX}{int(indices[0]):012d}-{len(indices):06d}.npz"
         _write_atomically(_join(self.job.output_dir, name), _npz_bytes({"indices": indices, **result}))
         yield {"file": name, "rows": len(indices)}
@@ -308,10 +330,10 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, *, state_fingerprin
     )
 
 
-def _file_fingerprint(path: str) -> str:
+def _file_fingerprint(path: str | None) -> str:
     import hashlib
 
-    return hashlib.sha256(_read_bytes(path)).hexdigest()
+    return "" if path is None else hashlib.sha256(_read_bytes(path)).hexdigest()
 
 
 def run_scoring(

@@ -70,6 +70,7 @@ def _output_dir(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``influenciae score``."""
     from influenciae.hessian.registry import registered_solvers  # the package (and TensorFlow) is imported already
+    from influenciae.influence.registry import registered_methods
 
     data = parser.add_argument_group("inputs and outputs")
     data.add_argument("--model", required=True, help="saved .keras model (compiled with its loss, or see --loss)")
@@ -79,12 +80,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--output", "-o", required=True, type=_output_dir, help="output directory (parts, top_k.npz, _MANIFEST.json)"
     )
-    data.add_argument("--state", required=True, help="solver state file: reused if present, else computed and saved")
+    data.add_argument(
+        "--state", help="first_order: solver state file, reused if present, else computed and saved (required)"
+    )
     data.add_argument("--test", help="glob of the test TFRecord files (to compute the state for --mode top_k)")
     data.add_argument("--loss", help="Keras loss name instead of the compiled loss")
     data.add_argument("--from-logits", action="store_true", help="with --loss: the model outputs logits")
 
     scoring = parser.add_argument_group("scoring")
+    scoring.add_argument(
+        "--method",
+        choices=registered_methods(),
+        default="first_order",
+        help="calculator each worker builds (default: first_order, through --state); others need no state",
+    )
+    scoring.add_argument("--learning-rate", type=float, help="tracin: the checkpoint's learning rate (default: 1)")
+    scoring.add_argument("--projection-dim", type=_positive_int, help="trak: projection dimension (default: none)")
+    scoring.add_argument("--seed", type=int, default=0, help="trak, arnoldi: seed (default: 0)")
     scoring.add_argument("--mode", choices=("top_k", "self_influence", "vectors"), default="top_k")
     scoring.add_argument("-k", type=_positive_int, default=10, help="examples kept per test example (default: 10)")
     scoring.add_argument("--order", choices=("descending", "ascending"), default="descending")
@@ -200,17 +212,31 @@ def run(args: argparse.Namespace) -> int:
             f"protobuf < 7, see docs/distributed.md). ({error})"
         ) from error
 
-    started = time.perf_counter()
-    state, how = _solver_state(args)
-    state_seconds = time.perf_counter() - started
-    print(
-        f"solver state {how}: {args.state} ({state.preconditioner} preconditioner, "
-        f"{0 if state.factors is None else state.factors.shape[0]} test factors, {state_seconds:.1f} s)"
-    )
+    if args.method == "first_order":
+        if not args.state:
+            raise ValueError("--method first_order scores through a solver state: pass --state (a file path).")
+        started = time.perf_counter()
+        state, how = _solver_state(args)
+        state_seconds = time.perf_counter() - started
+        print(
+            f"solver state {how}: {args.state} ({state.preconditioner} preconditioner, "
+            f"{0 if state.factors is None else state.factors.shape[0]} test factors, {state_seconds:.1f} s)"
+        )
+    elif args.mode == "top_k" and not args.test:
+        raise ValueError(f"--method {args.method} --mode top_k needs --test (the test TFRecords).")
+    options = {
+        "learning_rate": args.learning_rate,
+        "projection_dim": args.projection_dim,
+        "seed": args.seed,
+        "damping": args.damping,
+    }
     job = ScoringJob(
         input_pattern=args.train,
         model_path=args.model,
-        state_path=args.state,
+        state_path=args.state if args.method == "first_order" else None,
+        method=args.method,
+        options={} if args.method == "first_order" else {k: v for k, v in options.items() if v is not None},
+        test_pattern=None if args.method == "first_order" else args.test,
         output_dir=args.output,
         mode=args.mode,
         k=args.k,

@@ -1,8 +1,8 @@
-"""Engine-free kernels: the per-shard work of every distributed engine, as pure functions on tensors and arrays.
+"""The per-shard work of every distributed engine: HVP sums, scores, exact top-k merges, and the worker's calculator.
 
 DESIGN.md §4 asks that influence vectors, self-influence and top-k of one shard of the training set depend only on
 that shard, the model weights and the solver's state, and that partial top-k results merge exactly. These kernels are
-that work, with no engine in sight, so that the ``tf.distribute`` operator (:mod:`influenciae.distributed.strategy`)
+that work, so that the ``tf.distribute`` operator (:mod:`influenciae.distributed.strategy`)
 and the Apache Beam pipeline (:mod:`influenciae.distributed.beam`) stay thin adapters:
 
 * :func:`hvp_sum`: the sum of per-example Hessian-vector products over one batch, and its example count (the
@@ -12,14 +12,18 @@ and the Apache Beam pipeline (:mod:`influenciae.distributed.beam`) stay thin ada
 * :func:`block_candidates` and :func:`merge_candidates`: an exact top-k per block and an exact, associative and
   commutative merge of partial top-k results, ties broken by the smaller training index (reusing
   :func:`influenciae.search.merge_top_k`), so that any grouping of shards, in any order, gives the same answer;
-* :func:`score_batch`: everything a scoring worker does with one batch of training examples and a
-  :class:`~influenciae.distributed.state.SolverState`.
+* :func:`score_shard`: everything a scoring worker does with one batch of training examples: it hands the batch
+  to the public methods of the calculator built on the worker (any calculator); :func:`score_batch` does it with
+  the first-order calculator of a saved :class:`~influenciae.distributed.state.SolverState`;
+  :func:`shard_scorer` builds a worker's calculator once (a saved state, or any registered method) and returns
+  its per-batch call.
 
 Inputs may be numpy arrays or tensors; merge results are numpy arrays (what engines serialize).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +47,8 @@ __all__ = [
     "empty_candidates",
     "merge_candidates",
     "score_batch",
+    "score_shard",
+    "shard_scorer",
 ]
 
 Candidates = tuple[np.ndarray, np.ndarray]
@@ -156,8 +162,48 @@ def merge_candidates(first: Candidates, second: Candidates, k: int, order: ORDER
     return indices.numpy(), values.numpy()
 
 
+def score_shard(
+    calculator: Any,
+    batch: Any,
+    mode: str,
+    *,
+    test_set: tf.data.Dataset | None = None,
+    factors: Any = None,
+) -> dict[str, np.ndarray]:
+    """What a scoring worker computes for one batch of training examples, through the calculator's own methods.
+
+    The batch becomes a one-batch dataset handed to the calculator's public methods, so any calculator (first
+    order, TracIn, TRAK, representer points, ...) scores a shard exactly as it scores a whole training set in one
+    process.
+
+    Args:
+        calculator: A :class:`~influenciae.influence.base.BaseInfluenceCalculator` built on the worker.
+        batch: ``(inputs, targets[, sample_weight])`` with ``B`` examples.
+        mode: One of :data:`SCORING_MODES`.
+        test_set: With ``"top_k"``: the batched test examples (their transforms are the calculator's).
+        factors: With ``"top_k"``, instead of ``test_set``: a first-order calculator's saved influence factors
+            ``H⁻¹∇ℓ(x)`` ``[m, P]`` (:meth:`~influenciae.FirstOrderInfluenceCalculator.influence_from_factors`).
+
+    Returns:
+        ``{"vectors": [B, D]}`` (influence vectors), ``{"self_influence": [B]}`` or ``{"scores": [m, B]}``.
+    """
+    if mode not in SCORING_MODES:
+        raise ValueError(f"mode must be one of {SCORING_MODES}, got {mode!r}.")
+    shard = tf.data.Dataset.from_tensors(tuple(tf.convert_to_tensor(part) for part in batch))
+    if mode == "self_influence":
+        return {"self_influence": np.asarray(calculator.self_influence(shard))}
+    if mode == "vectors":
+        blocks = [vectors.numpy() for _, vectors in calculator.compute_influence_vector(shard)]
+        return {"vectors": np.concatenate(blocks)}
+    if factors is not None:
+        return {"scores": np.asarray(calculator.influence_from_factors(factors, shard))}
+    if test_set is None:
+        raise ValueError("Scoring against test examples needs test_set (or saved influence factors).")
+    return {"scores": np.asarray(calculator.influence_matrix(test_set, shard))}
+
+
 def score_batch(model: InfluenceModel, state: SolverState, batch: Any, mode: str) -> dict[str, np.ndarray]:
-    """Everything a scoring worker computes for one batch of training examples.
+    """:func:`score_shard` of the first-order calculator of a saved solver state (:meth:`SolverState.calculator`).
 
     Args:
         model: The wrapped model (the same weights the state was computed with).
@@ -170,12 +216,78 @@ def score_batch(model: InfluenceModel, state: SolverState, batch: Any, mode: str
         ``{"vectors": [B, P]}`` (influence vectors ``H⁻¹∇ℓ(z)``), ``{"self_influence": [B]}`` or
         ``{"scores": [m, B]}`` (``∇ℓ(x_i)ᵀ H⁻¹ ∇ℓ(z_j)`` through the factors ``H⁻¹∇ℓ(x_i)``).
     """
+    factors = state.factors_tensor(model.dtype).numpy() if mode == "top_k" else None
+    calculator = state.calculator(model, tf.data.Dataset.from_tensors(tuple(batch)))
+    return score_shard(calculator, batch, mode, factors=factors)
+
+
+def shard_scorer(
+    mode: str,
+    model_path: str,
+    train_pattern: str,
+    *,
+    state_path: str | None = None,
+    method: str = "first_order",
+    options: Mapping[str, Any] | None = None,
+    test_pattern: str | None = None,
+    loss: str | None = None,
+    from_logits: bool = False,
+    batch_size: int = 64,
+) -> Callable[[Any], dict[str, np.ndarray]]:
+    """What a scoring worker builds once (in ``DoFn.setup``): the calculator, and the call that scores one batch.
+
+    With ``state_path``, the first-order calculator of the saved :class:`~influenciae.distributed.state.SolverState`
+    (:meth:`~influenciae.distributed.state.SolverState.calculator`), its test factors for ``"top_k"``. Without, the
+    registered ``method`` (:mod:`influenciae.influence.registry`: ``"tracin"``, ``"trak"``, ...) built from the
+    model file and the training TFRecords (a method that fits on the training set, e.g. TRAK's kernels, fits on
+    each worker, from the same files in the same order as one process), scored against the test TFRecords.
+
+    Args:
+        mode: One of :data:`SCORING_MODES`.
+        model_path: A local ``.keras`` file.
+        train_pattern: Glob of the training TFRecords (:mod:`~influenciae.distributed.records`).
+        state_path: A local saved solver state, or None.
+        method: A registered calculator method (without ``state_path``).
+        options: Keyword fields of :class:`~influenciae.influence.registry.CalculatorOptions`.
+        test_pattern: Glob of the test TFRecords (``"top_k"`` without ``state_path``).
+        loss: ``None`` for the compiled loss, or a Keras loss name.
+        from_logits: With a named cross-entropy: the model outputs logits.
+        batch_size: Batch size of the TFRecords read here.
+
+    Returns:
+        ``score(batch) -> dict``: :func:`score_shard` of the worker's calculator.
+    """
+    from influenciae.distributed.records import read_tfrecords
+    from influenciae.model.loading import load_influence_model, load_model, named_loss
+
     if mode not in SCORING_MODES:
         raise ValueError(f"mode must be one of {SCORING_MODES}, got {mode!r}.")
-    gradients = model.batch_jacobian_tensor(batch)
-    if mode == "top_k":
-        return {"scores": score_block(state.factors_tensor(model.dtype), gradients).numpy()}
-    vectors = state.precondition(gradients)
-    if mode == "vectors":
-        return {"vectors": vectors.numpy()}
-    return {"self_influence": self_scores(gradients, vectors).numpy()}
+    if state_path is not None:
+        from influenciae.distributed.state import SolverState
+
+        model = load_influence_model(model_path, loss=loss, from_logits=from_logits)
+        state = SolverState.load(state_path, model=model)
+        factors = state.factors_tensor(model.dtype).numpy() if mode == "top_k" else None
+        built: list[Any] = []
+
+        def score_with_state(batch: Any) -> dict[str, np.ndarray]:
+            if not built:  # the calculator's data is a dataset of the batches' structure
+                built.append(state.calculator(model, tf.data.Dataset.from_tensors(tuple(batch))))
+            return score_shard(built[0], batch, mode, factors=factors)
+
+        return score_with_state
+    from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
+
+    if mode == "top_k" and test_pattern is None:
+        raise ValueError("Scoring against test examples (mode 'top_k') without a solver state needs test_pattern.")
+    keras_model = load_model(model_path, compile=loss is None)
+    loss_function = None if loss is None else named_loss(loss, from_logits=from_logits)
+    train = read_tfrecords(train_pattern, batch_size=batch_size)
+    setup = CalculatorSetup(keras_model, train, loss_function, CalculatorOptions(**dict(options or {})))
+    calculator = build_calculator(method, setup)
+    test_set = read_tfrecords(test_pattern, batch_size=batch_size) if mode == "top_k" and test_pattern else None
+
+    def score(batch: Any) -> dict[str, np.ndarray]:
+        return score_shard(calculator, batch, mode, test_set=test_set)
+
+    return score

@@ -31,10 +31,11 @@ from influenciae.cache import atomic_write, fingerprint_arrays
 from influenciae.cache.fingerprint import canonical_configuration, dataset_fingerprint, describe_differences
 from influenciae.cache.fingerprint import model_identity as _model_identity
 from influenciae.data import check_dataset
-from influenciae.hessian import ArnoldiIHVP, ExactIHVP, InverseHessianVectorProduct
+from influenciae.hessian import ArnoldiIHVP, ExactIHVP, InverseHessianVectorProduct, RowOperator
 from influenciae.model import InfluenceModel
+from influenciae.model.loading import load_influence_model
 
-__all__ = ["SolverState", "model_fingerprint", "load_influence_model"]
+__all__ = ["SavedSolver", "SolverState", "model_fingerprint", "load_influence_model"]
 
 _FORMAT = "influenciae.solver_state.v1"
 _PRECONDITIONERS = ("inverse", "eigen", "none")
@@ -236,6 +237,26 @@ class SolverState:
             )
         return tf.constant(self.factors, dtype=dtype)
 
+    def calculator(self, model: InfluenceModel, dataset: tf.data.Dataset) -> Any:
+        """The first-order calculator a scoring worker runs: its solver is this state (:class:`SavedSolver`).
+
+        Influence vectors and self-influence go through the calculator's own methods with ``H⁻¹`` applied by the
+        saved preconditioner; scores against the test examples through
+        :meth:`~influenciae.FirstOrderInfluenceCalculator.influence_from_factors` with :attr:`factors`.
+
+        Args:
+            model: The wrapped model (checked against the state's weights).
+            dataset: A batched dataset of the training examples' structure (the calculator's data; its Hessian is
+                the state's, never recomputed).
+
+        Returns:
+            A :class:`~influenciae.FirstOrderInfluenceCalculator`.
+        """
+        from influenciae.influence.first_order import FirstOrderInfluenceCalculator
+
+        self.check_model(model)
+        return FirstOrderInfluenceCalculator(model, dataset, ihvp_calculator=SavedSolver(self, model))
+
     @property
     def nb_params(self) -> int:
         """P, read from whichever array the state holds (0 when it holds none)."""
@@ -308,47 +329,45 @@ class SolverState:
         return state
 
 
-class _WithLogits:
-    """A Keras loss function called with ``from_logits=True`` (picklable, unlike a lambda)."""
+class _StateCurvature(RowOperator):
+    """``H + λI`` as a state's preconditioner knows it (dense, or low rank on its eigenvectors' span)."""
 
-    def __init__(self, function: Any) -> None:
-        self.function = function
+    def __init__(self, state: SolverState, dtype: tf.DType) -> None:
+        self.state = state
+        super().__init__(state.nb_params, dtype, "SolverStateCurvature", parameters={"state": state})
 
-    def __call__(self, y_true: Any, y_pred: Any) -> Any:
-        return self.function(y_true, y_pred, from_logits=True)
+    def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        state = self.state
+        if state.preconditioner == "inverse":
+            inverse = tf.constant(state.inverse, dtype=vectors.dtype)
+            return tf.transpose(tf.linalg.solve(inverse, tf.transpose(vectors)))
+        if state.preconditioner == "eigen":
+            eigenvectors = tf.constant(state.eigenvectors, dtype=vectors.dtype)
+            eigenvalues = tf.constant(state.eigenvalues, dtype=vectors.dtype)
+            return tf.matmul(tf.matmul(vectors, eigenvectors, transpose_b=True) * eigenvalues, eigenvectors)
+        return state.precondition(vectors)  # raises: no preconditioner
 
 
-def load_influence_model(
-    path: str | os.PathLike[str],
-    *,
-    loss: str | None = None,
-    from_logits: bool = False,
-    strategy: tf.distribute.Strategy | None = None,
-) -> InfluenceModel:
-    """Load a saved ``.keras`` model (under ``strategy.scope()`` when given) and wrap it.
+class SavedSolver(InverseHessianVectorProduct):
+    """A saved :class:`SolverState` as a solver: ``solve(V)`` is :meth:`SolverState.precondition`.
+
+    What a scoring worker hands a calculator instead of recomputing ``H``; its configuration is the saved solver's.
 
     Args:
-        path: The model file.
-        loss: ``None`` for the compiled loss, or a Keras loss name (``"sparse_categorical_crossentropy"``...).
-        from_logits: With a named cross-entropy: the model outputs logits.
-        strategy: A ``tf.distribute`` strategy whose scope mirrors the variables.
+        state: The state (an ``"inverse"`` or ``"eigen"`` preconditioner to solve; ``"none"`` refuses to).
+        model: The wrapped model of the state.
     """
-    import contextlib as _contextlib
-    import warnings
 
-    from influenciae._backend import keras
+    def __init__(self, state: SolverState, model: InfluenceModel) -> None:
+        super().__init__(model, operator=_StateCurvature(state, model.dtype))
+        self.state = state
 
-    scope = strategy.scope() if strategy is not None else _contextlib.nullcontext()
-    with scope, warnings.catch_warnings():
-        # the optimizer's state is irrelevant here; Keras warns when it was saved before the optimizer was built
-        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-        model = keras.models.load_model(os.fspath(path), compile=loss is None)
-    loss_function: Any = None
-    if loss is not None:
-        loss_function = keras.losses.get(loss)
-        if from_logits:
-            loss_function = _WithLogits(loss_function)
-    return InfluenceModel(model, loss_function=loss_function)
+    def configuration(self) -> dict[str, Any]:
+        """The settings of the solver the state was computed with."""
+        return dict(self.state.configuration)
+
+    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self.state.precondition(vectors)
 
 
 def _json_safe(configuration: dict[str, Any]) -> dict[str, Any]:
