@@ -1,20 +1,8 @@
 """Loading what the console commands work on: a saved Keras model, its loss, and data from files or tfds.
 
-Data sources (:mod:`influenciae.app.sources`, re-exported here; each gives a batched ``tf.data.Dataset`` of
-``(inputs, targets[, sample_weight])`` in file order):
-
-* ``.npz`` (:func:`load_npz`): arrays ``x`` and ``y`` (other names with ``x_key``/``y_key``), optionally per-example
-  weights (``weight_key``), all with the same first dimension.
-* TFRecord files (:func:`load_tfrecords`): a glob (or a directory), files read in sorted order. Each record is a
-  ``tf.train.Example`` whose features ``x``, ``y`` (and optionally the weight) are either
-
-  - a bytes feature holding one serialized tensor (``tf.io.serialize_tensor``): any dtype and shape, found from the
-    first record. :func:`write_tfrecords` writes this schema from numpy arrays;
-  - a ``float_list`` or ``int64_list`` of fixed length: the inputs are reshaped to ``x_shape`` when given (flat
-    vectors otherwise) and a one-value target becomes a scalar.
-
-* TensorFlow Datasets (:func:`load_tfds`): ``tfds.load(name, split=..., data_dir=..., download=False)``, with the
-  dataset's supervised keys unless ``x_key``/``y_key`` name features.
+The data come from ``.npz`` files, TFRecord files or TensorFlow Datasets (:func:`load_npz`, :func:`load_tfrecords`,
+:func:`load_tfds`, :func:`load_data`; defined in :mod:`influenciae.app.sources`, which describes the formats, and
+re-exported here), each as a batched ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` in file order.
 
 The model is a ``.keras`` (or legacy ``.h5``) file (:func:`load_model`, through
 :func:`influenciae.model.loading.load_model`); the loss comes from a name

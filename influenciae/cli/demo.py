@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from influenciae.app.arguments import fraction, integer_at_least, non_negative_float
 from influenciae.cli.common import EXIT_OK, _UsageError
-from influenciae.cli.options import _fraction, _integer_at_least, _non_negative_float
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from influenciae.hessian import registered_solvers  # the package (and TensorFlow) is imported already
 
     parser.add_argument("--output", "-o", default="runs/demo", help="output directory (default: %(default)s)")
-    parser.add_argument("--seed", type=_integer_at_least(0), default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=integer_at_least(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
         "--flip-fraction",
-        type=_fraction,
+        type=fraction,
         default=0.1,
         help="fraction of training labels flipped to another class (default: %(default)s)",
     )
@@ -27,16 +27,16 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="inverse-HVP solver of the first-order method (default: exact)",
     )
     parser.add_argument("--method", choices=("first_order", "arnoldi"), default="first_order", help="influence method")
-    parser.add_argument("--damping", type=_non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
-    parser.add_argument("--epochs", type=_integer_at_least(1), default=30, help="training epochs (default: 30)")
+    parser.add_argument("--damping", type=non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
+    parser.add_argument("--epochs", type=integer_at_least(1), default=30, help="training epochs (default: 30)")
     parser.add_argument(
-        "--num-test-images", type=_integer_at_least(1), default=4, help="test images explained (default: 4)"
+        "--num-test-images", type=integer_at_least(1), default=4, help="test images explained (default: 4)"
     )
     parser.add_argument(
-        "-k", type=_integer_at_least(1), default=8, help="proponents and opponents per test image (default: 8)"
+        "-k", type=integer_at_least(1), default=8, help="proponents and opponents per test image (default: 8)"
     )
     parser.add_argument(
-        "--train-size", type=_integer_at_least(20), default=None, help="use a random subset of the training set"
+        "--train-size", type=integer_at_least(20), default=None, help="use a random subset of the training set"
     )
 
     def budgets(text: str) -> tuple[float, ...]:
@@ -61,7 +61,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cleaning-seeds",
-        type=_integer_at_least(1),
+        type=integer_at_least(1),
         default=3,
         help="retraining seeds of the cleaning experiment, one random pick per seed (default: %(default)s)",
     )

@@ -1,104 +1,25 @@
-"""The command-line options shared by the subcommands: argument types (their errors become exit code 2), the
-model / data / method / run option groups, and the checks argparse cannot do by itself."""
+"""The command-line options shared by the subcommands: the model / data / method / run option groups and the checks
+argparse cannot do by itself. The argument types are in :mod:`influenciae.app.arguments`."""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from influenciae.app.arguments import (
+    finite_float,
+    input_shape,
+    integer_at_least,
+    key_value,
+    layer_reference,
+    non_negative_float,
+    positive_float,
+)
 from influenciae.cli.common import _UsageError
 from influenciae.influence.registry import METHODS
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
-    return value
-
-
-def _integer_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
-    return parse
-
-
-def _layer(text: str) -> int | str:
-    """A layer index (``-1`` = last) or a layer name."""
-    try:
-        return int(text)
-    except ValueError:
-        if not text:
-            raise argparse.ArgumentTypeError("expected a layer index or name, got an empty string") from None
-        return text
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shape such as 8,8,1, got {text!r}") from None
-    if not dims or any(dim <= 0 for dim in dims):
-        raise argparse.ArgumentTypeError(f"expected positive dimensions such as 8,8,1, got {text!r}")
-    return dims
-
-
-def _solver_option(text: str) -> tuple[str, Any]:
-    key, separator, raw = text.partition("=")
-    if not separator or not key.strip().isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as tolerance=1e-6, got {text!r}")
-    try:
-        value = ast.literal_eval(raw.strip())
-    except (ValueError, SyntaxError):
-        value = raw.strip()
-    return key.strip(), value
-
 
 _METHOD_OPTIONS = {
     "start_layer": "--start-layer",
@@ -122,7 +43,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, test: bool) -> None:
     sources.add_argument("--tfrecords", metavar="GLOB", help="TFRecord files (a quoted glob, a file or a directory)")
     sources.add_argument("--tfds", metavar="NAME", help="a TensorFlow Datasets name, e.g. mnist (see --data-dir)")
     train.add_argument("--split", default="train", help="tfds split of the training data (default: %(default)s)")
-    train.add_argument("--limit", type=_integer_at_least(1), help="use only the first N training examples")
+    train.add_argument("--limit", type=integer_at_least(1), help="use only the first N training examples")
     if test:
         group = parser.add_argument_group("test data (one of; default with --tfds: the same dataset's --test-split)")
         test_sources = group.add_mutually_exclusive_group()
@@ -130,12 +51,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, test: bool) -> None:
         test_sources.add_argument("--test-tfrecords", metavar="GLOB", help="TFRecord files of test examples")
         test_sources.add_argument("--test-tfds", metavar="NAME", help="a TensorFlow Datasets name for test examples")
         group.add_argument("--test-split", default="test", help="tfds split of the test data (default: %(default)s)")
-        group.add_argument("--test-limit", type=_integer_at_least(1), help="use only the first N test examples")
+        group.add_argument("--test-limit", type=integer_at_least(1), help="use only the first N test examples")
     decoding = parser.add_argument_group("reading the data")
     decoding.add_argument("--x-key", help="array / feature of the inputs (default: x; tfds: its supervised keys)")
     decoding.add_argument("--y-key", help="array / feature of the targets (default: y; tfds: its supervised keys)")
     decoding.add_argument("--weight-key", help="array / feature of per-example training weights (default: none)")
-    decoding.add_argument("--x-shape", type=_shape, help="shape of one input for TFRecord numeric lists, e.g. 8,8,1")
+    decoding.add_argument(
+        "--x-shape", type=input_shape, help="shape of one input for TFRecord numeric lists, e.g. 8,8,1"
+    )
     decoding.add_argument("--data-dir", help="tfds data directory (default: tfds' own, ~/tensorflow_datasets)")
     decoding.add_argument("--download", action="store_true", help="let tfds download a missing dataset (off)")
 
@@ -165,38 +88,46 @@ def _add_method_arguments(parser: argparse.ArgumentParser, *, pairwise_only: boo
     group.add_argument(
         "--solver-option",
         dest="solver_options",
-        type=_solver_option,
+        type=key_value,
         action="append",
         metavar="KEY=VALUE",
         help="an option of the solver's constructor, e.g. tolerance=1e-6 or max_iterations=200 (repeatable)",
     )
     group.add_argument(
-        "--damping", type=_non_negative_float, default=1e-3, help="λ added to the Hessian (default: %(default)s)"
+        "--damping", type=non_negative_float, default=1e-3, help="λ added to the Hessian (default: %(default)s)"
     )
     group.add_argument(
         "--start-layer",
-        type=_layer,
+        type=layer_reference,
         help="first watched layer (index or name) of gradient methods (default: -1, the last layer's weights)",
     )
-    group.add_argument("--subspace-dim", type=_integer_at_least(1), help="arnoldi: Krylov dimension (min(P, 200))")
-    group.add_argument("--rank", type=_integer_at_least(1), help="arnoldi: eigenpairs kept (default: subspace dim)")
-    group.add_argument("--learning-rate", type=_positive_float, help="tracin: the checkpoint's learning rate (1)")
-    group.add_argument("--l2", type=_positive_float, help="representer: λ of the last layer's refit λ‖Θ‖² (1e-3)")
-    group.add_argument("--step-size", type=_finite_float, help="representer_lje: step away from the weights (1e-2)")
+    group.add_argument("--subspace-dim", type=integer_at_least(1), help="arnoldi: Krylov dimension (min(P, 200))")
+    group.add_argument("--rank", type=integer_at_least(1), help="arnoldi: eigenpairs kept (default: subspace dim)")
+    group.add_argument("--learning-rate", type=positive_float, help="tracin: the checkpoint's learning rate (1)")
+    group.add_argument("--l2", type=positive_float, help="representer: λ of the last layer's refit λ‖Θ‖² (1e-3)")
+    group.add_argument("--step-size", type=finite_float, help="representer_lje: step away from the weights (1e-2)")
     group.add_argument(
-        "--projection-dim", type=_integer_at_least(1), help="trak: projection dimension (default: no projection)"
+        "--projection-dim", type=integer_at_least(1), help="trak: projection dimension (default: no projection)"
     )
-    group.add_argument("--layer", type=_layer, help="similarity: layer compared (index or name; default: -2)")
+    group.add_argument("--layer", type=layer_reference, help="similarity: layer compared (index or name; default: -2)")
     group.add_argument(
         "--similarity", choices=("cosine", "euclidean", "dot"), help="similarity: the measure (default: cosine)"
     )
-    group.add_argument("--seed", type=_integer_at_least(0), default=0, help="seed of arnoldi and trak (default: 0)")
+    group.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of arnoldi and trak (default: 0)")
+
+
+def _add_saved_model_arguments(parser: argparse.ArgumentParser, *, pairwise: bool) -> None:
+    """The options of the commands on one saved model: the model, the data (with test data if ``pairwise``), the
+    method."""
+    _add_model_arguments(parser)
+    _add_data_arguments(parser, test=pairwise)
+    _add_method_arguments(parser, pairwise_only=pairwise)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, *, default_output: str) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output", "-o", default=default_output, help="output directory (default: %(default)s)")
-    group.add_argument("--batch-size", type=_integer_at_least(1), default=64, help="batch size (default: 64)")
+    group.add_argument("--batch-size", type=integer_at_least(1), default=64, help="batch size (default: 64)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars or step messages")
 
 

@@ -9,25 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from influenciae.app.arguments import integer_at_least
 from influenciae.app.progress import timed
 from influenciae.cli.common import EXIT_OK, _finish_timings, _write_json
-from influenciae.cli.options import (
-    _add_data_arguments,
-    _add_method_arguments,
-    _add_model_arguments,
-    _add_run_arguments,
-    _integer_at_least,
-)
+from influenciae.cli.options import _add_run_arguments, _add_saved_model_arguments
 from influenciae.cli.saved_model import _build_calculator, _describe_setup, _gather, _prepare, _ranking, _score_summary
 
 
 def _add_self_influence_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser)
-    _add_data_arguments(parser, test=False)
-    _add_method_arguments(parser, pairwise_only=False)
+    _add_saved_model_arguments(parser, pairwise=False)
     group = parser.add_argument_group("ranking")
     group.add_argument(
-        "-k", type=_integer_at_least(1), default=24, help="examples shown in the report's ranking (default: 24)"
+        "-k", type=integer_at_least(1), default=24, help="examples shown in the report's ranking (default: 24)"
     )
     group.add_argument(
         "--order",

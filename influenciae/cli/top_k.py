@@ -10,25 +10,17 @@ from typing import Any
 
 import numpy as np
 
+from influenciae.app.arguments import integer_at_least
 from influenciae.app.progress import timed
 from influenciae.cli.common import EXIT_OK, _finish_timings, _UsageError, _write_json
-from influenciae.cli.options import (
-    _add_data_arguments,
-    _add_method_arguments,
-    _add_model_arguments,
-    _add_run_arguments,
-    _data_spec,
-    _integer_at_least,
-)
+from influenciae.cli.options import _add_run_arguments, _add_saved_model_arguments, _data_spec
 from influenciae.cli.saved_model import _build_calculator, _describe_setup, _inputs_by_index, _prepare
 
 
 def _add_top_k_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser)
-    _add_data_arguments(parser, test=True)
-    _add_method_arguments(parser, pairwise_only=True)
+    _add_saved_model_arguments(parser, pairwise=True)
     group = parser.add_argument_group("ranking")
-    group.add_argument("-k", type=_integer_at_least(1), default=5, help="training examples per test example (5)")
+    group.add_argument("-k", type=integer_at_least(1), default=5, help="training examples per test example (5)")
     group.add_argument(
         "--order",
         choices=("both", "descending", "ascending"),
@@ -37,7 +29,7 @@ def _add_top_k_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--report-examples",
-        type=_integer_at_least(1),
+        type=integer_at_least(1),
         default=8,
         help="test examples shown in the report (all are in top_k.csv; default: 8)",
     )
