@@ -26,30 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from influenciae.app.arguments import integer_at_least, non_negative_float  # the types of every command
+
 __all__ = ["add_arguments", "run", "HELP"]
 
 HELP = "score a sharded training set (influence vectors, self-influence, top-k) on an Apache Beam runner"
 """One-line help of the ``score`` subcommand."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
-    return value
+_positive_int = integer_at_least(1)
 
 
 def _output_dir(text: str) -> str:
@@ -109,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="exact",
         help="inverse-HVP solver (default: exact)",
     )
-    solver.add_argument("--damping", type=_non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
+    solver.add_argument("--damping", type=non_negative_float, default=1e-3, help="Hessian damping (default: 1e-3)")
     solver.add_argument("--rank", type=_positive_int, default=50, help="eigenpairs kept by arnoldi (default: 50)")
     solver.add_argument("--hessian-data", help="glob of the Hessian's TFRecord files (default: --train)")
     solver.add_argument("--hessian-samples", type=_positive_int, help="use the first N examples for the Hessian")
