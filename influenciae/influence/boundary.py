@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import tf, variable_tensor
-from influenciae.data import check_first_batch, unpack_batch
+from influenciae._backend import tf
+from influenciae.data import unpack_batch
 from influenciae.influence.base import BaseInfluenceCalculator, Block
 from influenciae.model import InfluenceModel
-from influenciae.model.graph import as_influence_model, layer_input_model
-from influenciae.model.selection import last_dense_layer
+from influenciae.model.graph import DenseHead, as_influence_model
 from influenciae.types import CACHE
 
 __all__ = ["BoundaryCalculator", "DeepFool", "SampleBoundaryCalculator", "WeightsBoundaryCalculator"]
@@ -152,7 +151,7 @@ class DeepFool:
         gradients = jacobian[:, 1:] - jacobian[:, :1]  # w'_l
         margin = -tf.reduce_max(differences, axis=1)
         still = margin > self.eps * tf.maximum(tf.ones_like(margin), tf.abs(scores[:, 0]))
-        dual = self._dual_norm(gradients)  # [b, n - 1]
+        dual = _dual_norm(gradients, self.norm)  # [b, n - 1]
         safe = tf.where(dual > 0, dual, tf.ones_like(dual))
         ratio = tf.where(dual > 0, tf.abs(differences) / safe, tf.constant(math.inf, dual.dtype))
         target = tf.argmin(ratio, axis=1, output_type=tf.int32)
@@ -164,16 +163,9 @@ class DeepFool:
         steps = tf.where(moving[:, None], steps, tf.zeros_like(steps))
         return steps, still, reachable
 
-    def _dual_norm(self, gradients: tf.Tensor) -> tf.Tensor:
-        if self.norm == 2:
-            return tf.norm(gradients, axis=-1)
-        if self.norm == math.inf:  # dual of ∞ is 1
-            return tf.reduce_sum(tf.abs(gradients), axis=-1)
-        return tf.reduce_max(tf.abs(gradients), axis=-1)  # dual of 1 is ∞
-
     def _step_onto_boundary(self, gap: tf.Tensor, direction: tf.Tensor) -> tf.Tensor:
         """The smallest ``p``-norm step ``r`` with ``direction · r = gap``."""
-        dual = self._dual_norm(direction)
+        dual = _dual_norm(direction, self.norm)
         safe = tf.where(dual > 0, dual, tf.ones_like(dual))
         if self.norm == 2:
             return (gap / tf.square(safe))[:, None] * direction
@@ -183,6 +175,15 @@ class DeepFool:
         value = tf.gather(direction, coordinate, batch_dims=1)
         one_hot = tf.one_hot(coordinate, tf.shape(direction)[1], dtype=direction.dtype)
         return (gap / safe * tf.sign(value))[:, None] * one_hot
+
+
+def _dual_norm(vectors: tf.Tensor, norm: float) -> tf.Tensor:
+    """``‖v‖_q`` over the last axis, ``q`` the dual of ``p = norm`` (2 ↔ 2, ∞ ↔ 1, 1 ↔ ∞)."""
+    if norm == 2:
+        return tf.norm(vectors, axis=-1)
+    if norm == math.inf:
+        return tf.reduce_sum(tf.abs(vectors), axis=-1)
+    return tf.reduce_max(tf.abs(vectors), axis=-1)
 
 
 def _batch_spec(tensor: tf.Tensor) -> tf.TensorSpec:
@@ -226,6 +227,10 @@ class BoundaryCalculator(BaseInfluenceCalculator):
         self.norm = _check_norm(norm)
         self.eps = float(eps)
         self.max_candidate_classes = None if max_candidate_classes is None else int(max_candidate_classes)
+        self._build()
+
+    def _build(self) -> None:
+        """What a subclass prepares once the settings are checked (the model's parts it runs DeepFool on)."""
 
     def distance_to_boundary(self, train_set: tf.data.Dataset) -> np.ndarray:
         """The DeepFool distance of every training example to the decision boundary, in dataset order.
@@ -350,8 +355,8 @@ class SampleBoundaryCalculator(BoundaryCalculator):
             configuration["attack"] = repr(self.attack)
         return configuration
 
-    def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
-        check_first_batch(dataset, self._check_outputs, "the model's class scores")
+    def _batch_check(self) -> tuple[Callable[[Any], Any], str]:
+        return self._check_outputs, "the model's class scores"
 
     def _check_outputs(self, batch: Any) -> None:
         inputs = unpack_batch(batch).inputs
@@ -449,55 +454,24 @@ class WeightsBoundaryCalculator(BoundaryCalculator):
 
     method_name = "weights_boundary"
 
-    def __init__(
-        self,
-        model: InfluenceModel | Any,
-        step_nbr: int = 100,
-        norm: float | str = 2,
-        *,
-        eps: float = 1e-6,
-        max_candidate_classes: int | None = None,
-        show_progress: bool = False,
-    ) -> None:
-        super().__init__(
-            model, step_nbr, norm, eps=eps, max_candidate_classes=max_candidate_classes, show_progress=show_progress
-        )
-        self.layer = last_dense_layer(self.model.model, purpose="WeightsBoundaryCalculator")
-        self._features_model = layer_input_model(self.model.model, self.layer)
+    def _build(self) -> None:
+        self.head = DenseHead(self.model.model, purpose="WeightsBoundaryCalculator")
+        self.layer = self.head.layer
         self._features = tf.function(self._layer_inputs, reduce_retracing=True)
         self._runner = self._deepfool(lambda offsets, logits: logits + offsets)
 
-    def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
-        check_first_batch(dataset, self._features, f"the inputs of the last Dense layer {self.layer.name!r}")
+    def _batch_check(self) -> tuple[Callable[[Any], Any], str]:
+        return self._features, f"the inputs of the last Dense layer {self.layer.name!r}"
 
     def _distances(self, batch: Any) -> tf.Tensor:
         features, logits = self._features(batch)
         offsets, unreachable = self._runner.run(tf.zeros_like(logits), (logits,))
-        dual = _dual_norm_of(features, self.norm)
+        dual = _dual_norm(features, self.norm)
         distances = tf.math.divide_no_nan(tf.norm(offsets, ord=self.norm, axis=1), dual)
         unreachable = tf.logical_or(unreachable, tf.logical_and(dual == 0, tf.norm(offsets, axis=1) > 0))
         return tf.where(unreachable, tf.constant(math.inf, distances.dtype), distances)
 
     def _layer_inputs(self, batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """``(ã [B, d(+1)], pre-activation logits z [B, C])`` of the last Dense layer, from its current weights."""
-        features = self._features_model(unpack_batch(batch).inputs, training=False)
-        features = tf.cast(features, self.model.dtype)
-        if features.shape.rank != 2:
-            raise ValueError(
-                f"The last Dense layer {self.layer.name!r} gets inputs of shape {features.shape}; "
-                "WeightsBoundaryCalculator needs [batch, features] (flatten or pool before it)."
-            )
-        kernel = tf.cast(variable_tensor(self.layer.kernel), self.model.dtype)
-        logits = tf.matmul(features, kernel)
-        if getattr(self.layer, "use_bias", False) and self.layer.bias is not None:
-            logits += tf.cast(variable_tensor(self.layer.bias), self.model.dtype)
-            features = tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
-        return features, logits
-
-
-def _dual_norm_of(vectors: tf.Tensor, norm: float) -> tf.Tensor:
-    if norm == 2:
-        return tf.norm(vectors, axis=1)
-    if norm == math.inf:
-        return tf.reduce_sum(tf.abs(vectors), axis=1)
-    return tf.reduce_max(tf.abs(vectors), axis=1)
+        features = self.head.features(unpack_batch(batch).inputs, self.model.dtype)
+        return self.head.augment(features), self.head.logits(features)

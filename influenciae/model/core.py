@@ -368,6 +368,11 @@ class InfluenceModel(_Autodiff, _Validation):
         inputs, _, _ = self._prepare(batch)
         return self._outputs(inputs) if tf.inside_function() else self._outputs_fn(inputs)
 
+    def outputs(self, inputs: Any) -> tf.Tensor:
+        """The model's outputs on inputs alone (no targets needed): ``[batch, *output_shape]`` in the model's dtype."""
+        inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
+        return self._outputs(inputs) if tf.inside_function() else self._outputs_fn(inputs)
+
     def loss_from_outputs(self, outputs: Any, targets: Any, weights: Any | None = None) -> tf.Tensor:
         """Per-example losses ``w_i ℓ(y_i, o_i)`` as a differentiable function of the outputs ``o``.
 

@@ -2,7 +2,8 @@
 
 Similarity, boundary, representer and TracIn-fast methods read intermediate tensors of a Sequential or functional
 model: the outputs of some layers (:func:`layer_outputs_model`) or the inputs of one (:func:`layer_input_model`),
-from the model's own symbolic inputs (:func:`symbolic_inputs`). Subclassed models have no graph to cut and are
+from the model's own symbolic inputs (:func:`symbolic_inputs`); :class:`DenseHead` is the last Dense layer seen as
+``z = ã θ`` on the features entering it. Subclassed models have no graph to cut and are
 refused with a message saying so.
 """
 
@@ -13,9 +14,9 @@ from typing import Any
 
 from influenciae.model._backend import keras_module_of, tf, variable_tensor
 from influenciae.model.core import InfluenceModel
-from influenciae.model.selection import layer_index
+from influenciae.model.selection import last_dense_layer, layer_index
 
-__all__ = ["as_influence_model", "symbolic_inputs", "layer_outputs_model", "layer_input_model"]
+__all__ = ["as_influence_model", "symbolic_inputs", "layer_outputs_model", "layer_input_model", "DenseHead"]
 
 
 def _no_loss(y_true: Any, y_pred: Any) -> tf.Tensor:
@@ -98,3 +99,74 @@ def layer_input_model(model: Any, layer: Any) -> Any:
             f"called several times): {error}"
         ) from error
     return keras_module_of(model).Model(inputs, features)
+
+
+class DenseHead:
+    """The last Dense layer of a model as a linear map ``z = a W + b = ã θ`` of the features ``a`` entering it.
+
+    ``ã = [a, 1]`` when the layer has a bias (``θ = [W; b]``, kernel rows then the bias row), else ``ã = a``. The
+    layer is chosen by :func:`~influenciae.model.selection.last_dense_layer`; its weights are only read.
+
+    Args:
+        model: A Sequential or functional Keras model.
+        at_output: Whether the Dense layer must produce the model's output itself (no trailing softmax layer).
+        purpose: Who asks, for the error messages (``"Representer points"``...).
+
+    Attributes:
+        layer: The Keras Dense layer.
+        use_bias: Whether it has a bias (and ``ã`` a trailing 1).
+        kernel_shape: ``(d, K)``, the shape of its kernel.
+        num_outputs: ``K``, its number of units.
+        activation: Its activation function (None or linear when it outputs logits).
+    """
+
+    def __init__(self, model: Any, *, at_output: bool = False, purpose: str = "This method") -> None:
+        self.purpose = purpose
+        self.layer = last_dense_layer(model, at_output=at_output, purpose=purpose)
+        self.extractor = layer_input_model(model, self.layer)
+        self.use_bias = bool(getattr(self.layer, "use_bias", False)) and self.layer.bias is not None
+        self.kernel_shape = tuple(int(d) for d in self.layer.kernel.shape)
+        self.num_outputs = self.kernel_shape[-1]
+        self.activation = self.layer.activation
+
+    @property
+    def name(self) -> str:
+        """The layer's name."""
+        return str(self.layer.name)
+
+    @property
+    def trainable_weights(self) -> list[Any]:
+        """The layer's trainable weights (kernel, then bias), to watch in an InfluenceModel."""
+        return list(self.layer.trainable_weights)
+
+    @property
+    def regularizers(self) -> tuple[Any, Any]:
+        """``(kernel_regularizer, bias_regularizer)`` of the layer (None where there is none or no bias)."""
+        bias = getattr(self.layer, "bias_regularizer", None) if self.use_bias else None
+        return getattr(self.layer, "kernel_regularizer", None), bias
+
+    def features(self, inputs: Any, dtype: tf.DType, *, augment: bool = False) -> tf.Tensor:
+        """The features ``a`` ``[B, d]`` entering the layer (``ã`` ``[B, d + 1]`` with ``augment`` and a bias).
+
+        Raises:
+            ValueError: If the layer gets inputs of another rank than ``[batch, features]``.
+        """
+        features = tf.cast(self.extractor(inputs, training=False), dtype)
+        if features.shape.rank != 2:
+            raise ValueError(
+                f"The last Dense layer {self.name!r} receives features of shape {tuple(features.shape)}; "
+                f"{self.purpose} needs one feature vector per example ([batch, features]). Flatten or pool before "
+                "the last Dense layer."
+            )
+        return self.augment(features) if augment else features
+
+    def augment(self, features: tf.Tensor) -> tf.Tensor:
+        """``ã`` ``[B, d(+1)]``: ``features`` with a trailing column of ones when the layer has a bias."""
+        return tf.concat([features, tf.ones_like(features[:, :1])], axis=1) if self.use_bias else features
+
+    def logits(self, features: tf.Tensor) -> tf.Tensor:
+        """The pre-activation outputs ``z = a W + b`` ``[B, K]`` of features ``a`` ``[B, d]``, current weights."""
+        logits = tf.matmul(features, tf.cast(variable_tensor(self.layer.kernel), features.dtype))
+        if self.use_bias:
+            logits += tf.cast(variable_tensor(self.layer.bias), features.dtype)
+        return logits
