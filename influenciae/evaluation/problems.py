@@ -25,6 +25,7 @@ __all__ = [
     "SPLITS",
     "build_model",
     "digits",
+    "digits_loss",
     "digits_problem",
     "load_problem",
     "per_example_loss",
@@ -74,6 +75,11 @@ def seeded_split(
     order = np.random.default_rng(seed).permutation(len(inputs))
     train, test = order[:num_train], order[num_train : num_train + num_test]
     return inputs[train], labels[train], inputs[test], labels[test]
+
+
+def digits_loss() -> Any:
+    """The digits MLP's per-example loss: sparse cross-entropy on logits, reduction none (``[B]``)."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
 
 def digits_problem() -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import platform
 import re
 import time
@@ -32,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras, tf
+from influenciae._backend import tf
 from influenciae.data import from_numpy
 from influenciae.evaluation.mislabeling import MislabelingDetectorEvaluator
 from influenciae.evaluation.problems import (
     BATCH_SIZE,
+    digits_loss,
     digits_problem,
     train_digits_mlp,
 )
@@ -50,10 +52,6 @@ __all__ = [
     "run_section",
     "scorers",
 ]
-
-
-def _loss() -> Any:
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
 
 Scorer = Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
@@ -78,10 +76,10 @@ def scorers() -> dict[str, tuple[str, Scorer]]:
     network_damping = 3e-2
 
     def last_layer(model: Any) -> InfluenceModel:
-        return InfluenceModel(model, start_layer=-1, loss_function=_loss())
+        return InfluenceModel(model, start_layer=-1, loss_function=digits_loss())
 
     def all_layers(model: Any) -> InfluenceModel:
-        return InfluenceModel(model, loss_function=_loss())
+        return InfluenceModel(model, loss_function=digits_loss())
 
     table: dict[str, tuple[str, Scorer]] = {
         "influence, exact (last layer)": (
@@ -128,7 +126,7 @@ def _optional_scorers(
     from influenciae.influence.trak import TrakCalculator
 
     extra: dict[str, tuple[str, Scorer]] = {}
-    loss = _loss()
+    loss = digits_loss()
     extra["TracIn (final model, all layers)"] = (
         "TracIn with the final model as its only checkpoint, learning rate 1",
         _self_influence(lambda m, t: TracIn([all_layers(m)], 1.0)),
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(body, flush=True)
     stamp = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, Python {platform.python_version()}, TensorFlow "
-        f"{tf.__version__}, Keras {keras.__version__}"
+        f"{tf.__version__}, Keras {importlib.metadata.version('keras')}"
     )
     blocks = {name: _section_block(name, body, stamp, seconds) for name, body, seconds in bodies}
     previous = Path(arguments.output).read_text(encoding="utf-8") if Path(arguments.output).is_file() else ""
