@@ -23,7 +23,6 @@ import influenciae.cache as cache_module
 from influenciae.cache import (
     MANIFEST_NAME,
     DiskCache,
-    MemoryCache,
     ShardCache,
     canonical_configuration,
     combine_hashes,
@@ -57,11 +56,9 @@ def open_disk(path: Path, **overrides: Any) -> DiskCache:
     return DiskCache(path, **arguments)
 
 
-@pytest.fixture(params=["memory", "disk"])
-def new_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], ShardCache]:
-    """A factory for an empty cache of each kind (a disk cache reopens the same directory)."""
-    if request.param == "memory":
-        return lambda: MemoryCache(configuration=CONFIGURATION, weights_fingerprint=FINGERPRINT)
+@pytest.fixture
+def new_cache(tmp_path: Path) -> Callable[[], ShardCache]:
+    """A factory for an empty cache (it reopens the same directory)."""
     return lambda: open_disk(tmp_path / "cache")
 
 
@@ -112,17 +109,6 @@ def test_round_trip(new_cache: Callable[[], ShardCache]) -> None:
     assert cache.is_complete and cache.num_shards == 3
 
 
-def test_memory_cache_is_isolated_from_the_writer() -> None:
-    cache = MemoryCache()
-    values = np.arange(4.0)
-    cache.write_shard(0, {"self_influence": values}, first_index=0, input_hash="h")
-    values[0] = 100.0
-    stored = cache.read_shard(0)["self_influence"]
-    np.testing.assert_array_equal(stored, [0.0, 1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="read-only"):
-        stored[1] = 7.0
-
-
 def test_disk_cache_resumes_after_some_shards(tmp_path: Path) -> None:
     rows_per_shard = [3, 3, 3, 1]
     first_run = open_disk(tmp_path / "cache")
@@ -137,7 +123,7 @@ def test_disk_cache_resumes_after_some_shards(tmp_path: Path) -> None:
     resumed.mark_complete(4)
 
     reopened = open_disk(tmp_path / "cache")
-    uninterrupted = MemoryCache()
+    uninterrupted = open_disk(tmp_path / "uninterrupted")
     write_shards(uninterrupted, [0, 1, 2, 3], rows_per_shard)
     assert reopened.is_complete and reopened.num_shards == 4
     for name in ("vectors", "self_influence", "indices"):

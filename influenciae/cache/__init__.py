@@ -1,9 +1,9 @@
-"""Caches of per-training-example results (influence vectors, self-influence, ...), in memory or on disk.
+"""Disk caches of per-training-example results (influence vectors, self-influence, ...), and the files they use.
 
 A calculator streams over a batched ``tf.data`` training set and cuts it into **shards**: shard ``s`` holds
 the arrays computed from one block of consecutive batches, shard ids ``0, 1, 2, ...`` follow the dataset's
-iteration order, and every array of a shard has one row per training example (``[num_rows, ...]``). Both
-caches share one interface, so a calculator writes a single code path:
+iteration order, and every array of a shard has one row per training example (``[num_rows, ...]``). A
+calculator writes a single code path:
 
 ```python
 cache = DiskCache("runs/vectors", configuration={"method": "first_order", "damping": 0.0},
@@ -48,7 +48,6 @@ from influenciae.cache._disk import FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, Di
 from influenciae.cache._files import TEMPORARY_PREFIX, atomic_write, checksum_file, temporary_name, write_npz
 from influenciae.cache._store import (
     _OVERWRITE_HINT,  # noqa: F401 -- the CLI's hint is checked against it
-    MemoryCache,
     ShardCache,
     ShardInput,
     ShardRecord,
@@ -64,7 +63,6 @@ __all__ = [
     "ShardRecord",
     "ShardInput",
     "ShardCache",
-    "MemoryCache",
     "DiskCache",
     "fill_cache",
     "atomic_write",

@@ -19,7 +19,7 @@ from influenciae.cache.fingerprint import _to_numpy, canonical_configuration
 if TYPE_CHECKING:
     import tensorflow as tf
 
-__all__ = ["MemoryCache", "ShardCache", "ShardInput", "ShardRecord", "fill_cache"]
+__all__ = ["ShardCache", "ShardInput", "ShardRecord", "fill_cache"]
 
 _META_NAME = "__meta__"
 _ARRAY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -41,8 +41,8 @@ class ShardRecord:
         first_index: dataset index of the shard's first training example.
         input_hash: hash of the shard's input batches, given by the writer (see :func:`hash_batch`).
         arrays: array name -> ``{"dtype": numpy dtype string, "shape": [num_rows, ...]}``.
-        file: name of the shard file inside the cache directory (``None`` in memory).
-        checksum: SHA-256 of the shard file's bytes (``None`` in memory), checked on every read.
+        file: name of the shard file inside the cache directory (``None`` before it is stored).
+        checksum: SHA-256 of the shard file's bytes (``None`` before it is stored), checked on every read.
     """
 
     num_rows: int
@@ -127,10 +127,11 @@ def _array_schema(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]
 
 
 class ShardCache(abc.ABC):
-    """Interface and shared logic of :class:`MemoryCache` and :class:`DiskCache`.
+    """Interface and bookkeeping of a shard cache (:class:`~influenciae.cache.DiskCache` implements the storage).
 
-    Public methods validate and keep the bookkeeping; subclasses store and load shard arrays through the
-    private hooks ``_store``, ``_load`` and ``_save_state``.
+    Public methods validate and keep the bookkeeping; a subclass stores and loads shard arrays through the
+    private hooks ``_store``, ``_load`` and ``_save_state``. (The engine keeps in-memory results itself: a cache
+    is what outlives a process.)
     """
 
     def __init__(self, configuration: Mapping[str, Any], weights_fingerprint: str) -> None:
@@ -159,7 +160,7 @@ class ShardCache(abc.ABC):
         return "this cache"
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
-        """A context holding the cache's writer lock (re-entrant; a no-op in memory).
+        """A context holding the cache's writer lock (re-entrant; a no-op unless the storage has one).
 
         A disk cache takes an exclusive ``fcntl`` lock on its ``.influenciae.lock`` file and reloads its manifest,
         so the writes made inside see (and keep) what another process wrote before.
@@ -307,7 +308,7 @@ class ShardCache(abc.ABC):
         self._save_state()
 
     def verify_shard(self, shard_id: int) -> None:
-        """Checks that a cached shard is intact (on disk: its file's checksum and meta record; in memory: nothing).
+        """Checks that a cached shard is intact (on disk: its file's checksum and meta record).
 
         Raises:
             KeyError: if the shard is not cached.
@@ -380,43 +381,6 @@ class ShardCache(abc.ABC):
             )
 
 
-class MemoryCache(ShardCache):
-    """A :class:`ShardCache` that keeps the shards in host memory.
-
-    Arrays are copied when written and returned read-only by :meth:`read_shard`, so neither the writer nor a
-    reader can change the cached values.
-
-    Args:
-        configuration: the calculator configuration (JSON-able; checked as for :class:`DiskCache`).
-        weights_fingerprint: fingerprint of the watched weights (see :func:`fingerprint_arrays`).
-
-    Example:
-        >>> cache = MemoryCache()
-        >>> cache.write_shard(0, {"self_influence": np.ones(3)}, first_index=0, input_hash="h0")
-        >>> cache.load_all("self_influence").shape
-        (3,)
-    """
-
-    def __init__(self, *, configuration: Mapping[str, Any] | None = None, weights_fingerprint: str = "") -> None:
-        super().__init__({} if configuration is None else configuration, weights_fingerprint)
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}
-
-    def _store(self, shard_id: int, arrays: dict[str, np.ndarray], record: ShardRecord) -> ShardRecord:
-        stored = {}
-        for name, array in arrays.items():
-            copy = np.array(array, copy=True)
-            copy.setflags(write=False)
-            stored[name] = copy
-        self._arrays[shard_id] = stored
-        return record
-
-    def _load(self, shard_id: int, record: ShardRecord, names: list[str]) -> dict[str, np.ndarray]:
-        return {name: self._arrays[shard_id][name] for name in names}
-
-    def __repr__(self) -> str:
-        return f"MemoryCache(shards={self.completed_shards()}, complete={self.is_complete})"
-
-
 def fill_cache(cache: ShardCache, shards: Iterable[ShardInput]) -> None:
     """Resumes, completes or reuses a cache for the shards of the data given now, under the cache's lock.
 
@@ -426,7 +390,7 @@ def fill_cache(cache: ShardCache, shards: Iterable[ShardInput]) -> None:
     reused, so that a corrupted file is reported here, eagerly, rather than inside a later ``tf.data`` pipeline.
 
     Args:
-        cache: the cache to fill (a :class:`DiskCache` or a :class:`MemoryCache`).
+        cache: the cache to fill (a :class:`~influenciae.cache.DiskCache`).
         shards: the shards of the data in order, as :class:`ShardInput` (computed lazily).
 
     Raises:

@@ -56,11 +56,12 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from influenciae._backend import keras, tf
+from influenciae._backend import tf
 from influenciae.data import check_dataset
 from influenciae.distributed.kernels import hvp_sum
 from influenciae.hessian import InverseHessianVectorProduct, RowOperator, get_ihvp
 from influenciae.model import InfluenceModel
+from influenciae.model.loading import load_model
 
 __all__ = [
     "Sharding",
@@ -90,9 +91,12 @@ def local_replica_ids(strategy: tf.distribute.Strategy) -> list[int]:
 
 
 def load_model_in_scope(strategy: tf.distribute.Strategy, path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """``keras.models.load_model(path, **kwargs)`` under ``strategy.scope()``: variables mirrored per replica."""
-    with strategy.scope():
-        return keras.models.load_model(path, **kwargs)
+    """The saved Keras model at ``path`` loaded under ``strategy.scope()``: variables mirrored per replica.
+
+    The model wing's loader (:func:`influenciae.model.loading.load_model`, which takes ``compile=`` and
+    ``custom_objects=`` in ``kwargs``) with the strategy.
+    """
+    return load_model(path, strategy=strategy, **kwargs)
 
 
 class DistributedHessianOperator(RowOperator):
