@@ -44,6 +44,17 @@ def test_nan_in_a_later_batch_is_refused(calculator, part):
         calculator.self_influence(dataset(x, y, batch_size=4, sample_weight=weights))
 
 
+def test_a_bad_batch_met_while_iterating_a_returned_dataset_is_the_library_value_error(calculator):
+    x, y = good_data()
+    x[10, 0] = np.nan
+    bad = dataset(x, y, batch_size=4)
+    # raised inside tf.data's generator, surfaced as the library's ValueError (not an InvalidArgumentError)
+    with pytest.raises(ValueError, match=r"train_set: batch 2 .*non-finite inputs"):
+        list(calculator.compute_influence_values(bad))
+    with pytest.raises(ValueError, match=r"dataset_to_evaluate: batch 2 .*non-finite inputs"):
+        list(calculator.top_k(bad, dataset(*good_data(), batch_size=4), k=2))
+
+
 def test_inf_in_a_test_input_is_refused_not_returned(calculator):
     x, y = good_data()
     x[5, 2] = np.inf

@@ -109,6 +109,21 @@ def test_tracin_cp_from_keras_files_equals_tracin_loading_once_per_pass(problem,
     assert tracin.checkpoint_loads == 1 + 3 * (2 - 1)
 
 
+def test_tracin_cp_top_k_loads_checkpoints_per_pass_not_per_test_batch(problem, saved):
+    tracin = TracInCP(saved["keras"], RATES, loss_function=sparse_ce())
+    loads = tracin.checkpoint_loads
+    rows = list(tracin.top_k(problem["test"], problem["train"], k=3))
+    assert len(rows) == 3  # three test batches
+    # one pass for the training vectors and one for the test transforms of all three test batches: one load per
+    # pass (the other checkpoint), where loading per test batch would make 1 + 3
+    assert tracin.checkpoint_loads - loads == 2
+    indices = np.concatenate([row[2].numpy() for row in rows])
+    values = np.concatenate([row[1].numpy() for row in rows])
+    expected = np.argsort(-problem["expected"], axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(values, np.take_along_axis(problem["expected"], expected, axis=1), rtol=1e-12)
+
+
 def test_tracin_cp_from_weights_files_and_callables_equals_tracin(problem, saved):
     kept = TracInCP(
         saved["weights"], RATES, model_factory=lambda: mlp(seed=123), loss_function=sparse_ce(), keep_in_memory=True

@@ -8,8 +8,8 @@ checkpoint when loading one reads a file), so nothing here overrides an engine p
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -18,13 +18,11 @@ from influenciae.cache import combine_hashes
 from influenciae.influence._contexts import ContextHooks, Contexts, ModelContexts
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel
-from influenciae.model.checkpoints import StoredCheckpoints, weights_fingerprint
+from influenciae.model.checkpoints import StoredCheckpoints, Wrap, weights_fingerprint
 
-__all__ = ["CheckpointCalculator", "checkpoint_list", "learning_rates_of", "positive_or_none", "in_memory"]
+__all__ = ["CheckpointCalculator", "checkpoint_list", "learning_rates_of", "positive_or_none", "in_memory", "stored"]
 
 Contexts.register(StoredCheckpoints)
-
-_T = TypeVar("_T")
 
 
 def checkpoint_list(checkpoints: Any, name: str) -> list[Any]:
@@ -61,21 +59,29 @@ def positive_or_none(value: Any, name: str) -> int | None:
     return int(value)
 
 
-def _chunks(items: Iterable[_T], size: int | None) -> Iterator[list[_T]]:
-    """Consecutive groups of ``size`` items (all of them in one group when ``size`` is None)."""
-    group: list[_T] = []
-    for item in items:
-        group.append(item)
-        if size is not None and len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def in_memory(models: list[InfluenceModel]) -> ModelContexts:
     """Checkpoints held in memory as InfluenceModels (switching costs nothing)."""
     return ModelContexts(models, weights_fingerprint)
+
+
+def stored(
+    items: list[Any],
+    wrap: Wrap,
+    *,
+    model_factory: Callable[[], Any] | None,
+    keep_in_memory: bool,
+    custom_objects: dict[str, Any] | None,
+    loss_function: Any,
+) -> StoredCheckpoints:
+    """Checkpoints loaded one at a time into one Keras model (``model.checkpoints.StoredCheckpoints``)."""
+    return StoredCheckpoints(
+        items,
+        wrap,
+        model_factory=model_factory,
+        keep_in_memory=keep_in_memory,
+        custom_objects=custom_objects,
+        explicit_loss=loss_function is not None,
+    )
 
 
 class CheckpointCalculator(ContextHooks, BaseInfluenceCalculator):
@@ -97,18 +103,17 @@ class CheckpointCalculator(ContextHooks, BaseInfluenceCalculator):
     def __init__(
         self,
         checkpoints: Contexts,
-        learning_rates: np.ndarray,
+        learning_rates: Any,
         *,
         batches_per_load: int | None,
         show_progress: bool,
         batches_per_shard: int,
     ) -> None:
         super().__init__(checkpoints.reference, show_progress=show_progress, batches_per_shard=batches_per_shard)
-        checkpoints.batches_per_load = batches_per_load
+        self.learning_rates = learning_rates_of(learning_rates, len(checkpoints))
+        self.batches_per_load = checkpoints.batches_per_load = positive_or_none(batches_per_load, "batches_per_load")
         self.contexts = self.checkpoints = checkpoints
-        self.learning_rates = learning_rates
-        self.batches_per_load = batches_per_load
-        self._rates = [tf.constant(rate, self.model.dtype) for rate in learning_rates]
+        self._rates = [tf.constant(rate, self.model.dtype) for rate in self.learning_rates]
 
     @property
     def num_checkpoints(self) -> int:

@@ -17,13 +17,11 @@ from influenciae.influence._checkpoints import (
     CheckpointCalculator,
     checkpoint_list,
     in_memory,
-    learning_rates_of,
-    positive_or_none,
+    stored,
 )
 from influenciae.influence._contexts import Contexts
 from influenciae.model import InfluenceModel
 from influenciae.model.checkpoints import (
-    StoredCheckpoints,
     fast_tracin_dense,
     last_dense_head,
     last_dense_wrap,
@@ -39,20 +37,18 @@ class _LastDenseCalculator(CheckpointCalculator):
 
     def __init__(
         self,
-        checkpoints: Any,
-        learning_rates: Any,
-        model_factory: Callable[[], Any] | None,
+        checkpoints: Sequence[Any],
+        learning_rates: float | Sequence[float],
+        model_factory: Callable[[], Any] | None = None,
         *,
-        loss_function: Any,
-        keep_in_memory: bool,
-        batches_per_load: int | None,
-        custom_objects: dict[str, Any] | None,
-        show_progress: bool,
-        batches_per_shard: int,
+        loss_function: Any = None,
+        keep_in_memory: bool = False,
+        batches_per_load: int | None = None,
+        custom_objects: dict[str, Any] | None = None,
+        show_progress: bool = False,
+        batches_per_shard: int = 16,
     ) -> None:
         items = checkpoint_list(checkpoints, "checkpoints")
-        rates = learning_rates_of(learning_rates, len(items))
-        batches_per_load = positive_or_none(batches_per_load, "batches_per_load")
         wrap = last_dense_wrap(loss_function)
         source: Contexts
         if model_factory is None and all(is_model(item) for item in items):
@@ -60,17 +56,11 @@ class _LastDenseCalculator(CheckpointCalculator):
                 raise ValueError("loss_function configures Keras models; configure the InfluenceModels instead.")
             source = in_memory([reuse_or_wrap(item, wrap) for item in items])
         else:
-            source = StoredCheckpoints(
-                items,
-                wrap,
-                model_factory=model_factory,
-                keep_in_memory=keep_in_memory,
-                custom_objects=custom_objects,
-                explicit_loss=loss_function is not None,
-            )
+            options = {"keep_in_memory": keep_in_memory, "custom_objects": custom_objects}
+            source = stored(items, wrap, model_factory=model_factory, loss_function=loss_function, **options)
         super().__init__(
             source,
-            rates,
+            learning_rates,
             batches_per_load=batches_per_load,
             show_progress=show_progress,
             batches_per_shard=batches_per_shard,
@@ -128,31 +118,6 @@ class TracInCPFast(_LastDenseCalculator):
     """
 
     method_name = "tracin_cp_fast"
-
-    def __init__(
-        self,
-        checkpoints: Sequence[Any],
-        learning_rates: float | Sequence[float],
-        model_factory: Callable[[], Any] | None = None,
-        *,
-        loss_function: Any = None,
-        keep_in_memory: bool = False,
-        batches_per_load: int | None = None,
-        custom_objects: dict[str, Any] | None = None,
-        show_progress: bool = False,
-        batches_per_shard: int = 16,
-    ) -> None:
-        super().__init__(
-            checkpoints,
-            learning_rates,
-            model_factory,
-            loss_function=loss_function,
-            keep_in_memory=keep_in_memory,
-            batches_per_load=batches_per_load,
-            custom_objects=custom_objects,
-            show_progress=show_progress,
-            batches_per_shard=batches_per_shard,
-        )
 
     def _vectors_from(self, features: list[Any]) -> tf.Tensor:
         parts = [tf.concat([a, rate * g], axis=1) for rate, (a, g) in zip(self._rates, features, strict=True)]
@@ -226,12 +191,7 @@ class TracInCPFastRandProj(_LastDenseCalculator):
         *,
         projection_dim: int,
         seed: int = 0,
-        loss_function: Any = None,
-        keep_in_memory: bool = False,
-        batches_per_load: int | None = None,
-        custom_objects: dict[str, Any] | None = None,
-        show_progress: bool = False,
-        batches_per_shard: int = 16,
+        **options: Any,
     ) -> None:
         if isinstance(projection_dim, bool) or not isinstance(projection_dim, (int, np.integer)) or projection_dim <= 0:
             raise ValueError(f"projection_dim must be a positive integer, got {projection_dim!r}.")
@@ -239,17 +199,7 @@ class TracInCPFastRandProj(_LastDenseCalculator):
             raise TypeError(f"seed must be an integer, got {seed!r}.")
         self.projection_dim = int(projection_dim)
         self.seed = int(seed)
-        super().__init__(
-            checkpoints,
-            learning_rates,
-            model_factory,
-            loss_function=loss_function,
-            keep_in_memory=keep_in_memory,
-            batches_per_load=batches_per_load,
-            custom_objects=custom_objects,
-            show_progress=show_progress,
-            batches_per_shard=batches_per_shard,
-        )
+        super().__init__(checkpoints, learning_rates, model_factory, **options)
         generator = np.random.default_rng(self.seed)
         scale = 1.0 / np.sqrt(self.projection_dim)
         self._projections = []

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, fingerprint_arrays
@@ -33,15 +32,18 @@ from influenciae.cache.fingerprint import model_identity
 from influenciae.cache.shards import fill_vector_cache, read_vector_cache
 from influenciae.data import (
     IndexedStream,
-    check_dataset,
-    check_first_batch,
-    checked_iteration,
-    sparse_classes,
     stream_dataset,
-    with_checks,
-    with_indices,
 )
 from influenciae.influence._contexts import TRANSFORMS, VECTORS, Contexts, context_self_influence, context_values
+from influenciae.influence._streams import (
+    Streams,
+    _check_finite,
+    chunks,
+    merged_batch,
+    merged_indices,
+    row_groups,
+    split_rows,
+)
 from influenciae.model import InfluenceModel
 from influenciae.search import NearestNeighbors, StreamingTopK, TopK, get_nearest_neighbors
 from influenciae.types import CACHE, ORDER
@@ -52,7 +54,7 @@ Block = tuple[tf.Tensor, tf.Tensor]  # (training indices [n] int64, vectors [n, 
 Pair = tuple[tf.Tensor, Any]  # (indices [B] int64, batch)
 
 
-class BaseInfluenceCalculator(abc.ABC):
+class BaseInfluenceCalculator(Streams, abc.ABC):
     """Everything a calculator offers, built on three hooks.
 
     Args:
@@ -137,15 +139,6 @@ class BaseInfluenceCalculator(abc.ABC):
         the training side in one pass, without influence vectors.
         """
         raise NotImplementedError(f"{type(self).__name__} has no test-side scores: keep inverse_side='training'.")
-
-    def _batch_check(self) -> tuple[Callable[[Any], Any], str] | None:
-        """What the first batch of a dataset is checked against: ``(function, what it computes)``, or ``None``.
-
-        ``None`` (default): :meth:`InfluenceModel.validate_batch`, the model and its loss. Calculators that use no
-        loss (activations, decision boundaries) check the part of the model they run (see
-        :func:`~influenciae.data.check_first_batch`).
-        """
-        return None
 
     # ------------------------------------------------------------------ eager conveniences (numpy, dataset order)
 
@@ -360,7 +353,7 @@ class BaseInfluenceCalculator(abc.ABC):
         def generate() -> Iterator[tuple[Any, tf.Tensor, tf.Tensor]]:
             # the same grouped pass as every other (one load per context and block, not per test batch)
             for group, transforms in self._evaluate(test.batches(self._bar("top-k")), TRANSFORMS):
-                for (_, batch), part in zip(group, _split_rows(transforms, group), strict=True):
+                for (_, batch), part in zip(group, split_rows(transforms, group), strict=True):
                     indices, values = search(part, k, order)
                     yield batch, values, indices
 
@@ -394,6 +387,9 @@ class BaseInfluenceCalculator(abc.ABC):
 
     def configuration(self) -> dict[str, Any]:
         """Everything that determines the influence vectors, as stored in disk-cache manifests."""
+        identity = model_identity(self.model)
+        if self._contexts() is not None:  # the active context's values; _configuration pins every context's
+            identity["watched_weights"] = [{**w, "fingerprint": None} for w in identity["watched_weights"]]
         return {
             "method": self.method_name,
             "calculator": type(self).__name__,
@@ -401,7 +397,7 @@ class BaseInfluenceCalculator(abc.ABC):
             # shapes, not names: Keras names layers per session ("dense_5"), so names would refuse a valid cache
             "weight_shapes": [list(shape) for shape in self.model.weight_shapes],
             # loss configuration, watched weights (position, shape, values), gradient_dtype: see cache/fingerprint.py
-            "model": model_identity(self.model),
+            "model": identity,
             **self._configuration(),
         }
 
@@ -409,75 +405,11 @@ class BaseInfluenceCalculator(abc.ABC):
         """A hash of all the Keras model's weights (a cache made with other weights is refused)."""
         return fingerprint_arrays(weight.numpy() for weight in self.model.model.weights)
 
-    def check_batches(self, dataset: tf.data.Dataset, *, name: str = "dataset") -> None:
-        """Run the per-batch input checks over a whole dataset without computing anything.
-
-        The same in-graph checks every pass of the engine applies (finite inputs, targets and sample weights;
-        sparse labels that are whole numbers in ``[0, C)`` for a ``[B, C]`` output), for datasets that a solver
-        reads before the engine does (e.g. the Hessian dataset). Costs one read of the data.
-
-        Args:
-            dataset: A batched dataset of ``(inputs, targets[, sample_weight])``.
-            name: The argument's name, for the message.
-
-        Raises:
-            ValueError: If a batch fails a check; the message names the batch and the fix.
-        """
-        check_dataset(dataset, name=name)
-        for _ in checked_iteration(self._checked(dataset), name=name):
-            pass
-
     # ------------------------------------------------------------------ internals: validation once, streams
 
     @property
     def _uses_dot_product(self) -> bool:
         return type(self)._inner is BaseInfluenceCalculator._inner
-
-    def _bar(self, description: str) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
-        """A progress-bar wrapper for a pass, or ``None`` without progress bars."""
-        if not self.show_progress:
-            return None
-        name = type(self).__name__
-        return lambda items: tqdm(items, desc=f"{name}: {description}", unit="batch", dynamic_ncols=True)
-
-    def _stream(self, dataset: tf.data.Dataset, name: str) -> IndexedStream:
-        """Validate ``dataset`` once (structure, first batch against the model) and return its indexed stream."""
-        check_dataset(dataset, name=name)
-        validated: dict[int, tf.data.Dataset] = self.__dict__.setdefault("_validated", {})
-        if validated.get(id(dataset)) is not dataset:
-            self._validate_first_batch(dataset)
-            if len(validated) >= _CHECKED_PIPELINES:
-                validated.pop(next(iter(validated)))
-            validated[id(dataset)] = dataset
-        return IndexedStream(dataset, self._checked(dataset), name)
-
-    def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
-        check = self._batch_check()
-        if check is not None:
-            check_first_batch(dataset, *check)
-            return
-        for batch in dataset.take(1):
-            self.model.validate_batch(batch)
-
-    def _checked(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
-        """The indexed, checked pipeline of ``dataset``, reused for the last few datasets (its map traces once).
-
-        Held strongly for at most ``_CHECKED_PIPELINES`` datasets (a pipeline references its dataset, so a weak
-        mapping would never let go of them either).
-        """
-        pipelines: dict[int, tuple[tf.data.Dataset, tf.data.Dataset]] = self.__dict__.setdefault("_pipelines", {})
-        entry = pipelines.get(id(dataset))
-        if entry is not None and entry[0] is dataset:
-            return entry[1]
-        checked = with_indices(with_checks(dataset, num_classes=self._sparse_classes(dataset)))
-        if len(pipelines) >= _CHECKED_PIPELINES:
-            pipelines.pop(next(iter(pipelines)))
-        pipelines[id(dataset)] = (dataset, checked)
-        return checked
-
-    def _sparse_classes(self, dataset: tf.data.Dataset) -> int | None:
-        """``C`` when the targets are sparse class labels for a ``[B, C]`` output (``C > 1``), else ``None``."""
-        return sparse_classes(self.model.model, dataset)
 
     # ------------------------------------------------------------------ internals: passes
 
@@ -489,20 +421,20 @@ class BaseInfluenceCalculator(abc.ABC):
         """
         contexts = self._contexts()
         if contexts is not None and contexts.expensive:
-            for group in _chunks(pairs, None if whole else contexts.batches_per_load):
+            for group in chunks(pairs, None if whole else contexts.batches_per_load):
                 yield group, context_values(self, [batch for _, batch in group], side)
             return
         hook = self._influence_vectors if side == VECTORS else self._transforms
-        for group in _row_groups(pairs, self._solve_block_rows()):
-            yield group, hook(_merged_batch(group))
+        for group in row_groups(pairs, self._solve_block_rows()):
+            yield group, hook(merged_batch(group))
 
     def _transform_stream(self, test: IndexedStream) -> Iterator[Block]:
         for group, transforms in self._evaluate(test.batches(self._bar("test transforms")), TRANSFORMS):
-            yield _merged_indices(group), transforms
+            yield merged_indices(group), transforms
 
     def _compute_vectors(self, train: IndexedStream) -> Iterator[Block]:
         for group, vectors in self._evaluate(train.batches(self._bar("influence vectors")), VECTORS):
-            yield _merged_indices(group), vectors
+            yield merged_indices(group), vectors
 
     def _self_influence_stream(self, train: IndexedStream) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
         """``(indices [B], batch, self-influence [B])`` per batch of ``train``."""
@@ -510,10 +442,10 @@ class BaseInfluenceCalculator(abc.ABC):
         if contexts is not None and contexts.expensive:
             yield from context_self_influence(self, train, self._bar)
             return
-        for group in _row_groups(train.batches(self._bar("self-influence")), self._solve_block_rows()):
+        for group in row_groups(train.batches(self._bar("self-influence")), self._solve_block_rows()):
             # one solve for the whole block (iterative solvers pay per call), values handed back per batch
-            values = self._self_influence(_merged_batch(group))
-            for (indices, batch), part in zip(group, _split_rows(values, group), strict=True):
+            values = self._self_influence(merged_batch(group))
+            for (indices, batch), part in zip(group, split_rows(values, group), strict=True):
                 yield indices, batch, part
 
     def _vector_source(
@@ -567,64 +499,3 @@ class BaseInfluenceCalculator(abc.ABC):
             strategy = get_nearest_neighbors(nearest_neighbors)
         strategy.build(source)
         return strategy.query
-
-
-_CHECKED_PIPELINES = 4  # datasets whose checked pipeline (and first-batch check) a calculator keeps
-
-
-def _chunks(items: Iterable[Pair], size: int | None) -> Iterator[list[Pair]]:
-    """Consecutive groups of ``size`` items (all of them in one group when ``size`` is None)."""
-    group: list[Pair] = []
-    for item in items:
-        group.append(item)
-        if size is not None and len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _row_groups(stream: Iterable[Pair], rows: int) -> Iterator[list[Pair]]:
-    """Consecutive ``(indices, batch)`` pairs grouped until a group holds at least ``rows`` examples (1: one each)."""
-    group: list[Pair] = []
-    count = 0
-    for indices, batch in stream:
-        group.append((indices, batch))
-        count += int(tf.shape(indices)[0])
-        if count >= rows:
-            yield group
-            group, count = [], 0
-    if group:
-        yield group
-
-
-def _merged_indices(group: list[Pair]) -> tf.Tensor:
-    return group[0][0] if len(group) == 1 else tf.concat([indices for indices, _ in group], axis=0)
-
-
-def _merged_batch(group: list[Pair]) -> Any:
-    """The group's batches (same nested structure) concatenated along the example axis."""
-    if len(group) == 1:
-        return group[0][1]
-    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *[batch for _, batch in group])
-
-
-def _split_rows(values: tf.Tensor, group: list[Pair]) -> list[tf.Tensor]:
-    """Values of a group's rows handed back per batch."""
-    if len(group) == 1:
-        return [values]
-    return tf.split(values, [int(tf.shape(indices)[0]) for indices, _ in group])
-
-
-def _check_finite(values: np.ndarray, method: str, kind: str, *, allow_infinite: bool = False) -> np.ndarray:
-    """Return ``values`` if all are finite, else raise a ``ValueError`` naming the first offending examples."""
-    finite = ~np.isnan(values) if allow_infinite else np.isfinite(values)
-    if finite.all():
-        return values
-    bad = np.argwhere(~finite)
-    shown = ", ".join(str(tuple(int(i) for i in row)) if row.size > 1 else str(int(row[0])) for row in bad[:5])
-    raise ValueError(
-        f"{method} produced {int(bad.shape[0])} non-finite value(s), at {kind} example index(es) {shown}"
-        f"{' ...' if bad.shape[0] > 5 else ''}. Check those examples' inputs for huge or invalid values, and if the "
-        "inputs are sound the inverse Hessian is ill-conditioned: pass a larger damping to the IHVP solver."
-    )

@@ -41,14 +41,13 @@ from influenciae.influence._checkpoints import (
     CheckpointCalculator,
     checkpoint_list,
     in_memory,
-    learning_rates_of,
-    positive_or_none,
+    stored,
 )
 from influenciae.influence._contexts import ModelContexts
 from influenciae.influence._tracin_fast import TracInCPFast, TracInCPFastRandProj
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
-from influenciae.model.checkpoints import StoredCheckpoints, Wrap
+from influenciae.model.checkpoints import Wrap
 from influenciae.model.loading import is_model
 
 __all__ = ["TracIn", "TracInCP", "TracInCPFast", "TracInCPFastRandProj"]
@@ -134,7 +133,6 @@ class TracIn(_GradientTracIn):
     ) -> None:
         self.measurement = as_measurement(measurement)
         items = checkpoint_list(models, "models")
-        rates = learning_rates_of(learning_rates, len(items))
         for index, item in enumerate(items):
             if not is_model(item):
                 raise TypeError(
@@ -155,7 +153,7 @@ class TracIn(_GradientTracIn):
         ]
         super().__init__(
             in_memory(models_),
-            rates,
+            learning_rates,
             batches_per_load=None,
             show_progress=show_progress,
             batches_per_shard=batches_per_shard,
@@ -187,7 +185,7 @@ class TracInCP(_GradientTracIn):
       checkpoint: each checkpoint is loaded once per block of ``batches_per_load`` batches (once per pass when
       ``None``, the default: memory then holds that pass's vectors, which ``CACHE.MEMORY`` keeps anyway), once
       per cache shard when writing a disk cache, once per pass for self-influence (``O(N)`` memory). Set
-      ``batches_per_load`` to bound memory with ``CACHE.NO_CACHE``. ``top_k`` loads per test batch.
+      ``batches_per_load`` to bound memory with ``CACHE.NO_CACHE``; ``top_k``'s test batches go block by block too.
 
     ``checkpoint_loads`` counts the loads. Disk caches are keyed by the learning rates and by the SHA-256 of each
     checkpoint file (weights of callables, assumed to return the same weights every call).
@@ -236,20 +234,17 @@ class TracInCP(_GradientTracIn):
         measurement: Measurement | Any = None,
     ) -> None:
         self.measurement = as_measurement(measurement)
-        items = checkpoint_list(checkpoints, "checkpoints")
-        rates = learning_rates_of(learning_rates, len(items))
-        batches_per_load = positive_or_none(batches_per_load, "batches_per_load")
-        source = StoredCheckpoints(
-            items,
+        source = stored(
+            checkpoint_list(checkpoints, "checkpoints"),
             _gradient_wrap(start_layer, last_layer, loss_function),
             model_factory=model_factory,
             keep_in_memory=keep_in_memory,
             custom_objects=custom_objects,
-            explicit_loss=loss_function is not None,
+            loss_function=loss_function,
         )
         super().__init__(
             source,
-            rates,
+            learning_rates,
             batches_per_load=batches_per_load,
             show_progress=show_progress,
             batches_per_shard=batches_per_shard,

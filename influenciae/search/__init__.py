@@ -10,9 +10,10 @@ faiss index for millions of rows. Partial results over disjoint shards merge exa
 from __future__ import annotations
 
 from influenciae.search.ann import FaissNearestNeighbors
-from influenciae.search.base import NearestNeighbors, TopK, get_nearest_neighbors, merge_top_k
+from influenciae.search.base import NearestNeighbors, get_nearest_neighbors, merge_top_k
 from influenciae.search.linear import LinearNearestNeighbors
 from influenciae.search.streaming import StreamingTopK
+from influenciae.search.topk import TopK
 
 __all__ = [
     "FaissNearestNeighbors",

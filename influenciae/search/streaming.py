@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from influenciae.search.base import Block, BlockSource, NearestNeighbors, TopK
+from influenciae.search.base import Block, BlockSource, NearestNeighbors
+from influenciae.search.topk import TopK
 from influenciae.types import ORDER
 
 Score = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -18,7 +19,7 @@ class StreamingTopK(NearestNeighbors, name="streaming"):
 
     ``build`` only keeps the re-iterable stream; every ``query`` makes one pass over it, computing ``queries @
     blockᵀ`` for each block and merging the block's top-k into a running ``[num_queries, k]`` buffer
-    (:class:`~influenciae.search.base.TopK`). Memory is ``O(num_queries × (k + block))``, whatever the
+    (:class:`~influenciae.search.topk.TopK`). Memory is ``O(num_queries × (k + block))``, whatever the
     number of training vectors, at the price of recomputing (or re-reading) the training vectors for each
     query batch: use it when they are streamed from disk or recomputed on the fly. Scores are in the dtype of
     the training vectors.
