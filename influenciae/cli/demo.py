@@ -10,7 +10,7 @@ from influenciae.cli.common import EXIT_OK, _UsageError
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from influenciae.hessian import registered_solvers  # the package (and TensorFlow) is imported already
+    from influenciae.hessian.registry import registered_solvers  # TensorFlow is imported already
 
     parser.add_argument("--output", "-o", default="runs/demo", help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=integer_at_least(0), default=0, help="random seed (default: %(default)s)")

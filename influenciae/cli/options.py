@@ -75,7 +75,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser, *, pairwise_only: bool) -> None:
-    from influenciae.hessian import registered_solvers
+    from influenciae.hessian.registry import registered_solvers
 
     names = [name for name, method in METHODS.items() if method.pairwise or not pairwise_only]
     group = parser.add_argument_group("method")
@@ -166,9 +166,9 @@ def _check_method_options(args: argparse.Namespace) -> dict[str, Any]:
         raise _UsageError("for a tfds dataset give both --x-key and --y-key, or neither (the supervised keys)")
     options = dict(args.solver_options or [])
     if options:
-        from influenciae.hessian.base import InverseHessianVectorProduct
+        from influenciae.hessian.registry import SOLVER_REGISTRY
 
-        solver = InverseHessianVectorProduct._registry[args.solver or "exact"]
+        solver = SOLVER_REGISTRY.get(args.solver or "exact")
         accepted = [
             name
             for name, parameter in inspect.signature(solver.__init__).parameters.items()
