@@ -13,7 +13,13 @@ from engine_checks import check_calculator_invariants
 from helpers import FLOAT, dataset, sparse_ce
 
 from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae.hessian import CURVATURE_REGISTRY, SOLVER_REGISTRY, registered_solvers, resolve_solver
+from influenciae.hessian import (
+    CURVATURE_REGISTRY,
+    SOLVER_REGISTRY,
+    InverseHessianVectorProduct,
+    registered_solvers,
+    resolve_solver,
+)
 from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator, registered_methods
 
 NUM_TRAIN, NUM_TEST, NUM_FEATURES, NUM_CLASSES = 24, 6, 3, 3
@@ -80,6 +86,12 @@ def test_every_registered_solver_inverts_its_own_operator(problem, name):
     assert solutions.shape == vectors.shape
     error = np.linalg.norm(solver.hvp(solutions).numpy() - vectors) / np.linalg.norm(vectors)
     assert error <= SOLVER_TOLERANCE.get(name, 1e-10)
+    state = solver.export_state()  # its own fitted state, solved with again without the data
+    assert state.kind == solver.fitted_state
+    if state.kind != "none":
+        restored = InverseHessianVectorProduct.from_state(state)
+        np.testing.assert_allclose(restored.solve(vectors).numpy(), solutions.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(restored.hvp(solutions).numpy(), vectors, rtol=1e-7, atol=1e-7)
     assert resolve_solver(solver, influence_model, train, damping=0.0) is solver  # an instance keeps its damping
     with pytest.raises(ValueError, match="cannot be applied to an already built solver"):
         resolve_solver(solver, influence_model, train, damping=0.1)

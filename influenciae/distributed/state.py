@@ -11,8 +11,9 @@ summarized in a few arrays that every worker loads:
   ``tf.distribute`` strategy). Scores and top-k against those test examples need only them: one gradient per
   training example and a matmul.
 
-The state is saved as one ``.npz`` file written atomically (temporary name, fsync, rename) with the fingerprint of
-the model's weights, so that a restarted job reloads it instead of recomputing it, and a state made with other
+The state is saved as one pickle-free ``.npz`` file written atomically (temporary name, fsync, rename), its
+manifest (the library's one format, :mod:`influenciae.cache`) a member of it with the fingerprint of the model's
+weights, so that a restarted job reloads it instead of recomputing it, and a state made with other
 weights is refused.
 """
 
@@ -27,18 +28,21 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.cache import atomic_write, fingerprint_arrays
+from influenciae.cache import atomic_write, fingerprint_arrays, manifest_array, parse_manifest, write_npz
 from influenciae.cache.fingerprint import canonical_configuration, dataset_fingerprint, describe_differences
 from influenciae.cache.fingerprint import model_identity as _model_identity
 from influenciae.data import check_dataset
-from influenciae.hessian import ArnoldiIHVP, ExactIHVP, InverseHessianVectorProduct, RowOperator
+from influenciae.hessian import InverseHessianVectorProduct, RowOperator
+from influenciae.hessian.base import STATE_KINDS
 from influenciae.model import InfluenceModel
 from influenciae.model.loading import load_influence_model
 
 __all__ = ["SavedSolver", "SolverState", "model_fingerprint", "load_influence_model"]
 
-_FORMAT = "influenciae.solver_state.v1"
-_PRECONDITIONERS = ("inverse", "eigen", "none")
+_KIND = "influenciae.solver_state"
+_FORMAT_VERSION = 2  # 1: a JSON string member "meta" written by np.savez
+_MANIFEST_MEMBER = "manifest"
+_PRECONDITIONERS = STATE_KINDS
 
 
 def model_fingerprint(model: InfluenceModel) -> str:
@@ -113,8 +117,8 @@ class SolverState:
             model: The wrapped model.
             ihvp: Any solver of the model (its ``solve`` computes the test factors).
             test_set: Batched test dataset whose factors ``H⁻¹∇ℓ(x)`` are stored (needed for ``"top_k"`` scoring).
-            preconditioner: ``"auto"`` (``"inverse"`` for :class:`ExactIHVP`, ``"eigen"`` for
-                :class:`ArnoldiIHVP`, ``"none"`` otherwise), or one of those names.
+            preconditioner: ``"auto"`` (what the solver's ``export_state()`` gives: ``"inverse"`` for ExactIHVP,
+                ``"eigen"`` for ArnoldiIHVP, ``"none"`` otherwise), or one of those names.
             request: What the caller asked for (JSON-able), recorded and compared by :meth:`load`'s ``request``.
 
         Raises:
@@ -122,24 +126,8 @@ class SolverState:
         """
         if ihvp.nb_params != model.nb_params:
             raise ValueError(f"The solver works on {ihvp.nb_params} parameters, the model on {model.nb_params}.")
-        if preconditioner == "auto":
-            preconditioner = (
-                "inverse" if isinstance(ihvp, ExactIHVP) else "eigen" if isinstance(ihvp, ArnoldiIHVP) else "none"
-            )
-        arrays: dict[str, np.ndarray] = {}
-        if preconditioner == "inverse":
-            if not isinstance(ihvp, ExactIHVP):
-                raise ValueError("preconditioner='inverse' needs an ExactIHVP solver (the dense inverse is P x P).")
-            identity = tf.eye(model.nb_params, dtype=ihvp.dtype)
-            inverse = ihvp.solve(identity).numpy()
-            arrays["inverse"] = (inverse + inverse.T) / 2.0
-        elif preconditioner == "eigen":
-            if not isinstance(ihvp, ArnoldiIHVP):
-                raise ValueError("preconditioner='eigen' needs an ArnoldiIHVP solver (its low-rank eigenpairs).")
-            arrays["eigenvalues"] = ihvp.eigenvalues.numpy()
-            arrays["eigenvectors"] = ihvp.eigenvectors.numpy()
-        elif preconditioner != "none":
-            raise ValueError(f"preconditioner must be 'auto' or one of {_PRECONDITIONERS}, got {preconditioner!r}.")
+        exported = ihvp.export_state(preconditioner)  # each solver exports its own fitted state
+        preconditioner, arrays = exported.kind, dict(exported.arrays)
         if test_set is not None:
             check_dataset(test_set, name="test_set")
             blocks = [ihvp.solve(model.batch_jacobian_tensor(batch)).numpy() for batch in test_set]
@@ -272,18 +260,17 @@ class SolverState:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         meta = {
-            "format": _FORMAT,
             "preconditioner": self.preconditioner,
             "weights_fingerprint": self.weights_fingerprint,
             "configuration": self.configuration,
             "identity": self.identity,
         }
-        arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
+        arrays = {_MANIFEST_MEMBER: manifest_array(_KIND, _FORMAT_VERSION, meta)}
         for name in ("inverse", "eigenvalues", "eigenvectors", "factors"):
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = np.asarray(value)
-        atomic_write(target, lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
+        atomic_write(target, lambda handle: write_npz(handle, arrays))
         return target
 
     @classmethod
@@ -310,11 +297,14 @@ class SolverState:
         if not source.is_file():
             raise FileNotFoundError(f"No solver state at {source}.")
         with np.load(source, allow_pickle=False) as archive:
-            if "meta" not in archive:
-                raise ValueError(f"{source} is not a solver state written by SolverState.save.")
-            meta = json.loads(str(archive["meta"]))
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{source} has format {meta.get('format')!r}, expected {_FORMAT!r}.")
+            if _MANIFEST_MEMBER not in archive:
+                older = " of an older format: recompute it" if "meta" in archive else " written by SolverState.save"
+                raise ValueError(f"{source} is not a solver state{older}.")
+            meta = parse_manifest(archive[_MANIFEST_MEMBER].tobytes(), _KIND, source=str(source), what="a solver state")
+            if meta.get("format_version") != _FORMAT_VERSION:
+                raise ValueError(
+                    f"{source} has solver-state format {meta.get('format_version')!r}, expected {_FORMAT_VERSION}."
+                )
             arrays = {
                 name: archive[name] for name in ("inverse", "eigenvalues", "eigenvectors", "factors") if name in archive
             }

@@ -1,7 +1,7 @@
 """Hessian, Gauss-Newton and Fisher operators and the inverse-Hessian-vector-product solvers."""
 
 from influenciae.hessian.arnoldi import ArnoldiIHVP
-from influenciae.hessian.base import InverseHessianVectorProduct, get_ihvp, registered_solvers
+from influenciae.hessian.base import STATE_KINDS, FittedState, InverseHessianVectorProduct, get_ihvp, registered_solvers
 from influenciae.hessian.conjugate_gradient import ConjugateGradientDescentIHVP, ConvergenceInfo
 from influenciae.hessian.diagonal import DiagonalIHVP, IdentityIHVP
 from influenciae.hessian.exact import ExactIHVP, PseudoInverseIHVP
@@ -15,6 +15,7 @@ from influenciae.hessian.ggn import (
 )
 from influenciae.hessian.kfac import EKFACIHVP, KFACIHVP, BlockDiagonalIHVP, CurvatureBlock
 from influenciae.hessian.lissa import LissaIHVP, largest_eigenvalue
+from influenciae.hessian.low_rank import LowRankEigenIHVP
 from influenciae.hessian.nystrom import NystromIHVP
 from influenciae.hessian.operator import DampedOperator, HessianOperator, RowOperator, as_row_operator, damped
 from influenciae.hessian.registry import CURVATURE_REGISTRY, SOLVER_REGISTRY, Registry, resolve_solver
@@ -23,6 +24,7 @@ __all__ = [
     "CURVATURES",
     "CURVATURE_REGISTRY",
     "SOLVER_REGISTRY",
+    "STATE_KINDS",
     "EKFACIHVP",
     "KFACIHVP",
     "ArnoldiIHVP",
@@ -34,6 +36,7 @@ __all__ = [
     "DampedOperator",
     "DiagonalIHVP",
     "EmpiricalFisherOperator",
+    "FittedState",
     "ExactIHVP",
     "FisherOperator",
     "GaussNewtonOperator",
@@ -41,6 +44,7 @@ __all__ = [
     "IdentityIHVP",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "LowRankEigenIHVP",
     "NystromIHVP",
     "PseudoInverseIHVP",
     "Registry",

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, relative_tolerance
+from influenciae.hessian.base import refuse_half_precision, relative_tolerance
+from influenciae.hessian.low_rank import LowRankEigenIHVP
 from influenciae.model import InfluenceModel
 
 LOGGER = logging.getLogger("influenciae")
@@ -17,7 +18,7 @@ LOGGER = logging.getLogger("influenciae")
 __all__ = ["ArnoldiIHVP", "arnoldi_iteration"]
 
 
-class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
+class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
     """Invert ``H + λI`` on the span of its ``k_largest_eig_vals`` eigenpairs of LARGEST magnitude.
 
     Runs ``subspace_dim`` Arnoldi steps (one operator product each, with full re-orthogonalization), diagonalizes the
@@ -47,6 +48,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         >>> ihvp.eigenvalues[:5]
     """
 
+    damping_in_eigenvalues = True  # the eigenpairs of H + λI: solutions stay in their span
+    fitted_state = "eigen"
+
     def __init__(
         self,
         model: InfluenceModel | None,
@@ -57,18 +61,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         damping: float = 0.0,
         *,
         seed: int = 0,
-        operator: Any | None = None,
-        curvature: str = "hessian",
-        curvature_options: dict[str, Any] | None = None,
+        **operator_options: Any,
     ) -> None:
-        super().__init__(
-            model,
-            dataset,
-            damping=damping,
-            operator=operator,
-            curvature=curvature,
-            curvature_options=curvature_options,
-        )
+        super().__init__(model, dataset, damping=damping, seed=seed, **operator_options)
         refuse_half_precision(self.dtype, "ArnoldiIHVP", "the eigendecomposition of its Krylov projection")
         subspace_dim = min(self.nb_params, 200) if subspace_dim is None else subspace_dim
         if k_largest_eig_vals is None:
@@ -94,25 +89,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
         self.subspace_dim = subspace_dim
         self.k_largest_eig_vals = k_largest_eig_vals
         self.force_hermitian = force_hermitian
-        self.seed = seed
-        self._eigenvalues: tf.Tensor | None = None
-        self._eigenvectors: tf.Tensor | None = None
 
-    @property
-    def eigenvalues(self) -> tf.Tensor:
-        """``[k]`` eigenvalues of ``H + λI`` of largest magnitude, in decreasing magnitude."""
-        self._decompose()
-        return self._eigenvalues
-
-    @property
-    def eigenvectors(self) -> tf.Tensor:
-        """``[k, P]`` matching orthonormal eigenvectors (rows)."""
-        self._decompose()
-        return self._eigenvectors
-
-    def _decompose(self) -> None:
-        if self._eigenvalues is not None:
-            return
+    def _decompose(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` eigenvalues of ``H + λI`` of largest magnitude, in decreasing magnitude, and their vectors."""
         bar = self.progress(self.subspace_dim, "Arnoldi steps")
         basis, projected = arnoldi_iteration(self.operator, self.subspace_dim, seed=self.seed, progress=bar)
         bar.close()
@@ -145,13 +124,10 @@ class ArnoldiIHVP(InverseHessianVectorProduct, name="arnoldi"):
             float(np.min(np.abs(values))),
             float(np.max(np.abs(values))),
         )
-        eigenvectors = vectors.T @ basis  # [k, P]
-        self._eigenvalues = tf.constant(values, dtype=self.dtype)
-        self._eigenvectors = tf.constant(eigenvectors, dtype=self.dtype)
+        return values, vectors.T @ basis  # [k], [k, P]
 
-    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
-        coordinates = tf.matmul(vectors, self.eigenvectors, transpose_b=True) / self.eigenvalues
-        return tf.matmul(coordinates, self.eigenvectors)
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"eigenvalues": self.eigenvalues.numpy(), "eigenvectors": self.eigenvectors.numpy()}
 
 
 def arnoldi_iteration(

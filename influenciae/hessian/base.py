@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -28,7 +29,15 @@ from influenciae.hessian.registry import (
 )
 from influenciae.model import InfluenceModel
 
-__all__ = ["InverseHessianVectorProduct", "get_ihvp", "registered_solvers", "refuse_half_precision", "resolve_solver"]
+__all__ = [
+    "STATE_KINDS",
+    "FittedState",
+    "InverseHessianVectorProduct",
+    "get_ihvp",
+    "registered_solvers",
+    "refuse_half_precision",
+    "resolve_solver",
+]
 
 
 class InverseHessianVectorProduct(abc.ABC):
@@ -60,6 +69,9 @@ class InverseHessianVectorProduct(abc.ABC):
     # False for solvers that cannot work on an explicit curvature operator (operator=..., e.g. a distributed
     # Hessian): those that fit their own statistics from (model, dataset) (K-FAC, EK-FAC, diagonal) and the identity.
     takes_operator: ClassVar[bool] = True
+    #: The kind of fitted state :meth:`export_state` hands to another process (one of :data:`STATE_KINDS`):
+    #: ``"inverse"`` (the dense ``(H + λI)⁻¹``), ``"eigen"`` (eigenpairs of ``H + λI``) or ``"none"``.
+    fitted_state: ClassVar[str] = "none"
     #: The solver registry's classes by name (:data:`~influenciae.hessian.registry.SOLVER_REGISTRY`).
     _registry: ClassVar[dict[str, type[InverseHessianVectorProduct]]] = SOLVER_REGISTRY.entries
 
@@ -220,6 +232,55 @@ class InverseHessianVectorProduct(abc.ABC):
         """``(H + λI) v`` for each row ``v``: ``[n, P] -> [n, P]``."""
         return self.operator.matmul_rows(self._check_vectors(vectors))
 
+    def export_state(self, kind: str = "auto") -> FittedState:
+        """The solver's fitted state as arrays, for a process that solves without the data (distributed scoring).
+
+        Args:
+            kind: ``"auto"`` (the solver's own :attr:`fitted_state`), ``"none"`` (no arrays) or the solver's kind.
+
+        Returns:
+            The :class:`FittedState`; :meth:`from_state` solves with it.
+
+        Raises:
+            ValueError: For a kind this solver cannot export.
+        """
+        kind = self.fitted_state if kind == "auto" else kind
+        if kind not in STATE_KINDS:
+            raise ValueError(f"preconditioner must be 'auto' or one of {STATE_KINDS}, got {kind!r}.")
+        if kind == "none":
+            return FittedState("none", {})
+        if kind != self.fitted_state:
+            raise ValueError(
+                f"preconditioner={kind!r} needs a solver that exports it ({_EXPORTERS[kind]}); "
+                f"{type(self).__name__} exports {self.fitted_state!r}."
+            )
+        return FittedState(kind, self._state_arrays())
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of :attr:`fitted_state` (solvers that export one override this)."""
+        return {}
+
+    @staticmethod
+    def from_state(state: FittedState, dtype: Any = tf.float64) -> InverseHessianVectorProduct:
+        """A solver that solves with an exported state, without data: ``v ↦ v Mᵀ`` for ``"inverse"``,
+        ``v ↦ (v Uᵀ / Λ) U`` for ``"eigen"``; its operator is the matrix the state inverts.
+
+        Args:
+            state: From :meth:`export_state` (not ``"none"``).
+            dtype: The dtype of the solutions.
+
+        Raises:
+            ValueError: For a ``"none"`` state.
+        """
+        if state.kind == "inverse":
+            inverse = np.asarray(state.arrays["inverse"], dtype=np.float64)
+            return _StoredSolver(state, np.linalg.inv(inverse), dtype)
+        if state.kind == "eigen":
+            values = np.asarray(state.arrays["eigenvalues"], dtype=np.float64)
+            vectors = np.asarray(state.arrays["eigenvectors"], dtype=np.float64)
+            return _StoredSolver(state, (vectors.T * values) @ vectors, dtype)
+        raise ValueError("A 'none' state has nothing to solve with: export an 'inverse' or 'eigen' state.")
+
     @abc.abstractmethod
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
         """Solve for validated rows ``[n, P]`` in ``self.dtype``."""
@@ -238,6 +299,46 @@ class InverseHessianVectorProduct(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nb_params={self.nb_params}, damping={self.damping})"
+
+
+STATE_KINDS = ("inverse", "eigen", "none")
+"""The kinds of fitted state a solver exports (:meth:`InverseHessianVectorProduct.export_state`)."""
+
+_EXPORTERS = {"inverse": "ExactIHVP, the dense inverse is P x P", "eigen": "ArnoldiIHVP, its low-rank eigenpairs"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedState:
+    """What a fitted solver hands to a process that solves without the data.
+
+    Attributes:
+        kind: One of :data:`STATE_KINDS`.
+        arrays: ``{"inverse": [P, P]}`` (symmetrized ``(H + λI)⁻¹``), ``{"eigenvalues": [k], "eigenvectors": [k, P]}``
+            (of ``H + λI``, orthonormal rows) or ``{}``.
+    """
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+
+
+class _StoredSolver(InverseHessianVectorProduct):
+    """Solves with a :class:`FittedState` (see :meth:`InverseHessianVectorProduct.from_state`)."""
+
+    def __init__(self, state: FittedState, matrix: np.ndarray, dtype: Any) -> None:
+        super().__init__(None, None, operator=tf.constant((matrix + matrix.T) / 2.0, dtype=dtype))
+        self._kind = state.kind
+        self._arrays = {key: tf.constant(value, dtype=dtype) for key, value in state.arrays.items()}
+
+    def export_state(self, kind: str = "auto") -> FittedState:
+        if kind not in ("auto", self._kind):
+            return super().export_state(kind)  # "none", or refused
+        return FittedState(self._kind, {key: value.numpy() for key, value in self._arrays.items()})
+
+    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        if self._kind == "inverse":
+            return tf.matmul(vectors, self._arrays["inverse"], transpose_b=True)
+        basis = self._arrays["eigenvectors"]
+        return tf.matmul(tf.matmul(vectors, basis, transpose_b=True) / self._arrays["eigenvalues"], basis)
 
 
 class _NoProgress:

@@ -55,6 +55,8 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         >>> x = ihvp.solve(gradients)  # [n, P]
     """
 
+    fitted_state = "inverse"
+
     def __init__(
         self,
         model: InfluenceModel | None,
@@ -108,6 +110,10 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
                 dense = self.operator.to_dense()
             self._matrix = (dense + tf.transpose(dense)) / 2.0
         return self._matrix
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        inverse = self.solve(tf.eye(self.nb_params, dtype=self.dtype)).numpy()
+        return {"inverse": (inverse + inverse.T) / 2.0}
 
     def configuration(self) -> dict[str, Any]:
         """See :meth:`InverseHessianVectorProduct.configuration`; with ``damping="auto"`` the chosen damping is

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.hessian.base import InverseHessianVectorProduct, relative_tolerance
+from influenciae.hessian.base import relative_tolerance
+from influenciae.hessian.low_rank import LowRankEigenIHVP
 from influenciae.model import InfluenceModel
 
 __all__ = ["NystromIHVP", "nystrom_sketch"]
 
 
-class NystromIHVP(InverseHessianVectorProduct, name="nystrom"):
+class NystromIHVP(LowRankEigenIHVP, name="nystrom"):
     """Invert ``Â + λI`` where ``Â = U diag(Λ) Uᵀ`` is a rank-``r`` randomized Nyström approximation of the curvature.
 
     ``solve(v) = U diag(1/(Λ + λ)) Uᵀ v + (v - U Uᵀ v) / λ`` (Woodbury): directions outside the sketch are
@@ -50,6 +51,8 @@ class NystromIHVP(InverseHessianVectorProduct, name="nystrom"):
         >>> x = ihvp.solve(gradients)  # [n, P]
     """
 
+    damping_in_eigenvalues = False  # the sketch of H: the solve adds λ and inverts the complement by 1/λ
+
     def __init__(
         self,
         model: InfluenceModel | None,
@@ -58,40 +61,15 @@ class NystromIHVP(InverseHessianVectorProduct, name="nystrom"):
         *,
         damping: float = 0.0,
         seed: int = 0,
-        operator: Any | None = None,
-        curvature: str = "hessian",
-        curvature_options: dict[str, Any] | None = None,
+        **operator_options: Any,
     ) -> None:
-        super().__init__(
-            model,
-            dataset,
-            damping=damping,
-            operator=operator,
-            curvature=curvature,
-            curvature_options=curvature_options,
-        )
+        super().__init__(model, dataset, damping=damping, seed=seed, **operator_options)
         if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}.")
         self.rank = int(min(rank, self.nb_params))
-        self.seed = seed
-        self._eigenvalues: tf.Tensor | None = None
-        self._eigenvectors: tf.Tensor | None = None
 
-    @property
-    def eigenvalues(self) -> tf.Tensor:
-        """``[r]`` eigenvalues of the sketch ``Â`` (damping not included), decreasing."""
-        self._sketch()
-        return self._eigenvalues
-
-    @property
-    def eigenvectors(self) -> tf.Tensor:
-        """``[r, P]`` orthonormal eigenvectors of the sketch, one per row."""
-        self._sketch()
-        return self._eigenvectors
-
-    def _sketch(self) -> None:
-        if self._eigenvalues is not None:
-            return
+    def _decompose(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``r`` eigenvalues of the sketch ``Â`` (damping not included), decreasing, and their vectors."""
         with self.pass_progress(f"rank-{self.rank} sketch"):
             values, vectors = nystrom_sketch(self.hessian, self.rank, seed=self.seed)
         if self.damping == 0.0:
@@ -102,17 +80,7 @@ class NystromIHVP(InverseHessianVectorProduct, name="nystrom"):
                     "damping the sketched curvature cannot be inverted. Add damping (e.g. damping=1e-3) or lower "
                     "the rank."
                 )
-        self._eigenvalues = tf.constant(values, dtype=self.dtype)
-        self._eigenvectors = tf.constant(vectors, dtype=self.dtype)
-
-    def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
-        basis = self.eigenvectors  # [r, P]
-        coordinates = tf.matmul(vectors, basis, transpose_b=True)  # [n, r]
-        damping = tf.constant(self.damping, self.dtype)
-        inside = tf.matmul(coordinates / (self.eigenvalues + damping), basis)
-        if self.damping == 0.0:
-            return inside
-        return inside + (vectors - tf.matmul(coordinates, basis)) / damping
+        return values, vectors
 
 
 def nystrom_sketch(operator: Any, rank: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
