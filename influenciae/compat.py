@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras_module_of, tf
+from influenciae._backend import tf
 from influenciae.data import check_dataset, unpack_batch
 from influenciae.model import InfluenceModel
-from influenciae.model.selection import original_default_layer
+from influenciae.model.losses import keras_loss
+from influenciae.model.selection import layer_index, original_default_layer
 from influenciae.types import CACHE, ORDER
 
 __all__ = [
@@ -82,8 +83,8 @@ def original_weights(model: Any, start_layer: int | str | None = None, last_laye
     if start_layer is None:
         first = _last_weighted_layer_before_output(layers)
     else:
-        first = _index(layers, start_layer, "start_layer")
-    last = first if last_layer is None else _index(layers, last_layer, "last_layer")
+        first = layer_index(model, start_layer, "start_layer")
+    last = first if last_layer is None else layer_index(model, last_layer, "last_layer")
     if last < first:
         raise ValueError(f"last_layer ({last}) comes before start_layer ({first}): pass layers in model order.")
     weights = [weight for layer in layers[first : last + 1] for weight in layer.trainable_weights]
@@ -116,26 +117,13 @@ def original_influence_model(
         The wrapped model.
     """
     if loss_function is None:
-        loss_function = keras_module_of(model).losses.CategoricalCrossentropy(from_logits=False, reduction="none")
+        loss_function = keras_loss(model, "CategoricalCrossentropy", from_logits=False, reduction="none")
     return InfluenceModel(
         model,
         weights_to_watch=original_weights(model, start_layer, last_layer),
         loss_function=loss_function,
         **options,
     )
-
-
-def _index(layers: Sequence[Any], layer: int | str, argument: str) -> int:
-    if isinstance(layer, str):
-        names = [candidate.name for candidate in layers]
-        if layer not in names:
-            raise ValueError(f"{argument}={layer!r} is not a layer of the model. Layers are: {names}.")
-        return names.index(layer)
-    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
-        if not -len(layers) <= layer < len(layers):
-            raise ValueError(f"{argument}={layer} is out of range for a model with {len(layers)} layers.")
-        return int(layer) % len(layers)
-    raise TypeError(f"{argument} must be a layer index, a layer name or None, got {type(layer).__name__}.")
 
 
 def _last_weighted_layer_before_output(layers: Sequence[Any]) -> int:
@@ -247,13 +235,12 @@ def tracin_models(tracin: Any) -> list[InfluenceModel]:
 
 def from_layer_name_to_layer_idx(model: Any, layer_name: str) -> int:
     """The index of the layer named ``layer_name`` in ``model.layers`` (``ValueError`` if there is none)."""
-    return _index(list(model.layers), layer_name, "layer_name")
+    return layer_index(model, layer_name, "layer_name")
 
 
 def find_layer(model: Any, layer: int | str) -> Any:
     """The layer of ``model`` with this index or name."""
-    layers = list(model.layers)
-    return layers[_index(layers, layer, "layer")]
+    return model.layers[layer_index(model, layer, "layer")]
 
 
 def dataset_size(dataset: tf.data.Dataset) -> int:

@@ -342,12 +342,4 @@ def query_model(
     def loss(targets: Any, outputs: Any) -> tf.Tensor:
         return sign * resolved.query_loss(outputs, targets)
 
-    return InfluenceModel(
-        model.model,
-        weights_to_watch=model.weights,
-        loss_function=loss,
-        max_chunk_size=model.chunk_size,
-        hvp_chunk_size=model.hvp_chunk_size,
-        hvp_mode=model.hvp_mode,
-        gradient_dtype=model.gradient_dtype,
-    )
+    return model.with_loss(loss)

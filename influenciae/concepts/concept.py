@@ -9,7 +9,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import combine_hashes, hash_batch
-from influenciae.concepts._graph import LayerProbe
+from influenciae.model.layer_probe import LayerProbe
 
 __all__ = ["Concept", "random_concepts"]
 
@@ -102,7 +102,7 @@ class Concept:
         Args:
             model: a functional or Sequential Keras model, or an ``InfluenceModel``.
             layers: a layer name or a list of layer names.
-            probe: an already built :class:`~influenciae.concepts._graph.LayerProbe` for these layers (reused
+            probe: an already built :class:`~influenciae.model.layer_probe.LayerProbe` for these layers (reused
                 by :class:`~influenciae.concepts.TCAV`).
 
         Returns:

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import tf, variable_tensor
-from influenciae.concepts._graph import LayerProbe, resolve_layer_names
+from influenciae._backend import tf
 from influenciae.concepts.cav import CAV
 from influenciae.concepts.concept import Concept, _as_batched_dataset
 from influenciae.concepts.tcav import TCAV
 from influenciae.hessian.base import InverseHessianVectorProduct, get_ihvp
 from influenciae.model import InfluenceModel
+from influenciae.model.layer_probe import LayerProbe, resolve_layer_names
 
 __all__ = ["concept_influence", "concept_sensitivity_gradient"]
 
@@ -84,7 +84,7 @@ def concept_sensitivity_gradient(
         )
     dtype = influence_model.dtype
     vector = tf.constant(cav.vectors[concept_index], dtype)
-    watched = [variable_tensor(weight) for weight in influence_model.weights]
+    watched = influence_model.watched
 
     @tf.function(reduce_retracing=True, autograph=False)
     def batch_sum(inputs: Any) -> tuple[tf.Tensor, list[tf.Tensor], tf.Tensor]:

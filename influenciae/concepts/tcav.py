@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from influenciae.concepts._graph import LayerProbe, keras_model_of, resolve_layer_names
 from influenciae.concepts.cav import CAV, CAVClassifier, CAVStore, train_cav
 from influenciae.concepts.concept import Concept, _as_batched_dataset
+from influenciae.model.layer_probe import LayerProbe, keras_model_of, resolve_layer_names
 
 __all__ = ["TCAV", "tcav_scores"]
 

@@ -57,14 +57,9 @@ def exact_gauss_newton(model: InfluenceModel, inputs: np.ndarray, *, chunk_size:
     """
     total = np.zeros((model.nb_params, model.nb_params))
     for start in range(0, len(inputs), chunk_size):
-        chunk = tf.convert_to_tensor(inputs[start : start + chunk_size])
-        with tf.GradientTape() as tape:
-            logits = model.model(chunk, training=False)  # each example's logits depend on that example only
-        jacobians = tape.jacobian(logits, model.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        size, classes = int(logits.shape[0]), int(logits.shape[1])
-        jacobian = np.concatenate(
-            [tf.reshape(j, [size, classes, -1]).numpy().astype(np.float64) for j in jacobians], axis=2
-        )
+        # each example's logits depend on that example only: [chunk, C] and [chunk, C, P]
+        logits, jacobians = model.batch_output_jacobian(inputs[start : start + chunk_size])
+        jacobian = jacobians.numpy().astype(np.float64)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float64)).numpy()
         # Jᵀ (diag(p) - p pᵀ) J = Σ_c p_c J_cᵀ J_c - (Jᵀ p)(Jᵀ p)ᵀ
         weighted = jacobian * np.sqrt(probabilities)[:, :, None]

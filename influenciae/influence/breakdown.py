@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import tf, variable_tensor
+from influenciae._backend import tf
 from influenciae.data import check_dataset, unpack_batch
 from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 from influenciae.influence.tracin import _GradientTracIn
 from influenciae.influence.trak import TrakCalculator
 from influenciae.model import InfluenceModel
+from influenciae.model.losses import token_loss_jvp
 
 __all__ = ["per_layer_influence", "per_token_influence", "layer_blocks"]
 
@@ -106,38 +107,6 @@ def _terms(calculator: Any, test_set: tf.data.Dataset, operation: str) -> Iterat
 # ---------------------------------------------------------------------- per token
 
 
-def _token_jvp_function(model: InfluenceModel) -> Any:
-    loss = model.loss_function
-    token_losses = getattr(loss, "token_losses", None)
-    if token_losses is None:
-        raise ValueError(
-            "per_token_influence needs a training loss made of token terms: build the InfluenceModel with "
-            "loss_function=influenciae.language.token_cross_entropy(pad_id=...) (or a loss with a "
-            "token_losses(y_true, y_pred) -> [B, T] method whose terms sum to the loss)."
-        )
-    watched = [variable_tensor(weight) for weight in model.weights]
-
-    def jvp(inputs: Any, targets: Any, weights: tf.Tensor, vector: tf.Tensor) -> tf.Tensor:
-        with tf.autodiff.ForwardAccumulator(watched, model.unflatten(vector)) as accumulator:
-            outputs = model.model(inputs, training=False)
-            terms = tf.cast(token_losses(targets, outputs), model.dtype) * weights[:, None]
-        return tf.cast(accumulator.jvp(terms, unconnected_gradients=tf.UnconnectedGradients.ZERO), model.dtype)
-
-    return model.shared_function(("influenciae.per_token_jvp", id(loss)), lambda: tf.function(jvp))
-
-
-def _prepared(model: InfluenceModel, batch: Any) -> tuple[Any, Any, tf.Tensor]:
-    model.validate_batch(batch)
-    structure = unpack_batch(batch)
-    targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
-    size = tf.shape(tf.nest.flatten(targets)[0])[0]
-    if structure.sample_weight is None:
-        weights = tf.ones([size], model.dtype)
-    else:
-        weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), model.dtype)
-    return structure.inputs, targets, weights
-
-
 def per_token_influence(calculator: Any, test_set: Any, train_set: Any) -> np.ndarray:
     """Scores broken down over the tokens of each training sequence.
 
@@ -164,10 +133,10 @@ def per_token_influence(calculator: Any, test_set: Any, train_set: Any) -> np.nd
     train_set = _as_dataset(train_set, "train_set")
     total: np.ndarray | None = None
     for model, factors in _terms(calculator, test_set, "per_token_influence"):
-        jvp = _token_jvp_function(model)
+        jvp = token_loss_jvp(model)
         blocks = []
         for batch in train_set:
-            inputs, targets, weights = _prepared(model, batch)
+            inputs, targets, weights = model.batch_parts(batch)
             rows = [jvp(inputs, targets, weights, factors[i]).numpy() for i in range(int(factors.shape[0]))]
             blocks.append(np.stack(rows))
         if not blocks or factors.shape[0] == 0:

@@ -360,3 +360,9 @@ def _onednn_reason(ops: list[str]) -> str:
         "this model (attention over examples, heads and tokens). For the vectorized path, set the environment "
         "variable TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (the results are the same)"
     )
+
+
+def _concat_batches(blocks: list[tf.Tensor]) -> tf.Tensor:
+    if not blocks:
+        raise ValueError("The dataset is empty: there is nothing to compute.")
+    return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)

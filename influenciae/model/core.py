@@ -13,37 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from influenciae.model._autodiff import _Autodiff, _pad_examples, _pad_zeros, _slice, _swap_first
+from influenciae.model._autodiff import _Autodiff, _concat_batches, _pad_examples, _pad_zeros, _slice, _swap_first
 from influenciae.model._backend import tf, variable_name, variable_tensor
 from influenciae.model._validation import _Validation
 from influenciae.model.losses import LossFunction, loss_family_of, needs_target_alignment, resolve_loss, single_output
 from influenciae.model.migration import Removed, warn_default_watch_once, warn_start_layer_only
-from influenciae.model.selection import check_model, resolve_weights
+from influenciae.model.selection import check_model, resolve_gradient_dtype, resolve_weights
 
 __all__ = ["InfluenceModel"]
 
 _DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample gradients
-
-
-def _resolve_gradient_dtype(gradient_dtype: Any, dtype: tf.DType) -> tf.DType:
-    if gradient_dtype is None:
-        return dtype
-    try:
-        resolved = tf.as_dtype(gradient_dtype)
-    except TypeError as error:
-        raise ValueError(f"gradient_dtype must be 'bfloat16', 'float16' or None, got {gradient_dtype!r}.") from error
-    if not resolved.is_floating or resolved.size > dtype.size:
-        raise ValueError(
-            f"gradient_dtype must be a floating dtype no wider than the weights' {dtype.name} (e.g. 'bfloat16' or "
-            f"'float16'), got {resolved.name}; per-sample gradients are always accumulated in {dtype.name}."
-        )
-    return resolved
-
-
-def _concat_batches(blocks: list[tf.Tensor]) -> tf.Tensor:
-    if not blocks:
-        raise ValueError("The dataset is empty: there is nothing to compute.")
-    return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
 
 
 class InfluenceModel(_Autodiff, _Validation):
@@ -122,7 +101,7 @@ class InfluenceModel(_Autodiff, _Validation):
         budget_rows = max(1, memory_budget // (self.nb_params * self.dtype.size))
         self.chunk_size = max_chunk_size or budget_rows
         self.hvp_chunk_size = hvp_chunk_size
-        self.gradient_dtype = _resolve_gradient_dtype(gradient_dtype, self.dtype)
+        self.gradient_dtype = resolve_gradient_dtype(gradient_dtype, self.dtype)
         self._checked_signatures: set[str] = set()
         self._shared_functions: dict[Any, Callable[..., Any]] = {}
         self._build_functions()
@@ -135,6 +114,11 @@ class InfluenceModel(_Autodiff, _Validation):
     def get_weights_vector(self) -> tf.Tensor:
         """The current watched weights as one flat vector θ ``[nb_params]``."""
         return self.flatten(self._watched)
+
+    @property
+    def watched(self) -> list[tf.Variable]:
+        """The ``tf.Variable`` behind each watched weight: what a ``GradientTape`` or ``ForwardAccumulator`` watches."""
+        return list(self._watched)
 
     def flatten(self, tensors: Sequence[Any]) -> tf.Tensor:
         """Concatenate one tensor per watched weight into a flat vector ``[nb_params]``."""
@@ -152,6 +136,29 @@ class InfluenceModel(_Autodiff, _Validation):
         surfaces as a ``ValueError``/``TypeError`` here rather than deep inside a ``tf.data`` pipeline.
         """
         self._prepare(batch)
+
+    def batch_parts(self, batch: Any) -> tuple[Any, Any, tf.Tensor]:
+        """``(inputs, targets, sample weights [B])`` of a batch as tensors, validated like :meth:`validate_batch`.
+
+        The weights are ones when the batch has none, in the model's dtype.
+        """
+        return self._prepare(batch)
+
+    def with_loss(self, loss_function: Any) -> InfluenceModel:
+        """An InfluenceModel of the same Keras model, watched weights and settings, with another loss.
+
+        It shares the Keras model and the watched variables (weights swapped into them apply to both), so its
+        per-sample gradients are in the same parameter order, e.g. the gradients of a query measurement.
+        """
+        return InfluenceModel(
+            self.model,
+            weights_to_watch=self.weights,
+            loss_function=loss_function,
+            max_chunk_size=self.chunk_size,
+            hvp_chunk_size=self.hvp_chunk_size,
+            hvp_mode=self.hvp_mode,
+            gradient_dtype=self.gradient_dtype,
+        )
 
     @property
     def layers(self) -> list[Any]:

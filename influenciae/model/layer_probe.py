@@ -1,4 +1,4 @@
-"""Layer activations and output sensitivities of a functional Keras model (the Keras side of TCAV).
+"""Layer activations and output sensitivities of a functional Keras model: the Keras side of TCAV.
 
 A :class:`LayerProbe` builds, once, a sub-model from the model's inputs to the outputs of some named layers and
 the model's output. One call then returns, for a batch, each layer's activations flattened per example
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras_module_of, tf, variable_tensor
 from influenciae.cache import fingerprint_arrays
-from influenciae.model import InfluenceModel
+from influenciae.model._backend import keras_module_of, tf, variable_tensor
+from influenciae.model.core import InfluenceModel
 
 __all__ = ["LayerProbe", "keras_model_of", "resolve_layer_names"]
 

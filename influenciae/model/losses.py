@@ -15,6 +15,7 @@ from influenciae.model._backend import is_keras3_object, keras, keras_module_of,
 __all__ = [
     "LossFunction",
     "resolve_loss",
+    "keras_loss",
     "rebuild_loss",
     "legacy_loss_class",
     "is_keras_loss",
@@ -23,6 +24,7 @@ __all__ = [
     "needs_target_alignment",
     "align_legacy_targets",
     "regularization_terms",
+    "token_loss_jvp",
 ]
 
 LossFunction = Callable[[Any, Any], Any]
@@ -76,6 +78,12 @@ def resolve_loss(model: Any, loss_function: Any, dtype: tf.DType) -> LossFunctio
     if not callable(loss_function):
         raise TypeError(f"loss_function must be callable (y_true, y_pred) -> [batch], got {type(loss_function)}.")
     return loss_function  # type: ignore[no-any-return]
+
+
+def keras_loss(model: Any, name: str, **config: Any) -> Any:
+    """A Keras loss object of ``model``'s Keras flavour, e.g. ``keras_loss(model, "CategoricalCrossentropy",
+    from_logits=False, reduction="none")`` (``tf_keras`` losses for a ``tf_keras`` model)."""
+    return getattr(keras_module_of(model).losses, name)(**config)
 
 
 def rebuild_loss(loss_function: Any, **changes: Any) -> Any:
@@ -185,3 +193,32 @@ def regularization_terms(model: Any) -> list[tf.Tensor]:
     for layer in [model, *model.submodules]:
         terms.extend(loss() for loss in getattr(layer, "_callable_losses", []))
     return terms
+
+
+def token_loss_jvp(model: Any) -> Callable[..., tf.Tensor]:
+    """``(inputs, targets, weights [B], v [P]) -> [B, T]``: the directional derivatives ``∇_θ [w_i c_t ℓ_t] · v``.
+
+    Forward mode (a ``ForwardAccumulator`` on the watched weights) through the token terms of ``model``'s loss,
+    which must have a ``token_losses(y_true, y_pred) -> [B, T]`` method (e.g.
+    :class:`influenciae.language.TokenCrossEntropy`); one traced function per model and loss.
+
+    Raises:
+        ValueError: If the loss has no token terms.
+    """
+    loss = model.loss_function
+    token_losses = getattr(loss, "token_losses", None)
+    if token_losses is None:
+        raise ValueError(
+            "per_token_influence needs a training loss made of token terms: build the InfluenceModel with "
+            "loss_function=influenciae.language.token_cross_entropy(pad_id=...) (or a loss with a "
+            "token_losses(y_true, y_pred) -> [B, T] method whose terms sum to the loss)."
+        )
+    watched = model.watched
+
+    def jvp(inputs: Any, targets: Any, weights: tf.Tensor, vector: tf.Tensor) -> tf.Tensor:
+        with tf.autodiff.ForwardAccumulator(watched, model.unflatten(vector)) as accumulator:
+            outputs = model.model(inputs, training=False)
+            terms = tf.cast(token_losses(targets, outputs), model.dtype) * weights[:, None]
+        return tf.cast(accumulator.jvp(terms, unconnected_gradients=tf.UnconnectedGradients.ZERO), model.dtype)
+
+    return model.shared_function(("influenciae.per_token_jvp", id(loss)), lambda: tf.function(jvp))

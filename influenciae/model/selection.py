@@ -31,7 +31,15 @@ from influenciae.model._backend import (
     variable_tensor,
 )
 
-__all__ = ["last_dense_layer", "check_outer_product_layer", "layer_index", "original_default_layer"]
+__all__ = [
+    "last_dense_layer",
+    "check_outer_product_layer",
+    "layer_index",
+    "original_default_layer",
+    "check_model",
+    "resolve_weights",
+    "resolve_gradient_dtype",
+]
 
 
 def layer_index(model: Any, layer: int | str, argument: str) -> int:
@@ -162,6 +170,7 @@ def check_outer_product_layer(model: Any, dense: Any, purpose: str = "This metho
 
 
 def check_model(model: Any) -> None:
+    """Check that ``model`` is a built Keras model (Keras 3 or ``tf_keras``), with errors that name the fix."""
     if not (is_keras3_object(model) or is_legacy_keras_object(model)) or not hasattr(model, "trainable_weights"):
         raise TypeError(
             f"InfluenceModel wraps a Keras model (Keras 3 or tf_keras), got {type(model).__name__}. "
@@ -180,6 +189,12 @@ def resolve_weights(
     last_layer: int | str | None,
     weights_to_watch: Sequence[Any] | None,
 ) -> list[Any]:
+    """The weights an InfluenceModel watches: explicit ``weights_to_watch``, a layer range, or every trainable one.
+
+    Raises:
+        ValueError: Both ways given, foreign weights, reversed layers or nothing to watch.
+        TypeError: Non-floating weights, or weights of several dtypes.
+    """
     if weights_to_watch is not None:
         if start_layer is not None or last_layer is not None:
             raise ValueError("Pass either weights_to_watch or start_layer/last_layer, not both.")
@@ -218,3 +233,19 @@ def resolve_weights(
     if len(dtypes) > 1:
         raise TypeError(f"The watched weights mix dtypes {sorted(dtypes)}; watch weights of one dtype.")
     return weights
+
+
+def resolve_gradient_dtype(gradient_dtype: Any, dtype: tf.DType) -> tf.DType:
+    """The dtype per-sample gradients are produced in: ``dtype`` itself, or a narrower float (``"bfloat16"``)."""
+    if gradient_dtype is None:
+        return dtype
+    try:
+        resolved = tf.as_dtype(gradient_dtype)
+    except TypeError as error:
+        raise ValueError(f"gradient_dtype must be 'bfloat16', 'float16' or None, got {gradient_dtype!r}.") from error
+    if not resolved.is_floating or resolved.size > dtype.size:
+        raise ValueError(
+            f"gradient_dtype must be a floating dtype no wider than the weights' {dtype.name} (e.g. 'bfloat16' or "
+            f"'float16'), got {resolved.name}; per-sample gradients are always accumulated in {dtype.name}."
+        )
+    return resolved

@@ -12,19 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from influenciae.relevance._graph import (
-    DEFAULT_RULE,
-    Graph,
-    Values,
-    batchnorm_affine,
-    channel_axis,
-    is_linear_activation,
-    propagate_step,
-)
+from influenciae._backend import tf
+from influenciae.model.layer_graph import Graph, Values, batchnorm_affine, channel_axis, is_linear_activation
+from influenciae.relevance._graph import DEFAULT_RULE, propagate_step
 from influenciae.relevance.rules import PropagationRule
 
 __all__ = ["LRP", "LayerLRP", "RuleSpec"]
@@ -63,15 +55,13 @@ class LRP:
         >>> relevance = lrp.attribute(images, target=labels)  # [batch, height, width, channels]
     """
 
-    def __init__(self, model: keras.Model, rules: RuleSpec = None, *, compile: bool = True) -> None:
-        if not isinstance(model, keras.Model):
-            raise TypeError(f"LRP needs a Keras 3 model, got {type(model).__name__}.")
-        self.model = model
+    def __init__(self, model: Any, rules: RuleSpec = None, *, compile: bool = True) -> None:
         self._graph = Graph(model)
+        self.model = model
         if len(self._graph.output_keys) != 1:
             raise ValueError(
                 f"LRP explains a model with one output; {model.name!r} has {len(self._graph.output_keys)}. "
-                "Build a keras.Model(model.inputs, model.outputs[i]) for the output to explain."
+                "Build a Keras Model(model.inputs, model.outputs[i]) for the output to explain."
             )
         self._rules = self._resolve_rules(rules)
         self._consumers = self._graph.consumers()
@@ -79,14 +69,7 @@ class LRP:
         self._wanted: list[int] = list(self._graph.input_keys)
         self._compile = bool(compile)
         self._compiled: Any = None
-        try:
-            outputs = model.outputs
-        except (AttributeError, ValueError):  # a Sequential model that was never built symbolically
-            outputs = None
-        shape = tuple(outputs[0].shape) if outputs else None
-        self._num_outputs: int | None = None
-        if shape is not None and all(size is not None for size in shape[1:]):
-            self._num_outputs = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        self._num_outputs = self._graph.output_size
 
     def _resolve_rules(self, rules: RuleSpec) -> dict[int, PropagationRule]:
         layers = self._graph.layers
@@ -126,10 +109,8 @@ class LRP:
         items = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
         if len(items) != len(self._graph.input_keys):
             raise ValueError(f"The model takes {len(self._graph.input_keys)} inputs, got {len(items)}.")
-        dtypes = [getattr(tensor, "dtype", None) for tensor in getattr(self.model, "inputs", None) or []]
         prepared = []
-        for index, item in enumerate(items):
-            dtype = dtypes[index] if index < len(dtypes) and dtypes[index] is not None else keras.config.floatx()
+        for item, dtype in zip(items, self._graph.input_dtypes, strict=True):
             if isinstance(item, tf.Tensor | tf.Variable):
                 tensor = tf.cast(item, dtype) if item.dtype != tf.as_dtype(dtype) else tf.convert_to_tensor(item)
             else:  # via NumPy, so that Python floats are not rounded to float32 first
@@ -275,7 +256,7 @@ class LayerLRP(LRP):
         >>> LayerLRP(model, "dense_hidden").attribute(x, target=3)  # [batch, units]
     """
 
-    def __init__(self, model: keras.Model, layer: Any, rules: RuleSpec = None, *, compile: bool = True) -> None:
+    def __init__(self, model: Any, layer: Any, rules: RuleSpec = None, *, compile: bool = True) -> None:
         super().__init__(model, rules, compile=compile)
         self._many = isinstance(layer, list | tuple)
         self.layers = [self._find_layer(item) for item in (layer if self._many else [layer])]

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
+from influenciae.model.classifier import ModelFront, model_front
 from influenciae.robustness._common import (
-    ModelFront,
     as_batch,
     batch_size,
     check_bounds,
@@ -35,7 +35,6 @@ from influenciae.robustness._common import (
     is_dataset,
     iterate,
     known_cardinality,
-    model_front,
     per_example,
     progress,
     rebuild_dataset,

@@ -11,7 +11,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from influenciae._backend import tf
-from influenciae.robustness._common import ModelFront, is_dataset, iterate, known_cardinality, model_front
+from influenciae.model.classifier import ModelFront, model_front
+from influenciae.robustness._common import is_dataset, iterate, known_cardinality
 
 __all__ = ["AttackComparator", "ORIGINAL"]
 

@@ -14,14 +14,13 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
+from influenciae.model.classifier import ModelFront, model_front
 from influenciae.robustness._common import (
-    ModelFront,
     batch_size,
     check_positive_int,
     is_dataset,
     iterate,
     known_cardinality,
-    model_front,
     progress,
 )
 
