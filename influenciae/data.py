@@ -21,6 +21,7 @@ __all__ = [
     "unpack_batch",
     "check_dataset",
     "batch_size_of",
+    "split_batch",
     "from_numpy",
     "with_indices",
     "iterate_batches",
@@ -124,6 +125,22 @@ def batch_size_of(batch: Any) -> tf.Tensor:
     """The number of examples in a batch (dynamic, so a partial last batch is fine)."""
     structure = unpack_batch(batch)
     return tf.shape(tf.nest.flatten(structure.targets)[0])[0]
+
+
+def split_batch(batch: Any, dtype: tf.DType) -> tuple[Any, Any, tf.Tensor]:
+    """``(inputs, targets, weights [B])`` of a batch: targets as tensors, unit weights when it has none.
+
+    Args:
+        batch: ``(inputs, targets)`` or ``(inputs, targets, sample_weight)``.
+        dtype: The dtype of the weights.
+    """
+    structure = unpack_batch(batch)
+    targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
+    if structure.sample_weight is None:
+        weights = tf.ones([tf.shape(tf.nest.flatten(targets)[0])[0]], dtype)
+    else:
+        weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), dtype)
+    return structure.inputs, targets, weights
 
 
 def from_numpy(

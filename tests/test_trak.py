@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from engine_checks import check_calculator_invariants
 from helpers import FLOAT, ExactL2, classification_data, dataset, logistic_loss, ridge_problem, small_mlp
 
 from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae.influence.trak import MarginOutput, TrakCalculator
+from influenciae.influence.trak import MarginOutput, TrakCalculator, TrakOptions
 
 NUM_TRAIN, NUM_FEATURES, REGULARIZATION = 40, 4, 0.05
 
@@ -137,6 +139,22 @@ def test_trak_passes_the_shared_engine_checks(mlp_data):
     trak = TrakCalculator(model, train, 12, seed=0)
     check_calculator_invariants(trak, train, test, rtol=1e-8)
     assert trak.configuration()["projection_dim"] == 12
+
+
+def test_options_dataclass_equals_the_keyword_arguments(mlp_data):
+    model, train, test = mlp_data
+    options = TrakOptions(12, seed=7, projection="rademacher", projection_block_size=32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 8  # type: ignore[misc]
+    by_options = TrakCalculator(model, train, options=options).influence_matrix(test, train)
+    by_keywords = TrakCalculator(model, train, 12, seed=7, projection="rademacher", projection_block_size=32)
+    np.testing.assert_array_equal(by_options, by_keywords.influence_matrix(test, train))
+    with pytest.raises(ValueError, match="not both"):
+        TrakCalculator(model, train, 12, options=options)
+    with pytest.raises(ValueError, match="kernel must be"):
+        TrakOptions(8, kernel="fisher")
+    with pytest.raises(TypeError, match="projection_dim"):
+        TrakCalculator(model, train)
 
 
 def test_bad_arguments_are_refused(mlp_data):

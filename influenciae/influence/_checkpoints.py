@@ -22,8 +22,6 @@ from influenciae.model.checkpoints import StoredCheckpoints, Wrap, weights_finge
 
 __all__ = ["CheckpointCalculator", "checkpoint_list", "learning_rates_of", "positive_or_none", "in_memory", "stored"]
 
-Contexts.register(StoredCheckpoints)
-
 
 def checkpoint_list(checkpoints: Any, name: str) -> list[Any]:
     if isinstance(checkpoints, (str, os.PathLike)) or not isinstance(checkpoints, Iterable):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,21 +28,22 @@ __all__ = ["VECTORS", "TRANSFORMS", "Contexts", "ModelContexts", "ContextHooks",
 VECTORS, TRANSFORMS = "vectors", "transforms"  # the two sides the engine evaluates
 
 
-class Contexts(abc.ABC):
-    """The contexts of a calculator: ``activate(c)`` returns an InfluenceModel computing at context ``c``."""
+class Contexts(Protocol):
+    """The contexts of a calculator: ``activate(c)`` returns an InfluenceModel computing at context ``c``.
+
+    A protocol: :class:`ModelContexts` (models in memory) and ``influenciae.model.checkpoints.StoredCheckpoints``
+    (files loaded one at a time into one Keras model) implement it.
+    """
 
     reference: InfluenceModel  # the calculator's ``model``: validation, dtype, nb_params
     loads: int = 0  # contexts read from disk or produced by a callable so far
     #: Batches per block when contexts are expensive to switch (``None``: a whole pass).
     batches_per_load: int | None = None
 
-    @abc.abstractmethod
     def __len__(self) -> int: ...
 
-    @abc.abstractmethod
     def activate(self, index: int) -> InfluenceModel: ...
 
-    @abc.abstractmethod
     def fingerprints(self) -> list[str]: ...
 
     @property
@@ -159,7 +160,7 @@ def context_values(calculator: Any, batches: list[Any], side: str) -> tf.Tensor:
 
 
 def context_self_influence(
-    calculator: Any, stream: IndexedStream, describe: Callable[[str], Callable[[Iterable[Any]], Iterable[Any]]]
+    calculator: Any, stream: IndexedStream, describe: Callable[[str], Callable[[Iterable[Any]], Iterable[Any]] | None]
 ) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
     """Self-influence ``(indices, batch, values [B])``, one pass over ``stream`` per context (``[N]`` sums held).
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import unpack_batch
+from influenciae.data import split_batch
 from influenciae.influence._checkpoints import (
     CheckpointCalculator,
     checkpoint_list,
@@ -56,8 +56,14 @@ class _LastDenseCalculator(CheckpointCalculator):
                 raise ValueError("loss_function configures Keras models; configure the InfluenceModels instead.")
             source = in_memory([reuse_or_wrap(item, wrap) for item in items])
         else:
-            options = {"keep_in_memory": keep_in_memory, "custom_objects": custom_objects}
-            source = stored(items, wrap, model_factory=model_factory, loss_function=loss_function, **options)
+            source = stored(
+                items,
+                wrap,
+                model_factory=model_factory,
+                keep_in_memory=keep_in_memory,
+                custom_objects=custom_objects,
+                loss_function=loss_function,
+            )
         super().__init__(
             source,
             learning_rates,
@@ -71,14 +77,8 @@ class _LastDenseCalculator(CheckpointCalculator):
         self.output_dim = int(kernel_shape[1])
 
     def _features(self, model: InfluenceModel, index: int, batch: Any) -> Any:
-        structure = unpack_batch(batch)
-        inputs = tf.nest.map_structure(tf.convert_to_tensor, structure.inputs)
-        targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
-        size = tf.shape(tf.nest.flatten(targets)[0])[0]
-        if structure.sample_weight is None:
-            weights = tf.ones([size], model.dtype)
-        else:
-            weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), model.dtype)
+        inputs, targets, weights = split_batch(batch, model.dtype)
+        inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
         return last_dense_head(model)(inputs, targets, weights)
 
 

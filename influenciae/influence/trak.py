@@ -36,7 +36,7 @@ are accumulated in float64 over one pass of the training set, lazily on first us
 
 from __future__ import annotations
 
-import abc
+import dataclasses
 import logging
 import math
 from typing import Any, cast
@@ -45,118 +45,77 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import combine_hashes, fingerprint_arrays
-from influenciae.data import check_dataset, unpack_batch
+from influenciae.data import check_dataset, split_batch
 from influenciae.hessian.exact import AUTO_DAMPING_FRACTION
+from influenciae.influence._trak_outputs import (
+    MarginOutput,
+    ModelOutputFunction,
+    RegressionOutput,
+    resolve_output_function,
+)
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 
 LOGGER = logging.getLogger("influenciae")
 
-__all__ = ["ModelOutputFunction", "MarginOutput", "RegressionOutput", "TrakCalculator"]
+__all__ = ["ModelOutputFunction", "MarginOutput", "RegressionOutput", "TrakCalculator", "TrakOptions"]
 
 
-class ModelOutputFunction(abc.ABC):
-    """The model output function ``f(z; θ)`` TRAK linearizes, and the loss's derivatives through it.
+@dataclasses.dataclass(frozen=True)
+class TrakOptions:
+    """The settings of :class:`TrakCalculator` (see its arguments), validated once, here.
 
-    Subclasses implement :meth:`output` (differentiable, one value per example) and :meth:`out_to_loss`
-    (``Q = -∂ℓ/∂f``); :meth:`curvature` (``∂²ℓ/∂f²``) is needed by ``kernel="gauss_newton"`` only.
+    Example:
+        >>> options = TrakOptions(projection_dim=2048, seed=0, kernel="gauss_newton")
+        >>> trak = TrakCalculator([model_a, model_b], train_ds, options=options)
     """
 
-    @abc.abstractmethod
-    def output(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        """``f(z; θ)`` ``[B]`` from the model's outputs and the targets."""
+    projection_dim: int | None
+    seed: int = 0
+    damping: float | str = "auto"
+    output_function: str | ModelOutputFunction = "margin"
+    projection: str = "gaussian"
+    kernel: str = "trak"
+    projection_block_size: int = 1024
 
-    @abc.abstractmethod
-    def out_to_loss(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        """``Q = -∂ℓ/∂f`` ``[B]``: how much the loss decreases when ``f`` increases."""
+    def __post_init__(self) -> None:
+        dim, seed, damping = self.projection_dim, self.seed, self.damping
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0):
+            raise ValueError(f"projection_dim must be a positive integer or None (no projection), got {dim!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        if damping != "auto" and (
+            isinstance(damping, bool) or not isinstance(damping, (int, float, np.floating)) or not 0 <= damping < np.inf
+        ):
+            raise ValueError(f"damping must be 'auto' or a non-negative finite number, got {damping!r}.")
+        if self.projection not in ("gaussian", "rademacher"):
+            raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {self.projection!r}.")
+        if self.kernel not in ("trak", "gauss_newton"):
+            raise ValueError(f"kernel must be 'trak' or 'gauss_newton', got {self.kernel!r}.")
+        block = self.projection_block_size
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+            raise ValueError(f"projection_block_size must be a positive integer, got {block!r}.")
+        object.__setattr__(self, "projection_dim", None if dim is None else int(dim))
+        object.__setattr__(self, "seed", int(seed))
+        object.__setattr__(self, "damping", damping if damping == "auto" else float(damping))
+        object.__setattr__(self, "output_function", resolve_output_function(self.output_function))
 
-    def curvature(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        """``∂²ℓ/∂f²`` ``[B]`` (for ``kernel="gauss_newton"``)."""
-        raise ValueError(f"{type(self).__name__} defines no curvature; use kernel='trak' or implement curvature().")
-
-    def configuration(self) -> dict[str, Any]:
-        """Settings stored in cache manifests."""
-        return {"name": type(self).__name__}
-
-
-class MarginOutput(ModelOutputFunction):
-    """TRAK's classification output: the margin ``f = log(p / (1 - p))`` of the correct class.
-
-    Multi-class logits ``z`` ``[B, C]`` with sparse (``[B]`` or ``[B, 1]``) or one-hot targets:
-    ``f = z_y - logsumexp_{c≠y} z_c``. One logit ``s`` ``[B, 1]`` with ``{0, 1}`` targets: ``f = ±s``. For a
-    cross-entropy loss ``ℓ = log(1 + e^{-f})``, so ``Q = 1 - p = σ(-f)`` and ``∂²ℓ/∂f² = p(1 - p)``.
-
-    Args:
-        from_logits: The model outputs logits (True) or probabilities (softmax or sigmoid, False).
-    """
-
-    def __init__(self, from_logits: bool = True) -> None:
-        self.from_logits = bool(from_logits)
-
-    def output(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        logits = self._logits(predictions)
-        labels = tf.convert_to_tensor(tf.nest.flatten(targets)[0])
-        classes = logits.shape[-1]
-        if classes == 1:
-            sign = tf.where(tf.reshape(tf.cast(labels, logits.dtype), [-1]) > 0.5, 1.0, -1.0)
-            return tf.cast(sign, logits.dtype) * logits[:, 0]
-        if labels.shape.rank == 2 and labels.shape[-1] == classes and classes > 1:
-            labels = tf.argmax(labels, axis=1)
-        correct = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), classes, on_value=True, off_value=False)
-        others = tf.where(correct, tf.constant(-np.inf, logits.dtype), logits)
-        return tf.reduce_sum(tf.where(correct, logits, tf.zeros_like(logits)), axis=1) - tf.reduce_logsumexp(
-            others, axis=1
-        )
-
-    def out_to_loss(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        return tf.sigmoid(-self.output(predictions, targets))
-
-    def curvature(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        margin = self.output(predictions, targets)
-        return tf.sigmoid(margin) * tf.sigmoid(-margin)
-
-    def configuration(self) -> dict[str, Any]:
-        return {"name": "margin", "from_logits": self.from_logits}
-
-    def _logits(self, predictions: tf.Tensor) -> tf.Tensor:
-        predictions = tf.convert_to_tensor(predictions)
-        if predictions.shape.rank == 1:
-            predictions = predictions[:, None]
-        if self.from_logits:
-            return predictions
-        epsilon = np.finfo(predictions.dtype.as_numpy_dtype).eps
-        probabilities = tf.clip_by_value(predictions, epsilon, 1 - epsilon)
-        if predictions.shape[-1] == 1:
-            return tf.math.log(probabilities) - tf.math.log1p(-probabilities)
-        return tf.math.log(probabilities)  # the margin ignores the log-normalizer
+    @classmethod
+    def of(cls, options: TrakOptions | None, projection_dim: Any, settings: dict[str, Any]) -> TrakOptions:
+        """The options given as an instance, or as :class:`TrakCalculator`'s keyword arguments (not both)."""
+        if options is None:
+            if projection_dim is _UNSET:
+                raise TypeError("TrakCalculator needs projection_dim (an int, or None for no projection) or options=.")
+            return cls(projection_dim, **settings)
+        if not isinstance(options, TrakOptions):
+            raise TypeError(f"options must be a TrakOptions, got {type(options).__name__}.")
+        if projection_dim is not _UNSET or settings:
+            raise ValueError("Pass the settings either as options=TrakOptions(...) or as keyword arguments, not both.")
+        return options
 
 
-class RegressionOutput(ModelOutputFunction):
-    """The model's single output ``f(z) = ŷ``, for a squared loss ``ℓ = ½(ŷ - y)²``: ``Q = y - ŷ``, curvature 1."""
-
-    def output(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        predictions = tf.convert_to_tensor(predictions)
-        if predictions.shape.rank is not None and predictions.shape.rank > 1 and predictions.shape[-1] != 1:
-            raise ValueError(
-                f"RegressionOutput needs one output per example, got outputs of shape {tuple(predictions.shape)}; "
-                "subclass ModelOutputFunction for several outputs."
-            )
-        return tf.reshape(predictions, [-1])
-
-    def out_to_loss(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        labels = tf.reshape(tf.convert_to_tensor(tf.nest.flatten(targets)[0]), [-1])
-        outputs = self.output(predictions, targets)
-        return tf.cast(labels, outputs.dtype) - outputs
-
-    def curvature(self, predictions: tf.Tensor, targets: Any) -> tf.Tensor:
-        return tf.ones_like(self.output(predictions, targets))
-
-    def configuration(self) -> dict[str, Any]:
-        return {"name": "regression"}
-
-
-_OUTPUT_FUNCTIONS = {"margin": MarginOutput, "output": RegressionOutput, "regression": RegressionOutput}
+_UNSET: Any = object()
 
 
 class TrakCalculator(BaseInfluenceCalculator):
@@ -186,6 +145,8 @@ class TrakCalculator(BaseInfluenceCalculator):
         projection: ``"gaussian"`` or ``"rademacher"`` entries, both scaled by ``1/sqrt(k)``.
         kernel: ``"trak"`` (``ΦᵀΦ``, the paper) or ``"gauss_newton"`` (``Φᵀ diag(∂²ℓ/∂f²) Φ``).
         projection_block_size: Rows of ``P`` generated at once (part of the projection's definition).
+        options: All of the settings above (``projection_dim`` to ``projection_block_size``) as one
+            :class:`TrakOptions`, instead of the keyword arguments.
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
         measurement: What the test side measures instead of the output function (:mod:`influenciae.language`):
@@ -205,43 +166,16 @@ class TrakCalculator(BaseInfluenceCalculator):
         self,
         model: Any,
         train_set: tf.data.Dataset,
-        projection_dim: int | None,
+        projection_dim: int | None = _UNSET,
         *,
-        seed: int = 0,
-        damping: float | str = "auto",
-        output_function: str | ModelOutputFunction = "margin",
-        projection: str = "gaussian",
-        kernel: str = "trak",
-        projection_block_size: int = 1024,
+        options: TrakOptions | None = None,
         show_progress: bool = False,
         batches_per_shard: int = 16,
         measurement: Measurement | Any = None,
+        **settings: Any,
     ) -> None:
-        if projection_dim is not None and (
-            isinstance(projection_dim, bool) or not isinstance(projection_dim, (int, np.integer)) or projection_dim <= 0
-        ):
-            raise ValueError(
-                f"projection_dim must be a positive integer or None (no projection), got {projection_dim!r}."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-        if damping != "auto" and (
-            isinstance(damping, bool)
-            or not isinstance(damping, (int, float, np.floating))
-            or not 0 <= damping < float("inf")
-        ):
-            raise ValueError(f"damping must be 'auto' or a non-negative finite number, got {damping!r}.")
-        if projection not in ("gaussian", "rademacher"):
-            raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}.")
-        if kernel not in ("trak", "gauss_newton"):
-            raise ValueError(f"kernel must be 'trak' or 'gauss_newton', got {kernel!r}.")
-        if (
-            isinstance(projection_block_size, bool)
-            or not isinstance(projection_block_size, int)
-            or projection_block_size <= 0
-        ):
-            raise ValueError(f"projection_block_size must be a positive integer, got {projection_block_size!r}.")
-        self.output_function = _resolve_output_function(output_function)
+        self.options = TrakOptions.of(options, projection_dim, settings)
+        self.output_function = cast(ModelOutputFunction, self.options.output_function)
         members = list(model) if isinstance(model, (list, tuple)) else [model]
         if not members:
             raise ValueError("model is an empty list: pass a model or a list of checkpoints.")
@@ -254,13 +188,13 @@ class TrakCalculator(BaseInfluenceCalculator):
         if len({checkpoint.dtype for checkpoint in self.checkpoints}) > 1:
             raise TypeError("All checkpoints must have weights of the same dtype.")
         self.train_set = check_dataset(train_set, name="train_set")
-        self.projection_dim = None if projection_dim is None else int(projection_dim)
-        self.seed = int(seed)
-        self.damping: float | str = damping if damping == "auto" else float(damping)
+        self.projection_dim = self.options.projection_dim
+        self.seed = self.options.seed
+        self.damping: float | str = self.options.damping
         self.damping_used: list[float] | None = None  # per checkpoint, once the kernels are factorized
-        self.projection = projection
-        self.kernel = kernel
-        self.projection_block_size = projection_block_size
+        self.projection = self.options.projection
+        self.kernel = self.options.kernel
+        self.projection_block_size = self.options.projection_block_size
         self._factors: list[tf.Tensor] | None = None
         self._project_fn = tf.function(self._blocked_projection, reduce_retracing=True)
 
@@ -315,7 +249,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         )
 
     def _transforms(self, batch: Any) -> tf.Tensor:
-        inputs, targets, _ = _split(batch, self.model.dtype)
+        inputs, targets, _ = split_batch(batch, self.model.dtype)
         queries = self.query_checkpoints
         return tf.concat(
             [self.project(queries[m].batch_jacobian_tensor((inputs, targets)), m) for m in range(self.num_checkpoints)],
@@ -323,7 +257,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         )
 
     def _influence_vectors(self, batch: Any) -> tf.Tensor:
-        inputs, targets, weights = _split(batch, self.model.dtype)
+        inputs, targets, weights = split_batch(batch, self.model.dtype)
         factors = self._kernel_factors()
         solved, out_to_loss = [], []
         for m, factor in enumerate(factors):
@@ -335,7 +269,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         return tf.cast(tf.concat(solved, axis=1) * scale[:, None], self.model.dtype)
 
     def _self_influence(self, batch: Any) -> tf.Tensor:
-        inputs, targets, weights = _split(batch, self.model.dtype)
+        inputs, targets, weights = split_batch(batch, self.model.dtype)
         leverage, out_to_loss = [], []
         for m, factor in enumerate(self._kernel_factors()):
             features = self._features(m, inputs, targets)
@@ -374,7 +308,7 @@ class TrakCalculator(BaseInfluenceCalculator):
             return self._factors
         kernels: dict[int, tf.Tensor] = {}
         for _, batch in self._stream(self.train_set, "train_set").batches(self._bar("TRAK kernel")):
-            inputs, targets, weights = _split(batch, self.model.dtype)
+            inputs, targets, weights = split_batch(batch, self.model.dtype)
             for m in range(self.num_checkpoints):
                 features = self._features(m, inputs, targets)
                 row_weights = tf.cast(weights, tf.float64)
@@ -457,26 +391,6 @@ class TrakCalculator(BaseInfluenceCalculator):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _resolve_output_function(output_function: Any) -> ModelOutputFunction:
-    if isinstance(output_function, ModelOutputFunction):
-        return output_function
-    if isinstance(output_function, str) and output_function in _OUTPUT_FUNCTIONS:
-        return _OUTPUT_FUNCTIONS[output_function]()
-    raise ValueError(
-        f"output_function must be 'margin', 'output' or a ModelOutputFunction instance, got {output_function!r}."
-    )
-
-
-def _split(batch: Any, dtype: tf.DType) -> tuple[Any, Any, tf.Tensor]:
-    structure = unpack_batch(batch)
-    targets = tf.nest.map_structure(tf.convert_to_tensor, structure.targets)
-    if structure.sample_weight is None:
-        weights = tf.ones([tf.shape(tf.nest.flatten(targets)[0])[0]], dtype)
-    else:
-        weights = tf.cast(tf.reshape(structure.sample_weight, [-1]), dtype)
-    return structure.inputs, targets, weights
 
 
 def _cholesky_solve_rows(factor: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
