@@ -11,7 +11,7 @@ and the Apache Beam pipeline (:mod:`influenciae.distributed.beam`) stay thin ada
 * :func:`self_scores`: row-wise scores ``[B]`` (self-influence);
 * :func:`block_candidates` and :func:`merge_candidates`: an exact top-k per block and an exact, associative and
   commutative merge of partial top-k results, ties broken by the smaller training index (reusing
-  :func:`influenciae.search.merge_top_k`), so that any grouping of shards, in any order, gives the same answer;
+  :class:`influenciae.search.TopK`), so that any grouping of shards, in any order, gives the same answer;
 * :func:`score_shard`: everything a scoring worker does with one batch of training examples: it hands the batch
   to the public methods of the calculator built on the worker (any calculator); :func:`score_batch` does it with
   the first-order calculator of a saved :class:`~influenciae.distributed.state.SolverState`;
@@ -31,7 +31,7 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.data import batch_size_of
 from influenciae.model import InfluenceModel
-from influenciae.search import merge_top_k
+from influenciae.search import TopK
 from influenciae.types import ORDER
 
 if TYPE_CHECKING:
@@ -136,9 +136,9 @@ def block_candidates(indices: Any, scores: Any, k: int, order: ORDER = ORDER.DES
     indices = tf.cast(tf.convert_to_tensor(indices), tf.int64)
     if scores.shape.rank != 2 or indices.shape.rank != 1 or indices.shape[0] != scores.shape[1]:
         raise ValueError(f"block_candidates needs indices [B] and scores [m, B], got {indices.shape}, {scores.shape}.")
-    tiled = tf.tile(indices[None], [tf.shape(scores)[0], 1])
-    none_indices, none_values = empty_candidates(int(scores.shape[0]), scores.dtype.as_numpy_dtype)
-    top_indices, top_values = merge_top_k(tiled, scores, none_indices, none_values, k=k, order=order)
+    best = TopK(k, order)
+    best.add(indices, scores)
+    top_indices, top_values = best.result()
     return top_indices.numpy(), top_values.numpy()
 
 
@@ -158,7 +158,10 @@ def merge_candidates(first: Candidates, second: Candidates, k: int, order: ORDER
     Returns:
         ``(indices [m, min(k, a + b)] int64, values [m, min(k, a + b)])`` as numpy arrays.
     """
-    indices, values = merge_top_k(first[0], first[1], second[0], second[1], k=k, order=order)
+    best = TopK(k, order)
+    best.add(*first)
+    best.add(*second)
+    indices, values = best.result()
     return indices.numpy(), values.numpy()
 
 

@@ -165,16 +165,12 @@ class TracInCPFastRandProj(_LastDenseCalculator):
 
     Args:
         checkpoints: As for :class:`TracInCPFast`.
-        learning_rates: The learning rate at each checkpoint (one float for all, or one per checkpoint).
-        model_factory: Builds the architecture for ``.weights.h5`` files.
+        learning_rates: As for :class:`TracInCPFast`.
+        model_factory: As for :class:`TracInCPFast`.
         projection_dim: ``k``, the length of the sketched vectors.
         seed: Seed of the projections (the same seed gives the same vectors).
-        loss_function: Per-example loss on the model's outputs; ``None`` uses the compiled loss.
-        keep_in_memory: For checkpoints on disk, as in :class:`TracInCP`.
-        batches_per_load: For checkpoints on disk, as in :class:`TracInCP`.
-        custom_objects: Passed to ``keras.models.load_model`` for ``.keras`` files.
-        show_progress: Progress bars on every pass.
-        batches_per_shard: Training batches per disk-cache shard.
+        **options: ``loss_function``, ``keep_in_memory``, ``batches_per_load``, ``custom_objects``,
+            ``show_progress``, ``batches_per_shard``: as for :class:`TracInCPFast`.
 
     Example:
         >>> sketch = TracInCPFastRandProj(checkpoint_paths, 0.01, projection_dim=256, seed=0, loss_function=loss)

@@ -202,11 +202,9 @@ class TracInCP(_GradientTracIn):
         keep_in_memory: Keep every checkpoint's weights in host memory after their first load.
         batches_per_load: Batches per block when loading checkpoints one at a time (``None``: a whole pass).
         custom_objects: Passed to ``keras.models.load_model`` for ``.keras`` files.
-        show_progress: Progress bars on every pass.
-        batches_per_shard: Training batches per disk-cache shard.
-        measurement: What the test side measures instead of its loss (:mod:`influenciae.language`): transforms
-            become ``[∇q(x; θ_c)]_c`` with ``q`` the measurement's query loss, so positive scores mark proponents of
-            the measurement; influence vectors and self-influence are unchanged. ``None``: the test loss.
+        show_progress: As for :class:`TracIn`.
+        batches_per_shard: As for :class:`TracIn`.
+        measurement: As for :class:`TracIn` (the test side's measurement, ``None``: the test loss).
 
     Example:
         >>> tracin = TracInCP(["ckpt/epoch_02.keras", "ckpt/epoch_06.keras", "ckpt/epoch_10.keras"],
