@@ -31,6 +31,8 @@ atomicity):
   input hash, so a shard file copied from another cache, or swapped with another shard, is refused on read even
   when its checksum was copied along. Every read checks the checksum and the meta record first; a corrupted file
   raises a ``ValueError`` naming the shard and how to rebuild.
+- Every manifest (this cache's, and those of the solver state, the K-FAC factors and the CAV store) has one format:
+  a JSON object with the store's ``kind`` and ``format_version`` (:func:`manifest_bytes`, :func:`read_manifest`).
 - Every file is written by :func:`atomic_write` (unique temporary name, ``fsync``,
   ``os.replace``); the manifest is replaced only after the shard file is in place, and each write of a shard uses
   a fresh file name, first recorded as *pending* in the manifest. A process killed at any moment therefore leaves
@@ -45,7 +47,18 @@ and row count is checked against the data, and a complete cache must cover exact
 """
 
 from influenciae.cache._disk import FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, DiskCache
-from influenciae.cache._files import TEMPORARY_PREFIX, atomic_write, checksum_file, temporary_name, write_npz
+from influenciae.cache._files import (
+    TEMPORARY_PREFIX,
+    atomic_write,
+    checksum_file,
+    manifest_array,
+    manifest_bytes,
+    parse_manifest,
+    read_manifest,
+    temporary_name,
+    write_manifest,
+    write_npz,
+)
 from influenciae.cache._store import (
     _OVERWRITE_HINT,  # noqa: F401 -- the CLI's hint is checked against it
     ShardCache,
@@ -69,6 +82,11 @@ __all__ = [
     "checksum_file",
     "temporary_name",
     "write_npz",
+    "manifest_array",
+    "manifest_bytes",
+    "parse_manifest",
+    "read_manifest",
+    "write_manifest",
     "canonical_configuration",
     "combine_hashes",
     "fingerprint_arrays",

@@ -17,7 +17,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from influenciae.cache._files import TEMPORARY_PREFIX, atomic_write, checksum_file, write_npz
+from influenciae.cache._files import (
+    TEMPORARY_PREFIX,
+    atomic_write,
+    checksum_file,
+    read_manifest,
+    write_manifest,
+    write_npz,
+)
 from influenciae.cache._store import _META_NAME, _OVERWRITE_HINT, ShardCache, ShardRecord, _array_schema
 from influenciae.cache.fingerprint import describe_differences
 
@@ -233,9 +240,7 @@ class DiskCache(ShardCache):
     def _save_state(self, replaced: ShardRecord | None = None) -> None:
         recorded = {record.file for record in self._records.values()}
         self._pending -= recorded
-        manifest = {
-            "kind": _MANIFEST_KIND,
-            "format_version": FORMAT_VERSION,
+        fields = {
             "configuration": self._configuration,
             "weights_fingerprint": self._weights_fingerprint,
             "num_shards": self._num_shards,
@@ -243,8 +248,7 @@ class DiskCache(ShardCache):
             "shards": {str(shard_id): record.to_json() for shard_id, record in sorted(self._records.items())},
             "pending_files": sorted(self._pending),
         }
-        text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n"
-        atomic_write(self._path / MANIFEST_NAME, text.encode())
+        write_manifest(self._path / MANIFEST_NAME, _MANIFEST_KIND, FORMAT_VERSION, fields)
         if replaced is not None and replaced.file is not None and replaced.file not in recorded:
             with contextlib.suppress(FileNotFoundError):
                 (self._path / replaced.file).unlink()
@@ -253,19 +257,8 @@ class DiskCache(ShardCache):
 
     def _read_manifest(self) -> dict[str, Any] | None:
         """Returns the stored manifest, ``None`` if there is none; raises if it is not an influenciae one."""
-        manifest_path = self._path / MANIFEST_NAME
-        if not manifest_path.exists():
-            return None
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(
-                f"{manifest_path} cannot be read as an influenciae cache manifest ({error}); choose another path."
-            ) from error
-        if not isinstance(manifest, dict) or manifest.get("kind") != _MANIFEST_KIND:
-            # Not ours: even overwrite=True must not delete files another tool owns.
-            raise ValueError(f"{manifest_path} is not an influenciae cache manifest; choose another path.")
-        return manifest
+        # Not ours (another kind): refused, so that even overwrite=True never deletes files another tool owns.
+        return read_manifest(self._path / MANIFEST_NAME, _MANIFEST_KIND, what="an influenciae cache manifest")
 
     def _adopt(self, manifest: Mapping[str, Any]) -> None:
         """Takes the records of a stored manifest, after checking it was built with this cache's settings."""

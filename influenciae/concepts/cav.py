@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-from influenciae.cache import atomic_write, canonical_configuration, fingerprint_arrays, write_npz
+from influenciae.cache import (
+    atomic_write,
+    canonical_configuration,
+    fingerprint_arrays,
+    read_manifest,
+    write_manifest,
+    write_npz,
+)
 
 __all__ = ["CAV", "CAVClassifier", "CAVStore", "train_cav"]
 
@@ -310,14 +317,9 @@ class CAVStore:
         """
         expected = canonical_configuration(metadata)
         manifest_path = self.directory / f"{self._stem(expected['concepts'], expected['layer'])}.json"
-        if not manifest_path.exists():
+        manifest = read_manifest(manifest_path, _MANIFEST_KIND, what="an influenciae CAV manifest")
+        if manifest is None:
             return None
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{manifest_path} is not a readable CAV manifest ({error}); {_OVERWRITE_HINT}.") from error
-        if not isinstance(manifest, dict) or manifest.get("kind") != _MANIFEST_KIND:
-            raise ValueError(f"{manifest_path} is not an influenciae CAV manifest; choose another save_path.")
         differences = []
         if manifest.get("format_version") != _FORMAT_VERSION:
             differences.append(f"format_version: stored {manifest.get('format_version')!r}, code {_FORMAT_VERSION}")
@@ -361,15 +363,8 @@ class CAVStore:
         arrays = {"vectors": cav.vectors, "accuracies": cav.accuracies, "train_accuracies": cav.train_accuracies}
         file_name = f"{stem}-{secrets.token_hex(8)}.npz"
         atomic_write(self.directory / file_name, lambda handle: write_npz(handle, arrays))
-        manifest = {
-            "kind": _MANIFEST_KIND,
-            "format_version": _FORMAT_VERSION,
-            "metadata": expected,
-            "file": file_name,
-            "checksum": fingerprint_arrays(arrays.values()),
-        }
-        text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n"
-        atomic_write(manifest_path, text.encode())
+        fields = {"metadata": expected, "file": file_name, "checksum": fingerprint_arrays(arrays.values())}
+        write_manifest(manifest_path, _MANIFEST_KIND, _FORMAT_VERSION, fields)
         if isinstance(previous, str) and previous != file_name and (self.directory / previous).is_file():
             (self.directory / previous).unlink()
         return manifest_path

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import tempfile
 import uuid
@@ -53,6 +52,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "`pip install 'influenciae[beam]'` (see docs/distributed.md)."
     ) from error
 
+from influenciae.cache import manifest_bytes, parse_manifest, write_npz
 from influenciae.distributed.kernels import SCORING_MODES, Candidates, block_candidates, merge_candidates
 from influenciae.types import ORDER
 
@@ -74,7 +74,8 @@ MANIFEST = "_MANIFEST.json"
 TOP_K_FILE = "top_k.npz"
 _PART_PREFIX = "part-"
 _TEMPORARY_PREFIX = ".tmp-"
-_FORMAT = "influenciae.scoring_output.v1"
+_KIND = "influenciae.scoring_output"
+_FORMAT_VERSION = 1
 
 
 class IncompleteOutputError(ValueError):
@@ -166,9 +167,13 @@ def _read_bytes(path: str) -> bytes:
         return bytes(handle.read())
 
 
+def _read_manifest(path: str) -> dict[str, Any]:
+    return parse_manifest(_read_bytes(path), _KIND, source=path, what="the manifest of a scoring output")
+
+
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_npz(buffer, arrays)
     return buffer.getvalue()
 
 
@@ -306,14 +311,13 @@ class _FinalizeFn(beam.DoFn):  # type: ignore[misc]
                 _join(self.job.output_dir, TOP_K_FILE), _npz_bytes({"indices": top_k[0], "values": top_k[1]})
             )
         manifest = {
-            "format": _FORMAT,
             "job": self.job.to_json(),
             "state_fingerprint": self.state_fingerprint,
             "num_examples": rows,
             "parts": parts,
             "top_k": TOP_K_FILE if top_k is not None else None,
         }
-        _write_atomically(_join(self.job.output_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+        _write_atomically(_join(self.job.output_dir, MANIFEST), manifest_bytes(_KIND, _FORMAT_VERSION, manifest))
         yield MANIFEST
 
 
@@ -356,7 +360,7 @@ def run_scoring(
     state_fingerprint = _file_fingerprint(job.state_path)
     manifest_path = _join(job.output_dir, MANIFEST)
     if FileSystems.exists(manifest_path):
-        manifest = json.loads(_read_bytes(manifest_path))
+        manifest = _read_manifest(manifest_path)
         same = manifest.get("job") == job.to_json() and manifest.get("state_fingerprint") == state_fingerprint
         if same and not overwrite:
             return dict(manifest)
@@ -374,7 +378,7 @@ def run_scoring(
         build_pipeline(pipeline, job, state_fingerprint=state_fingerprint)
     if not FileSystems.exists(manifest_path):
         raise RuntimeError(f"The pipeline finished without writing {manifest_path}.")
-    return dict(json.loads(_read_bytes(manifest_path)))
+    return _read_manifest(manifest_path)
 
 
 def read_scoring_output(output_dir: str) -> dict[str, Any]:
@@ -392,12 +396,12 @@ def read_scoring_output(output_dir: str) -> dict[str, Any]:
         raise IncompleteOutputError(
             f"{output_dir} has no {MANIFEST}: the scoring run did not finish. Rerun it (the solver state is reused)."
         )
-    manifest = json.loads(_read_bytes(manifest_path))
+    manifest = _read_manifest(manifest_path)
     mode = manifest["job"]["mode"]
     key = {"vectors": "vectors", "self_influence": "self_influence", "top_k": "scores"}[mode]
     indices, blocks = [], []
     for part in manifest["parts"]:
-        with np.load(io.BytesIO(_read_bytes(_join(output_dir, part["file"])))) as archive:
+        with np.load(io.BytesIO(_read_bytes(_join(output_dir, part["file"]))), allow_pickle=False) as archive:
             indices.append(archive["indices"])
             blocks.append(archive[key])
     all_indices = np.concatenate(indices) if indices else np.zeros([0], np.int64)
@@ -406,7 +410,7 @@ def read_scoring_output(output_dir: str) -> dict[str, Any]:
     values = np.concatenate(blocks, axis=axis) if blocks else np.zeros([0])
     result: dict[str, Any] = {"indices": all_indices[order], key: np.take(values, order, axis=axis)}
     if manifest.get("top_k"):
-        with np.load(io.BytesIO(_read_bytes(_join(output_dir, manifest["top_k"])))) as archive:
+        with np.load(io.BytesIO(_read_bytes(_join(output_dir, manifest["top_k"]))), allow_pickle=False) as archive:
             result["top_k_indices"], result["top_k_values"] = archive["indices"], archive["values"]
     result["manifest"] = manifest
     return result

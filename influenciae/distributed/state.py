@@ -11,8 +11,9 @@ summarized in a few arrays that every worker loads:
   ``tf.distribute`` strategy). Scores and top-k against those test examples need only them: one gradient per
   training example and a matmul.
 
-The state is saved as one ``.npz`` file written atomically (temporary name, fsync, rename) with the fingerprint of
-the model's weights, so that a restarted job reloads it instead of recomputing it, and a state made with other
+The state is saved as one pickle-free ``.npz`` file written atomically (temporary name, fsync, rename), its
+manifest (the library's one format, :mod:`influenciae.cache`) a member of it with the fingerprint of the model's
+weights, so that a restarted job reloads it instead of recomputing it, and a state made with other
 weights is refused.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.cache import atomic_write, fingerprint_arrays
+from influenciae.cache import atomic_write, fingerprint_arrays, manifest_array, parse_manifest, write_npz
 from influenciae.cache.fingerprint import canonical_configuration, dataset_fingerprint, describe_differences
 from influenciae.cache.fingerprint import model_identity as _model_identity
 from influenciae.data import check_dataset
@@ -38,7 +39,9 @@ from influenciae.model.loading import load_influence_model
 
 __all__ = ["SavedSolver", "SolverState", "model_fingerprint", "load_influence_model"]
 
-_FORMAT = "influenciae.solver_state.v1"
+_KIND = "influenciae.solver_state"
+_FORMAT_VERSION = 2  # 1: a JSON string member "meta" written by np.savez
+_MANIFEST_MEMBER = "manifest"
 _PRECONDITIONERS = STATE_KINDS
 
 
@@ -257,18 +260,17 @@ class SolverState:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         meta = {
-            "format": _FORMAT,
             "preconditioner": self.preconditioner,
             "weights_fingerprint": self.weights_fingerprint,
             "configuration": self.configuration,
             "identity": self.identity,
         }
-        arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
+        arrays = {_MANIFEST_MEMBER: manifest_array(_KIND, _FORMAT_VERSION, meta)}
         for name in ("inverse", "eigenvalues", "eigenvectors", "factors"):
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = np.asarray(value)
-        atomic_write(target, lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
+        atomic_write(target, lambda handle: write_npz(handle, arrays))
         return target
 
     @classmethod
@@ -295,11 +297,14 @@ class SolverState:
         if not source.is_file():
             raise FileNotFoundError(f"No solver state at {source}.")
         with np.load(source, allow_pickle=False) as archive:
-            if "meta" not in archive:
-                raise ValueError(f"{source} is not a solver state written by SolverState.save.")
-            meta = json.loads(str(archive["meta"]))
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{source} has format {meta.get('format')!r}, expected {_FORMAT!r}.")
+            if _MANIFEST_MEMBER not in archive:
+                older = " of an older format: recompute it" if "meta" in archive else " written by SolverState.save"
+                raise ValueError(f"{source} is not a solver state{older}.")
+            meta = parse_manifest(archive[_MANIFEST_MEMBER].tobytes(), _KIND, source=str(source), what="a solver state")
+            if meta.get("format_version") != _FORMAT_VERSION:
+                raise ValueError(
+                    f"{source} has solver-state format {meta.get('format_version')!r}, expected {_FORMAT_VERSION}."
+                )
             arrays = {
                 name: archive[name] for name in ("inverse", "eigenvalues", "eigenvectors", "factors") if name in archive
             }
