@@ -34,10 +34,8 @@ class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
         force_hermitian: Symmetrize the projected matrix (the Hessian is symmetric; this removes round-off).
         damping: λ ≥ 0.
         seed: Seed of the random start vector.
-        operator: See :class:`InverseHessianVectorProduct`.
-        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
-            inverted (see :mod:`influenciae.hessian.ggn`).
-        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
+        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
+            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
 
     Attributes:
         eigenvalues: ``[k]`` kept eigenvalues of ``H + λI`` (computed lazily).

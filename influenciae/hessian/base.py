@@ -12,7 +12,7 @@ import abc
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -299,6 +299,29 @@ class InverseHessianVectorProduct(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nb_params={self.nb_params}, damping={self.damping})"
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+def solver_options(options_class: type[OptionsT], options: OptionsT | None, settings: dict[str, Any]) -> OptionsT:
+    """A solver's frozen option dataclass: ``options`` as given, or built (and so validated, in its
+    ``__post_init__``) from the keyword arguments in ``settings`` that name its fields, which are removed from
+    ``settings`` (the rest go to :class:`InverseHessianVectorProduct`).
+
+    Raises:
+        TypeError: If ``options`` is not an ``options_class``.
+        ValueError: If options come both as ``options=`` and as keyword arguments.
+    """
+    names = {field.name for field in dataclasses.fields(options_class)}  # type: ignore[arg-type]
+    given = {name: settings.pop(name) for name in list(settings) if name in names}
+    if options is None:
+        return options_class(**given)
+    if not isinstance(options, options_class):
+        raise TypeError(f"options must be a {options_class.__name__}, got {type(options).__name__}.")
+    if given:
+        raise ValueError(f"Pass options either as options={options_class.__name__}(...) or as keywords, not both.")
+    return options
 
 
 STATE_KINDS = ("inverse", "eigen", "none")

@@ -82,10 +82,8 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         preconditioner: None, ``"diagonal"``, ``"nystrom"``, a callable on rows, a ``tf.linalg.LinearOperator`` or a
             dense matrix (see above). Named preconditioners are built on the first solve and kept.
         preconditioner_rank: Sketch size of ``preconditioner="nystrom"`` (clipped to P; default 50).
-        operator: See :class:`InverseHessianVectorProduct`.
-        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
-            inverted (see :mod:`influenciae.hessian.ggn`).
-        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
+        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
+            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
 
     Attributes:
         info: :class:`ConvergenceInfo` of the last :meth:`solve`.
@@ -111,17 +109,13 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         max_iterations: int | None = None,
         preconditioner: Any | None = None,
         preconditioner_rank: int = 50,
-        operator: Any | None = None,
-        curvature: str = "hessian",
-        curvature_options: dict[str, Any] | None = None,
+        **operator_options: Any,
     ) -> None:
         super().__init__(
             model,
             dataset,
             damping=damping,
-            operator=operator,
-            curvature=curvature,
-            curvature_options=curvature_options,
+            **operator_options,
         )
         if tolerance is None:
             tolerance = default_tolerance(self.dtype)

@@ -45,10 +45,8 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         pseudo_inverse: Moore-Penrose pseudo-inverse through ``eigh``: eigenvalues of magnitude at most
             ``eps · P · max|λ|`` are dropped (their directions map to 0).
         max_params: Refuse to form a dense matrix beyond this many parameters (P² memory).
-        operator: See :class:`InverseHessianVectorProduct`.
-        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
-            inverted (see :mod:`influenciae.hessian.ggn`).
-        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
+        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
+            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
 
     Example:
         >>> ihvp = ExactIHVP(im, train_ds, damping=1e-3)
@@ -67,9 +65,7 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
         allow_indefinite: bool = False,
         pseudo_inverse: bool = False,
         max_params: int = 20_000,
-        operator: Any | None = None,
-        curvature: str = "hessian",
-        curvature_options: dict[str, Any] | None = None,
+        **operator_options: Any,
     ) -> None:
         auto = isinstance(damping, str) or damping is None
         if auto and damping not in ("auto", None):
@@ -80,9 +76,7 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
             model,
             dataset,
             damping=0.0 if auto else damping,  # type: ignore[arg-type]
-            operator=operator,
-            curvature=curvature,
-            curvature_options=curvature_options,
+            **operator_options,
         )
         if method not in ("cholesky", "eigh"):
             raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -9,15 +10,39 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import CheckedBatches, sparse_classes
-from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.base import InverseHessianVectorProduct, solver_options
 from influenciae.hessian.conjugate_gradient import ConvergenceInfo
 from influenciae.hessian.operator import HessianOperator
 from influenciae.model import InfluenceModel
 
 LOGGER = logging.getLogger("influenciae")
 
-__all__ = ["LissaIHVP", "largest_eigenvalue"]
+__all__ = ["LissaIHVP", "LissaOptions", "largest_eigenvalue"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LissaOptions:
+    """The settings of :class:`LissaIHVP` (validated on construction; see its arguments)."""
+
+    scale: float | None = None
+    depth: int = 1000
+    tolerance: float = 1e-5
+    batches_per_step: int | None = None
+    num_repeats: int = 1
+    power_iterations: int = 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"scale must be positive, got {self.scale!r}.")
+        for argument in ("depth", "num_repeats", "power_iterations"):
+            value = getattr(self, argument)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{argument} must be a positive integer, got {value!r}.")
+        if self.batches_per_step is not None and (
+            not isinstance(self.batches_per_step, int) or self.batches_per_step <= 0
+        ):
+            raise ValueError(f"batches_per_step must be a positive integer or None, got {self.batches_per_step!r}.")
 
 
 class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
@@ -29,9 +54,12 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
     LiSSA, each step using the next ``k`` batches of the dataset (cheaper steps, noisier answer; average with
     ``num_repeats``).
 
+    The settings below come as keyword arguments or as one frozen :class:`LissaOptions` (``options=``).
+
     Args:
         model: The wrapped model.
         dataset: The Hessian dataset.
+        options: All the settings below at once (instead of keyword arguments).
         damping: λ ≥ 0.
         scale: ``s``; ``None`` estimates ``1.1 · λ_max(H + λI)`` with ``power_iterations`` products.
         depth: Most recursion steps.
@@ -40,10 +68,8 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         num_repeats: Independent stochastic runs averaged (ignored for full-dataset steps).
         power_iterations: Products used to estimate the scale.
         seed: Seed of the power iteration's start vector.
-        operator: See :class:`InverseHessianVectorProduct` (stochastic steps need the Hessian operator).
-        curvature: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``: the matrix
-            inverted (see :mod:`influenciae.hessian.ggn`).
-        curvature_options: Options of the curvature operator (e.g. the Fisher's estimator).
+        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
+            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
 
     Raises:
         ValueError: From :meth:`solve`, when the series diverges (scale too small or an indefinite Hessian).
@@ -59,44 +85,23 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         self,
         model: InfluenceModel | None,
         dataset: tf.data.Dataset | None = None,
+        options: LissaOptions | None = None,
         *,
         damping: float = 0.0,
-        scale: float | None = None,
-        depth: int = 1000,
-        tolerance: float = 1e-5,
-        batches_per_step: int | None = None,
-        num_repeats: int = 1,
-        power_iterations: int = 30,
-        seed: int = 0,
-        operator: Any | None = None,
-        curvature: str = "hessian",
-        curvature_options: dict[str, Any] | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(
-            model,
-            dataset,
-            damping=damping,
-            operator=operator,
-            curvature=curvature,
-            curvature_options=curvature_options,
-        )
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale!r}.")
-        for argument, value in (("depth", depth), ("num_repeats", num_repeats), ("power_iterations", power_iterations)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{argument} must be a positive integer, got {value!r}.")
-        if batches_per_step is not None:
-            if not isinstance(batches_per_step, int) or batches_per_step <= 0:
-                raise ValueError(f"batches_per_step must be a positive integer or None, got {batches_per_step!r}.")
-            if not isinstance(self.hessian, HessianOperator):
-                raise ValueError("Stochastic LiSSA (batches_per_step) needs the Hessian of a model over a dataset.")
-        self._scale = scale
-        self.depth = depth
-        self.tolerance = float(tolerance)
-        self.batches_per_step = batches_per_step
-        self.num_repeats = num_repeats
-        self.power_iterations = power_iterations
-        self.seed = seed
+        options = solver_options(LissaOptions, options, settings)
+        super().__init__(model, dataset, damping=damping, **settings)
+        if options.batches_per_step is not None and not isinstance(self.hessian, HessianOperator):
+            raise ValueError("Stochastic LiSSA (batches_per_step) needs the Hessian of a model over a dataset.")
+        self.options = options
+        self._scale = options.scale
+        self.depth = options.depth
+        self.tolerance = float(options.tolerance)
+        self.batches_per_step = options.batches_per_step
+        self.num_repeats = options.num_repeats
+        self.power_iterations = options.power_iterations
+        self.seed = options.seed
         self._graph_recursion: Any | None = None
         self._graph_failed = False
         self.info: ConvergenceInfo | None = None
@@ -118,20 +123,12 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         hessian = self.hessian
         if not isinstance(hessian, HessianOperator):  # pragma: no cover - guarded in __init__
             raise TypeError("Stochastic LiSSA needs a HessianOperator.")
-        model = hessian.model
-        shuffled = hessian.dataset.shuffle(256, seed=self.seed).repeat()
-        batches = iter(
-            CheckedBatches(shuffled, num_classes=sparse_classes(model.model, hessian.dataset), name="dataset")
-        )
+        batches = hessian.sampled_batches(self.seed)
         damping = tf.constant(self.damping, self.dtype)
 
         def product(rows: tf.Tensor) -> tf.Tensor:
-            total, count = tf.zeros_like(rows), 0
-            for _ in range(self.batches_per_step or 1):
-                batch = next(batches)
-                total += model.batch_hvp_sum(batch, rows)
-                count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
-            return total / float(count) + model.regularization_hvp(rows) + damping * rows
+            sample = [next(batches) for _ in range(self.batches_per_step or 1)]
+            return hessian.sample_matmul_rows(sample, rows) + damping * rows
 
         return product
 

@@ -38,9 +38,8 @@ class NystromIHVP(LowRankEigenIHVP, name="nystrom"):
         rank: Sketch size ``r`` (values above ``P`` are clipped to ``P``).
         damping: λ ≥ 0, added to ``Â``. Positive damping is recommended below full rank.
         seed: Seed of the Gaussian test matrix.
-        operator: See :class:`InverseHessianVectorProduct`.
-        curvature: See :class:`InverseHessianVectorProduct`.
-        curvature_options: See :class:`InverseHessianVectorProduct`.
+        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
+            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
 
     Attributes:
         eigenvalues: ``[r]`` eigenvalues ``Λ`` of the sketch (without damping), in decreasing order.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 from influenciae._backend import tf
@@ -396,15 +396,37 @@ class HessianOperator(DatasetOperator):
         return ("hessian", model.hvp_mode), batch_sum, ()
 
     def _streamed_matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
+        product, count = self._mean_over(batches_with_progress(self), vectors)
+        self._num_examples = count
+        return product
+
+    def sample_matmul_rows(self, batches: Iterable[Any], vectors: tf.Tensor) -> tf.Tensor:
+        """The Hessian of the objective on a sample of batches, ``(1/n) Σ_{i ∈ batches} ∇²ℓ_i v + ∇²Ω v``.
+
+        Args:
+            batches: Checked batches (e.g. from :meth:`sampled_batches`), ``n`` examples in all.
+            vectors: ``[m, P]``.
+
+        Returns:
+            ``[m, P]``.
+        """
+        return self._mean_over(batches, vectors)[0]
+
+    def sampled_batches(self, seed: int, shuffle_buffer: int = 256) -> Iterator[Any]:
+        """An endless iterator over the dataset's batches, shuffled with ``seed`` and checked (stochastic steps)."""
+        shuffled = self.dataset.shuffle(shuffle_buffer, seed=seed).repeat()
+        num_classes = sparse_classes(self.model.model, self.dataset)
+        return iter(CheckedBatches(shuffled, num_classes=num_classes, name="dataset"))
+
+    def _mean_over(self, batches: Iterable[Any], vectors: tf.Tensor) -> tuple[tf.Tensor, int]:
         total = tf.zeros_like(vectors)
         count = 0
-        for batch in batches_with_progress(self):
+        for batch in batches:
             total += self.model.batch_hvp_sum(batch, vectors)
             count += int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if count == 0:
             raise ValueError(self._empty_message)
-        self._num_examples = count
-        return total / tf.cast(count, self.dtype) + self.model.regularization_hvp(vectors)
+        return total / tf.cast(count, self.dtype) + self.model.regularization_hvp(vectors), count
 
 
 class DampedOperator(RowOperator):
