@@ -71,7 +71,7 @@ from influenciae.app.demo_report import (
     _report_html,
 )
 from influenciae.app.progress import StepLogger, timed
-from influenciae.app.report import write_csv
+from influenciae.app.report import write_csv, write_text
 from influenciae.data import from_numpy
 from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 from influenciae.model import InfluenceModel
@@ -252,7 +252,7 @@ def run_demo(
     timings["total"] = time.perf_counter() - start
     metrics["timings_seconds"] = {name: round(value, 2) for name, value in timings.items()}
     metrics["files"] = [*files, "metrics.json"]
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -375,7 +375,7 @@ def _write_outputs(
         }
         for rank, i in enumerate(suspects, start=1)
     ]
-    (output / "report.html").write_text(_report_html(metrics, suspicious_rows, images), encoding="utf-8")
+    write_text(output / "report.html", _report_html(metrics, suspicious_rows, images))
     return ["report.html", *figures, *CSV_FILES]
 
 

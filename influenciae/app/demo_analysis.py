@@ -26,9 +26,8 @@ from influenciae.app.demo_digits import (
     _Retrainer,
 )
 from influenciae.evaluation.mislabeling import detection_curve, detection_metrics
-from influenciae.influence.arnoldi import ArnoldiInfluenceCalculator
 from influenciae.influence.base import BaseInfluenceCalculator
-from influenciae.influence.first_order import FirstOrderInfluenceCalculator
+from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
 from influenciae.model import InfluenceModel
 from influenciae.types import CACHE
 
@@ -36,18 +35,24 @@ from influenciae.types import CACHE
 
 
 def _calculator(model: InfluenceModel, train_set: tf.data.Dataset, config: DemoConfig, show_progress: bool) -> Any:
+    """The registered method ``config.method`` on the demo's influence model (its last layer, wide HVP blocks)."""
     if config.method == "arnoldi":
-        return ArnoldiInfluenceCalculator(
-            model, train_set, **_SOLVER_OPTIONS["arnoldi"], damping=config.damping, show_progress=show_progress
+        arnoldi = _SOLVER_OPTIONS["arnoldi"]
+        options = CalculatorOptions(
+            damping=config.damping,
+            subspace_dim=arnoldi["subspace_dim"],
+            rank=arnoldi["k_largest_eig_vals"],
+            show_progress=show_progress,
         )
-    return FirstOrderInfluenceCalculator(
-        model,
-        train_set,
-        ihvp_calculator=config.solver,
-        damping=config.damping,
-        ihvp_options=_SOLVER_OPTIONS.get(config.solver),
-        show_progress=show_progress,
-    )
+    else:
+        options = CalculatorOptions(
+            damping=config.damping,
+            solver=config.solver,
+            solver_options=_SOLVER_OPTIONS.get(config.solver),
+            show_progress=show_progress,
+        )
+    setup = CalculatorSetup(model.model, train_set, model.loss_function, options, influence_model=model)
+    return build_calculator(config.method, setup)
 
 
 def _influence_on_predictions(

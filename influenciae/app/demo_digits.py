@@ -22,6 +22,7 @@ from influenciae.hessian.registry import registered_solvers
 __all__ = ["DemoConfig", "NoisyDigits", "load_noisy_digits", "build_model"]
 
 METHODS = ("first_order", "arnoldi")
+"""The calculator methods (:mod:`influenciae.influence.registry`) the demo runs."""
 
 
 CLEANING_ACTIONS = ("fix", "drop")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "paragraph",
     "html_page",
     "write_html",
+    "write_text",
     "write_csv",
     "csv_value",
     "is_image_batch",
@@ -108,9 +110,17 @@ def html_page(title: str, body: str) -> str:
     )
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` in UTF-8, atomically (:func:`influenciae.cache.atomic_write`): a reader, or a rerun
+    after a crash, never sees a partial file."""
+    from influenciae.cache import atomic_write
+
+    atomic_write(path, text.encode("utf-8"))
+
+
 def write_html(path: str | os.PathLike[str], title: str, body: str) -> None:
-    """Write :func:`html_page` to ``path`` (UTF-8)."""
-    Path(path).write_text(html_page(title, body), encoding="utf-8")
+    """Write :func:`html_page` to ``path`` (UTF-8, atomically)."""
+    write_text(path, html_page(title, body))
 
 
 def csv_value(value: Any) -> Any:
@@ -125,14 +135,15 @@ def csv_value(value: Any) -> Any:
 
 
 def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
-    """Write a CSV file with a header row; returns the number of data rows written."""
+    """Write a CSV file with a header row (atomically); returns the number of data rows written."""
     count = 0
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(list(header))
-        for row in rows:
-            writer.writerow([csv_value(cell) for cell in row])
-            count += 1
+    stream = io.StringIO(newline="")
+    writer = csv.writer(stream)
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow([csv_value(cell) for cell in row])
+        count += 1
+    write_text(path, stream.getvalue())
     return count
 
 

@@ -45,7 +45,9 @@ def _finish_timings(timings: dict[str, float], start: float) -> dict[str, float]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n", encoding="utf-8")
+    from influenciae.app.report import write_text
+
+    write_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 
 def _json_default(value: Any) -> Any:

@@ -80,6 +80,9 @@ class CalculatorSetup:
         loss_function: The per-example loss (reduction none), ``loss(y_true, y_pred) -> [B]``.
         options: The common options.
         regression: Whether the targets are regression targets (TRAK then measures the output, not the margin).
+        influence_model: An :class:`~influenciae.model.InfluenceModel` of ``model`` the gradient methods use as is
+            (its watched weights, loss and HVP settings); ``None`` builds one from ``model``, ``options.start_layer``
+            and ``loss_function``.
     """
 
     model: Any
@@ -87,6 +90,7 @@ class CalculatorSetup:
     loss_function: Any
     options: CalculatorOptions = dataclasses.field(default_factory=CalculatorOptions)
     regression: bool = False
+    influence_model: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +123,8 @@ class CalculatorMethod:
 def _influence_model(setup: CalculatorSetup) -> Any:
     from influenciae.model import InfluenceModel
 
+    if setup.influence_model is not None:
+        return setup.influence_model
     start = setup.options.start_layer
     # "from this layer to the output" (start -1 = the last layer's weights), which also keeps the MigrationWarning
     # (for code written for the original's "layer k only") away.
