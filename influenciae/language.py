@@ -276,6 +276,22 @@ def _masked_logits(outputs: Any, targets: Any, pad_id: int | None) -> tuple[tf.T
     return _token_logits(logits, ids), ids, mask
 
 
+def _summed_over_tokens(score: Callable[..., tf.Tensor], pad_id: int | None, name: str) -> Measurement:
+    """The measurement ``f = Σ_t m_t score(z_t, y_t)`` over the measured (non-padding) target tokens."""
+
+    def measure(outputs: Any, targets: Any) -> tf.Tensor:
+        logits, ids, mask = _masked_logits(outputs, targets, pad_id)
+        return tf.reduce_sum(score(logits, ids) * mask, axis=1)
+
+    return Measurement(measure, higher_is_better=True, name=f"{name}(pad_id={pad_id})")
+
+
+def _margin(logits: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+    hot = tf.one_hot(ids, tf.shape(logits)[-1], on_value=True, off_value=False)
+    others = tf.reduce_max(tf.where(hot, tf.fill(tf.shape(logits), logits.dtype.min), logits), axis=-1)
+    return _gather_target(logits, ids) - others
+
+
 def logit_margin(pad_id: int | None = None) -> Measurement:
     """``f = Σ_t m_t (z_{t, y_t} - max_{v ≠ y_t} z_{t, v})``: the margin of the target token's logit (higher is better).
 
@@ -285,32 +301,13 @@ def logit_margin(pad_id: int | None = None) -> Measurement:
     Returns:
         A :class:`Measurement` with ``higher_is_better=True``.
     """
-
-    def margin(outputs: Any, targets: Any) -> tf.Tensor:
-        logits, ids, mask = _masked_logits(outputs, targets, pad_id)
-        target = _gather_target(logits, ids)
-        hot = tf.one_hot(ids, tf.shape(logits)[-1], on_value=True, off_value=False)
-        others = tf.reduce_max(tf.where(hot, tf.fill(tf.shape(logits), logits.dtype.min), logits), axis=-1)
-        return tf.reduce_sum((target - others) * mask, axis=1)
-
-    return Measurement(margin, higher_is_better=True, name=f"logit_margin(pad_id={pad_id})")
+    return _summed_over_tokens(_margin, pad_id, "logit_margin")
 
 
 def target_logit(pad_id: int | None = None) -> Measurement:
-    """``f = Σ_t m_t z_{t, y_t}``: the raw logit of the target token (higher is better).
-
-    Args:
-        pad_id: Target id of the positions that are not measured.
-
-    Returns:
-        A :class:`Measurement` with ``higher_is_better=True``.
-    """
-
-    def logit(outputs: Any, targets: Any) -> tf.Tensor:
-        logits, ids, mask = _masked_logits(outputs, targets, pad_id)
-        return tf.reduce_sum(_gather_target(logits, ids) * mask, axis=1)
-
-    return Measurement(logit, higher_is_better=True, name=f"target_logit(pad_id={pad_id})")
+    """``f = Σ_t m_t z_{t, y_t}``, the raw logit of the target token (higher is better); ``pad_id`` marks the target
+    positions that are not measured. Returns a :class:`Measurement` with ``higher_is_better=True``."""
+    return _summed_over_tokens(_gather_target, pad_id, "target_logit")
 
 
 def query_model(

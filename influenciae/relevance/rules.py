@@ -18,7 +18,6 @@ stabilizer absorbs ``ε·sign(z_j)·s_j``. The α-β rule conserves ``(α − β
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -38,6 +37,8 @@ __all__ = [
 LinearFunction = Callable[[tf.Tensor, "tf.Tensor | None", "tf.Tensor | None"], tf.Tensor]
 """``linear(inputs, kernel, bias) -> pre-activations``: a layer's affine map with the weights passed in (``None``
 weights mean the layer's own, weight-free map, e.g. pooling)."""
+
+_Layer = tuple[tf.Tensor, "tf.Tensor | None", "tf.Tensor | None"]  # (inputs, kernel or None, bias or None)
 
 
 def _check_non_negative(name: str, value: float) -> float:
@@ -86,10 +87,12 @@ def gradient_trick(
     return inputs * contribution
 
 
-class PropagationRule(abc.ABC):
+class PropagationRule:
     """A relevance propagation rule for one linear layer.
 
-    Subclasses implement :meth:`propagate`. Every rule carries a stabilizer ``epsilon`` that layers without weights
+    :meth:`propagate` is the gradient trick on the layer with the weights a rule modifies (``_weights(kernel,
+    bias)``, unchanged by default: LRP-ε); a rule that redistributes otherwise replaces ``_redistribute`` (α-β,
+    identity) or :meth:`propagate` itself. Every rule carries a stabilizer ``epsilon`` that layers without weights
     (pooling, ``Add``) use for their ε-trick.
 
     Attributes:
@@ -98,7 +101,6 @@ class PropagationRule(abc.ABC):
 
     epsilon: float = 1e-9
 
-    @abc.abstractmethod
     def propagate(
         self,
         linear: LinearFunction,
@@ -119,6 +121,17 @@ class PropagationRule(abc.ABC):
         Returns:
             Relevance of the inputs, shape ``[batch, ...in]``.
         """
+        return self._redistribute(linear, (inputs, kernel, bias), relevance)
+
+    def _redistribute(self, linear: LinearFunction, layer: _Layer, relevance: tf.Tensor) -> tf.Tensor:
+        """The gradient trick on the layer with the rule's weights (:meth:`_weights`); rules may replace it."""
+        inputs, kernel, bias = layer
+        kernel, bias = self._weights(kernel, bias)
+        return gradient_trick(lambda a: linear(a, kernel, bias), inputs, relevance, self.epsilon)
+
+    def _weights(self, kernel: tf.Tensor | None, bias: tf.Tensor | None) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+        """The modified ``(kernel, bias)`` of the rule (unchanged: LRP-ε)."""
+        return kernel, bias
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
@@ -142,16 +155,6 @@ class EpsilonRule(PropagationRule):
     def __init__(self, epsilon: float = 1e-9) -> None:
         self.epsilon = _check_non_negative("epsilon", epsilon)
 
-    def propagate(
-        self,
-        linear: LinearFunction,
-        inputs: tf.Tensor,
-        kernel: tf.Tensor | None,
-        bias: tf.Tensor | None,
-        relevance: tf.Tensor,
-    ) -> tf.Tensor:
-        return gradient_trick(lambda a: linear(a, kernel, bias), inputs, relevance, self.epsilon)
-
 
 class GammaRule(PropagationRule):
     """LRP-γ: the ε-trick with the kernel ``w + γ·w⁺``, favouring positive contributions.
@@ -171,19 +174,10 @@ class GammaRule(PropagationRule):
         self.set_bias_to_zero = bool(set_bias_to_zero)
         self.epsilon = _check_non_negative("epsilon", epsilon)
 
-    def propagate(
-        self,
-        linear: LinearFunction,
-        inputs: tf.Tensor,
-        kernel: tf.Tensor | None,
-        bias: tf.Tensor | None,
-        relevance: tf.Tensor,
-    ) -> tf.Tensor:
+    def _weights(self, kernel: tf.Tensor | None, bias: tf.Tensor | None) -> tuple[tf.Tensor | None, tf.Tensor | None]:
         if kernel is not None:
             kernel = kernel + tf.constant(self.gamma, kernel.dtype) * tf.nn.relu(kernel)
-        if self.set_bias_to_zero:
-            bias = None
-        return gradient_trick(lambda a: linear(a, kernel, bias), inputs, relevance, self.epsilon)
+        return kernel, None if self.set_bias_to_zero else bias
 
 
 class ZPlusRule(PropagationRule):
@@ -203,19 +197,8 @@ class ZPlusRule(PropagationRule):
         self.set_bias_to_zero = bool(set_bias_to_zero)
         self.epsilon = _check_non_negative("epsilon", epsilon)
 
-    def propagate(
-        self,
-        linear: LinearFunction,
-        inputs: tf.Tensor,
-        kernel: tf.Tensor | None,
-        bias: tf.Tensor | None,
-        relevance: tf.Tensor,
-    ) -> tf.Tensor:
-        if kernel is not None:
-            kernel = tf.nn.relu(kernel)
-        if self.set_bias_to_zero:
-            bias = None
-        return gradient_trick(lambda a: linear(a, kernel, bias), inputs, relevance, self.epsilon)
+    def _weights(self, kernel: tf.Tensor | None, bias: tf.Tensor | None) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+        return (None if kernel is None else tf.nn.relu(kernel)), None if self.set_bias_to_zero else bias
 
 
 class AlphaBetaRule(PropagationRule):
@@ -236,14 +219,8 @@ class AlphaBetaRule(PropagationRule):
         self.beta = _check_non_negative("beta", beta)
         self.epsilon = _check_non_negative("epsilon", epsilon)
 
-    def propagate(
-        self,
-        linear: LinearFunction,
-        inputs: tf.Tensor,
-        kernel: tf.Tensor | None,
-        bias: tf.Tensor | None,
-        relevance: tf.Tensor,
-    ) -> tf.Tensor:
+    def _redistribute(self, linear: LinearFunction, layer: _Layer, relevance: tf.Tensor) -> tf.Tensor:
+        inputs, kernel, _ = layer
         if kernel is None:
             return gradient_trick(lambda a: linear(a, None, None), inputs, relevance, self.epsilon)
         positive_inputs, negative_inputs = tf.nn.relu(inputs), -tf.nn.relu(-inputs)
@@ -280,14 +257,8 @@ class IdentityRule(PropagationRule):
     def __init__(self, epsilon: float = 1e-9) -> None:
         self.epsilon = _check_non_negative("epsilon", epsilon)
 
-    def propagate(
-        self,
-        linear: LinearFunction,
-        inputs: tf.Tensor,
-        kernel: tf.Tensor | None,
-        bias: tf.Tensor | None,
-        relevance: tf.Tensor,
-    ) -> tf.Tensor:
+    def _redistribute(self, linear: LinearFunction, layer: _Layer, relevance: tf.Tensor) -> tf.Tensor:
+        inputs = layer[0]
         if inputs.shape != relevance.shape:
             raise ValueError(
                 f"IdentityRule needs a layer whose input and output shapes agree, got input {inputs.shape} and "

@@ -75,6 +75,11 @@ class _GradientAttack:
         self.loss_function = self.front.require_loss(type(self).__name__)
         self.lower_bound, self.upper_bound = check_bounds(lower_bound, upper_bound)
         self._gradient_function = tf.function(self._loss_gradient, reduce_retracing=True)
+        self._attack_function = tf.function(self._attack, reduce_retracing=True)
+
+    def _attack(self, *arguments: Any) -> Any:
+        """The attack's traced body (FGSM's step, PGD's steps); attacks without one never call it."""
+        raise NotImplementedError  # pragma: no cover
 
     @property
     def model(self) -> Any:
@@ -214,16 +219,6 @@ class FGSM(_GradientAttack):
         >>> adversarial = fgsm.perturb(images, labels, epsilon=8 / 255)  # same shape as images
     """
 
-    def __init__(
-        self,
-        model: Any,
-        loss_function: Any | None = None,
-        lower_bound: Any | None = None,
-        upper_bound: Any | None = None,
-    ) -> None:
-        super().__init__(model, loss_function, lower_bound, upper_bound)
-        self._step_function = tf.function(self._step, reduce_retracing=True)
-
     def perturb(
         self,
         inputs: Any,
@@ -259,11 +254,11 @@ class FGSM(_GradientAttack):
         def attack_batch(batch_inputs: Any, batch_targets: Any, sliced: dict[str, np.ndarray], _: bool) -> Any:
             epsilons = tf.nest.map_structure(lambda leaf: _broadcast(sliced["epsilon"], leaf), batch_inputs)
             masks = _prepare_mask(mask, batch_inputs)
-            return self._step_function(batch_inputs, batch_targets, epsilons, masks, tf.constant(sign))
+            return self._attack_function(batch_inputs, batch_targets, epsilons, masks, tf.constant(sign))
 
         return self._over_batches(inputs, targets, values, attack_batch, show_progress, "FGSM")
 
-    def _step(self, inputs: Any, targets: Any, epsilons: Any, masks: Any, sign: tf.Tensor) -> Any:
+    def _attack(self, inputs: Any, targets: Any, epsilons: Any, masks: Any, sign: tf.Tensor) -> Any:  # type: ignore[override]
         gradients = self._loss_gradient(inputs, targets)
         moved = tf.nest.map_structure(
             lambda x, g, e, m: x + tf.cast(sign, x.dtype) * e * tf.sign(g) * m, inputs, gradients, epsilons, masks
@@ -290,16 +285,6 @@ class PGD(_GradientAttack):
         >>> pgd = PGD(model, lower_bound=0.0, upper_bound=1.0)
         >>> adversarial = pgd.perturb(images, labels, epsilon=0.03, step_size=0.01, num_steps=20)
     """
-
-    def __init__(
-        self,
-        model: Any,
-        loss_function: Any | None = None,
-        lower_bound: Any | None = None,
-        upper_bound: Any | None = None,
-    ) -> None:
-        super().__init__(model, loss_function, lower_bound, upper_bound)
-        self._steps_function = tf.function(self._steps, reduce_retracing=True)
 
     def perturb(
         self,
@@ -360,15 +345,15 @@ class PGD(_GradientAttack):
                 start = self.clip(_random_point(generator, batch_inputs, radii, resolved_norm, masks))
             arguments = (batch_inputs, batch_targets, epsilons, alpha, masks, tf.constant(sign), resolved_norm)
             if not bar:
-                return self._steps_function(start, tf.constant(steps), *arguments)
+                return self._attack_function(start, tf.constant(steps), *arguments)
             current = start
             for _ in progress(range(steps), True, "PGD", steps, unit="step"):
-                current = self._steps_function(current, tf.constant(1), *arguments)
+                current = self._attack_function(current, tf.constant(1), *arguments)
             return current
 
         return self._over_batches(inputs, targets, values, attack_batch, show_progress, "PGD")
 
-    def _steps(
+    def _attack(  # type: ignore[override]
         self,
         start: Any,
         count: tf.Tensor,
