@@ -307,15 +307,13 @@ def model_identity(model: Any) -> dict[str, Any]:
     Returns:
         A canonical JSON-able mapping.
     """
-    from influenciae._backend import variable_tensor
+    from influenciae.model._identity import watched_weight_positions  # the Keras side, in the model wing
 
-    positions = {id(variable_tensor(weight)): index for index, weight in enumerate(model.model.weights)}
     watched = []
-    for weight in model.weights:
-        tensor = variable_tensor(weight)
+    for position, tensor in zip(watched_weight_positions(model), model.watched, strict=True):
         watched.append(
             {
-                "position": positions.get(id(tensor), -1),
+                "position": position,
                 "shape": [int(dimension) for dimension in tensor.shape],
                 "fingerprint": fingerprint_arrays([tensor])[:32],
             }
