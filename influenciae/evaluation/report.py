@@ -65,9 +65,28 @@ def _self_influence(build: Callable[[Any, tf.data.Dataset], Any]) -> Scorer:
     return score
 
 
+def _registered(name: str, watched: Callable[[Any], InfluenceModel] | None = None, **options: Any) -> Scorer:
+    """Self-influence of the registered calculator method ``name`` (:mod:`influenciae.influence.registry`).
+
+    Args:
+        name: The method's name.
+        watched: ``model -> InfluenceModel`` the gradient methods use (which layers); ``None`` for the others.
+        **options: Fields of :class:`~influenciae.influence.registry.CalculatorOptions`.
+    """
+    from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
+
+    def build(model: Any, train: tf.data.Dataset) -> Any:
+        influence_model = None if watched is None else watched(model)
+        setup = CalculatorSetup(
+            model, train, digits_loss(), CalculatorOptions(**options), influence_model=influence_model
+        )
+        return build_calculator(name, setup)
+
+    return _self_influence(build)
+
+
 def scorers() -> dict[str, tuple[str, Scorer]]:
     """``{name: (description, scorer)}`` for every method in the table; heavy imports stay inside."""
-    from influenciae.influence.arnoldi import ArnoldiInfluenceCalculator
     from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 
     damping = 1e-3
@@ -84,7 +103,7 @@ def scorers() -> dict[str, tuple[str, Scorer]]:
     table: dict[str, tuple[str, Scorer]] = {
         "influence, exact (last layer)": (
             "FirstOrderInfluenceCalculator, ExactIHVP, damping 1e-3, last Dense layer (330 parameters)",
-            _self_influence(lambda m, t: FirstOrderInfluenceCalculator(last_layer(m), t, "exact", damping=damping)),
+            _registered("first_order", last_layer, damping=damping),
         ),
         "influence, CG (last layer, Hessian on 512 examples)": (
             "FirstOrderInfluenceCalculator, CG (tolerance 1e-4), n_samples_for_hessian=512, damping 1e-3, last layer",
@@ -96,15 +115,11 @@ def scorers() -> dict[str, tuple[str, Scorer]]:
         ),
         "RelatIF (last layer)": (
             "FirstOrderInfluenceCalculator(normalize=True), exact, damping 1e-3, last Dense layer",
-            _self_influence(
-                lambda m, t: FirstOrderInfluenceCalculator(last_layer(m), t, "exact", normalize=True, damping=damping)
-            ),
+            _registered("relatif", last_layer, damping=damping),
         ),
         "Arnoldi embeddings (all layers, k=50)": (
             "ArnoldiInfluenceCalculator, subspace 100, 50 eigenvalues of largest magnitude, damping 3e-2",
-            _self_influence(
-                lambda m, t: ArnoldiInfluenceCalculator(all_layers(m), t, 100, True, 50, damping=network_damping)
-            ),
+            _registered("arnoldi", all_layers, subspace_dim=100, rank=50, damping=network_damping),
         ),
     }
     table.update(_optional_scorers(last_layer, all_layers))
@@ -118,18 +133,17 @@ def scorers() -> dict[str, tuple[str, Scorer]]:
 def _optional_scorers(
     last_layer: Callable[[Any], InfluenceModel], all_layers: Callable[[Any], InfluenceModel]
 ) -> dict[str, tuple[str, Scorer]]:
-    """Methods of the other attribution families, when present."""
-    from influenciae.influence.boundary import SampleBoundaryCalculator, WeightsBoundaryCalculator
-    from influenciae.influence.representer import RepresenterPointL2, RepresenterPointLJE
-    from influenciae.influence.similarity import SimilarityInfluence
-    from influenciae.influence.tracin import TracIn, TracInCPFast, TracInCPFastRandProj
+    """Methods of the other attribution families, when present (those with settings the registry's methods do not
+    take, such as TracInCPFast, TRAK's default damping or DeepFool's step count, are built directly)."""
+    from influenciae.influence.boundary import SampleBoundaryCalculator
+    from influenciae.influence.tracin import TracInCPFast, TracInCPFastRandProj
     from influenciae.influence.trak import TrakCalculator
 
     extra: dict[str, tuple[str, Scorer]] = {}
     loss = digits_loss()
     extra["TracIn (final model, all layers)"] = (
         "TracIn with the final model as its only checkpoint, learning rate 1",
-        _self_influence(lambda m, t: TracIn([all_layers(m)], 1.0)),
+        _registered("tracin", all_layers, learning_rate=1.0),
     )
     extra["TracInCPFast (final model)"] = (
         "TracInCPFast: last Dense layer through the outer-product identity",
@@ -145,11 +159,11 @@ def _optional_scorers(
     )
     extra["representer points, L2 (λ=1e-3)"] = (
         "RepresenterPointL2, last layer refit with λ = 1e-3, explaining the predicted class",
-        _self_influence(lambda m, t: RepresenterPointL2(m, t, loss, 1e-3)),
+        _registered("representer", l2=1e-3),
     )
     extra["representer points, LJE"] = (
         "RepresenterPointLJE, step 1e-2, exact solver, damping 1e-3",
-        _self_influence(lambda m, t: RepresenterPointLJE(m, t, loss, damping=1e-3)),
+        _registered("representer_lje", step_size=1e-2, solver="exact", damping=1e-3),
     )
     extra["TRAK (k=512)"] = (
         "TrakCalculator, margin output, Gaussian projection to 512 dimensions of all 2,410 gradients, seed 0",
@@ -161,12 +175,12 @@ def _optional_scorers(
     )
     extra["weights boundary (DeepFool, last layer)"] = (
         "WeightsBoundaryCalculator: minus the distance in the last layer's weight space (label-free)",
-        _self_influence(lambda m, t: WeightsBoundaryCalculator(m)),
+        _registered("weights_boundary"),
     )
     extra["similarity (dot product, hidden layer)"] = (
         "SimilarityInfluence on the hidden layer's activations, dot product: self-influence = squared norm "
         "(cosine self-similarity is always 1 and cannot rank)",
-        _self_influence(lambda m, t: SimilarityInfluence(m, 0, similarity="dot")),
+        _registered("similarity", layer=0, similarity="dot"),
     )
     return extra
 
