@@ -21,6 +21,7 @@ import numpy as np
 
 from influenciae._backend import keras, tf
 from influenciae.data import from_numpy
+from influenciae.evaluation.problems import digits, seeded_split
 from influenciae.model import InfluenceModel
 
 __all__ = ["CurvatureAccuracy", "curvature_accuracy", "curvature_accuracy_section", "exact_gauss_newton"]
@@ -69,13 +70,7 @@ def exact_gauss_newton(model: InfluenceModel, inputs: np.ndarray, *, chunk_size:
 
 
 def _digits(seed: int, num_train: int, num_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    inputs, labels = (digits.data / 16.0).astype("float32"), digits.target.astype("int64")
-    order = np.random.default_rng(seed).permutation(len(inputs))
-    train, test = order[:num_train], order[num_train : num_train + num_test]
-    return inputs[train], labels[train], inputs[test], labels[test]
+    return seeded_split(*digits("flat"), seed=seed, num_train=num_train, num_test=num_test)
 
 
 def _train(inputs: np.ndarray, labels: np.ndarray, seed: int, epochs: int) -> tuple[Any, float]:
