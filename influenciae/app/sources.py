@@ -22,7 +22,6 @@ Each gives a batched ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.data import from_numpy
+from influenciae.distributed.records import encode_example, list_files
 
 __all__ = [
     "InputError",
@@ -189,13 +189,10 @@ def load_npz(
 
 
 def _tfrecord_files(pattern: str, what: str) -> list[str]:
-    if os.path.isdir(pattern):
-        files = sorted(str(p) for p in Path(pattern).iterdir() if p.is_file())
-    else:
-        files = sorted(glob.glob(pattern))
-    if not files:
-        raise InputError(f"{what} not found: no TFRecord file matches {pattern}")
-    return files
+    try:
+        return list_files(pattern)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: no TFRecord file matches {pattern}") from None
 
 
 def load_tfrecords(
@@ -341,13 +338,7 @@ def write_tfrecords(
     target.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(target)) as writer:
         for index in range(lengths[x_key]):
-            feature = {
-                key: tf.train.Feature(
-                    bytes_list=tf.train.BytesList(value=[tf.io.serialize_tensor(array[index]).numpy()])
-                )
-                for key, array in arrays.items()
-            }
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+            writer.write(encode_example({key: array[index] for key, array in arrays.items()}))
     return target
 
 

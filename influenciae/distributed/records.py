@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +26,46 @@ import numpy as np
 
 from influenciae._backend import tf
 
-__all__ = ["INDEX_KEY", "write_sharded_tfrecords", "encode_record", "decode_records", "read_tfrecords", "list_files"]
+__all__ = [
+    "INDEX_KEY",
+    "write_sharded_tfrecords",
+    "encode_example",
+    "encode_record",
+    "decode_records",
+    "read_tfrecords",
+    "list_files",
+]
 
 INDEX_KEY = "index"
 """Feature name of the training index carried by every record."""
 _KEYS = ("x", "y", "sample_weight")
 
 
+def encode_example(features: Mapping[str, Any], index: int | None = None) -> bytes:
+    """One serialized ``tf.train.Example``: a bytes feature per array (``tf.io.serialize_tensor``), and the index.
+
+    The one encoding of the library's TFRecords (these files, and :func:`influenciae.app.io.write_tfrecords`).
+
+    Args:
+        features: Feature name -> one example's array (any dtype and shape).
+        index: The example's training index (an ``int64`` feature :data:`INDEX_KEY`), or None.
+
+    Returns:
+        The serialized example.
+    """
+    feature = {}
+    if index is not None:
+        feature[INDEX_KEY] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)]))
+    for key, value in features.items():
+        serialized = tf.io.serialize_tensor(tf.convert_to_tensor(np.asarray(value))).numpy()
+        feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[serialized]))
+    return bytes(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
 def encode_record(index: int, x: Any, y: Any, sample_weight: Any | None = None) -> bytes:
     """One serialized ``tf.train.Example`` of the schema above."""
-    feature = {INDEX_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)]))}
-    for key, value in zip(_KEYS, (x, y, sample_weight), strict=True):
-        if value is not None:
-            serialized = tf.io.serialize_tensor(tf.convert_to_tensor(np.asarray(value))).numpy()
-            feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[serialized]))
-    return bytes(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    values = zip(_KEYS, (x, y, sample_weight), strict=True)
+    return encode_example({key: value for key, value in values if value is not None}, index)
 
 
 def write_sharded_tfrecords(
