@@ -109,9 +109,13 @@ class InverseHessianVectorProduct(abc.ABC):
         self._hessian_dataset = dataset
         self._hessian_dataset_fingerprint: dict[str, Any] | None = None
         self.hessian: RowOperator = base
-        self.operator: RowOperator = damped(base, damping)
+        self.operator: RowOperator = self._damped_operator(base, damping)
         self.curvature = curvature_of(base)
         self._show_progress = False
+
+    def _damped_operator(self, base: RowOperator, damping: float) -> RowOperator:
+        """The operator the solver inverts, ``H + λI`` (a solver with its own damping rule overrides this)."""
+        return damped(base, damping)
 
     @property
     def show_progress(self) -> bool:

@@ -39,6 +39,7 @@ two small matmuls on each side of every block.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,12 +51,12 @@ from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
 from influenciae.cache.fingerprint import model_identity
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
-from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision
-from influenciae.hessian.kfac_fit import CurvatureBlock, empty_blocks, fit_blocks
-from influenciae.hessian.operator import RowOperator
+from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, solver_options
+from influenciae.hessian.kfac_fit import BlockDiagonalOptions, CurvatureBlock, empty_blocks, fit_blocks
+from influenciae.hessian.operator import RowOperator, damped
 from influenciae.hessian.registry import curvature_of
 from influenciae.model import InfluenceModel
-from influenciae.model.capture import FISHER_TYPES, LayerCapture
+from influenciae.model.capture import LayerCapture
 
 __all__ = ["CurvatureBlock", "KFACIHVP", "EKFACIHVP", "BlockDiagonalIHVP"]
 
@@ -65,7 +66,7 @@ _MAX_SLICES = 256  # contiguous runs up to which a solve reorders parameters by 
 class _BlockOperator(RowOperator):
     """The block-diagonal curvature of a fitted solver as a row operator (damped or not)."""
 
-    def __init__(self, solver: BlockDiagonalIHVP, *, damped: bool, num_params: int, dtype: tf.DType) -> None:
+    def __init__(self, solver: BlockDiagonalIHVP, damped: bool, num_params: int, dtype: tf.DType) -> None:
         self.solver = solver
         self.is_damped = damped
         super().__init__(num_params, dtype, "BlockDiagonalCurvature", parameters={"damped": damped})
@@ -86,9 +87,13 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
     (re-estimate the eigenvalues in the basis with a second pass); the diagonal solver is the identity basis with
     the correction.
 
+    The settings from ``relative_damping`` to ``show_progress`` come as keyword arguments or as one frozen
+    :class:`~influenciae.hessian.kfac_fit.BlockDiagonalOptions` (``options=``).
+
     Args:
         model: The wrapped model.
         dataset: Batched dataset over which the curvature is averaged.
+        options: The settings below at once (instead of keyword arguments).
         damping: Absolute λ ≥ 0 added to every block.
         relative_damping: Add ``relative_damping × mean eigenvalue`` of each block (≥ 0).
         fisher: ``"expected"`` (exact Gauss-Newton statistics, one backward pass per model output),
@@ -119,55 +124,49 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
         self,
         model: InfluenceModel | None,
         dataset: tf.data.Dataset | None = None,
+        options: BlockDiagonalOptions | None = None,
         *,
         damping: float = 0.0,
-        relative_damping: float = 0.0,
-        fisher: str = "expected",
-        seed: int = 0,
-        factors_path: str | Path | None = None,
-        overwrite_factors: bool = False,
-        max_output_size: int = 1024,
-        show_progress: bool = False,
         operator: Any | None = None,
+        **settings: Any,
     ) -> None:
+        options = solver_options(BlockDiagonalOptions, options, settings)
+        if settings:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(settings)}.")
         if operator is not None:
-            fisher = _fisher_of_operator(operator, type(self).__name__)
+            options = dataclasses.replace(options, fisher=_fisher_of_operator(operator, type(self).__name__))
         if not isinstance(model, InfluenceModel):
             raise TypeError(
                 f"{type(self).__name__} needs the InfluenceModel (it reads the layers), got {type(model).__name__}."
             )
         if dataset is None:
             raise ValueError(f"{type(self).__name__} needs a dataset to fit its curvature factors.")
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
-        if (
-            not isinstance(relative_damping, (int, float))
-            or isinstance(relative_damping, bool)
-            or not 0.0 <= relative_damping < float("inf")
-        ):
-            raise ValueError(f"relative_damping must be a finite non-negative number, got {relative_damping!r}.")
         refuse_half_precision(model.dtype, type(self).__name__, "eigendecompositions of its curvature blocks")
-        undamped = _BlockOperator(self, damped=False, num_params=model.nb_params, dtype=model.dtype)
-        super().__init__(None, None, damping=damping, operator=undamped)
+        self.options = options
+        self.relative_damping = float(options.relative_damping)
+        super().__init__(
+            None, None, damping=damping, operator=_BlockOperator(self, False, model.nb_params, model.dtype)
+        )
         self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
         self._checked = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
-        self.relative_damping = float(relative_damping)
-        self.fisher = fisher
+        self.fisher = options.fisher
         # the curvature asked for (get_ihvp(..., curvature=...)) or the one the statistics estimate
-        self.curvature = curvature_of(operator) if operator is not None else _CURVATURE_OF_FISHER[fisher]
-        self.seed = int(seed)
-        self.hessian = undamped
-        self.operator = _BlockOperator(self, damped=True, num_params=model.nb_params, dtype=model.dtype)
-        self._factors_path = None if factors_path is None else Path(factors_path)
-        self._overwrite_factors = bool(overwrite_factors)
-        self._show_progress = show_progress
-        self.capture = LayerCapture(model, max_output_size=max_output_size)
+        self.curvature = curvature_of(operator) if operator is not None else _CURVATURE_OF_FISHER[self.fisher]
+        self.seed = int(options.seed)
+        self._factors_path = None if options.factors_path is None else Path(options.factors_path)
+        self._overwrite_factors = bool(options.overwrite_factors)
+        self._show_progress = options.show_progress
+        self.capture = LayerCapture(model, max_output_size=options.max_output_size)
         self.timings: dict[str, float] = {}
         self._blocks: list[CurvatureBlock] | None = None
         self._prepared: dict[str, Any] | None = None
         self._permutation: np.ndarray | None = None
         self._inverse_permutation: np.ndarray | None = None
+
+    def _damped_operator(self, base: RowOperator, damping: float) -> RowOperator:
+        damped(base, damping)  # validates λ; the damping is per block (absolute + relative), in the blocks' product
+        return _BlockOperator(self, True, base.num_params, base.dtype)
 
     # ------------------------------------------------------------------ public
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,32 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import combine_hashes, hash_batch
 from influenciae.model import InfluenceModel
-from influenciae.model.capture import CapturedLayer, LayerCapture, LayerStatistics
+from influenciae.model.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 
-__all__ = ["CurvatureBlock", "empty_blocks", "fit_blocks"]
+__all__ = ["BlockDiagonalOptions", "CurvatureBlock", "empty_blocks", "fit_blocks"]
 
 _CHUNK_ELEMENTS = 2**24  # per-example rotated gradients held at once by the eigenvalue pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiagonalOptions:
+    """The settings of the block-diagonal solvers (K-FAC, EK-FAC, diagonal), validated on construction; see
+    :class:`~influenciae.hessian.kfac.BlockDiagonalIHVP` for each."""
+
+    relative_damping: float = 0.0
+    fisher: str = "expected"
+    seed: int = 0
+    factors_path: str | Path | None = None
+    overwrite_factors: bool = False
+    max_output_size: int = 1024
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {self.fisher!r}.")
+        damping = self.relative_damping
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not 0.0 <= damping < float("inf"):
+            raise ValueError(f"relative_damping must be a finite non-negative number, got {damping!r}.")
 
 
 @dataclasses.dataclass
