@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.run_benchmarks import Check, Section, log, median_times, milliseconds, ratio
 from influenciae import InfluenceModel
-from influenciae._backend import keras, tf
+from influenciae.model._backend import keras, tf
 
 __all__ = ["run", "make_workloads", "small_cnn", "small_mlp"]
 

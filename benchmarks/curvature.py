@@ -22,9 +22,9 @@ import numpy as np
 
 from benchmarks.run_benchmarks import Check, Section, log, median_times, milliseconds, ratio
 from influenciae import EKFACIHVP, FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae._backend import keras, tf
-from influenciae.model.capture import LayerCapture
 from influenciae.data import from_numpy
+from influenciae.model._backend import keras, tf
+from influenciae.model.capture import LayerCapture
 
 __all__ = ["run"]
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from benchmarks.run_benchmarks import Section, log, median_times, milliseconds, ratio
 from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, NystromIHVP
-from influenciae._backend import keras, tf
 from influenciae.influence.first_order import compress_factors
+from influenciae.model._backend import keras, tf
 
 __all__ = ["run", "mixed_precision_fidelity", "fidelity_section", "query_batching_section"]
 

@@ -21,7 +21,7 @@ import numpy as np
 from benchmarks.core import small_cnn, small_mlp
 from benchmarks.run_benchmarks import Check, Section, log, median_times, milliseconds, ratio
 from influenciae import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae._backend import keras, tf
+from influenciae.model._backend import keras, tf
 from influenciae.search import FaissNearestNeighbors, LinearNearestNeighbors, StreamingTopK
 
 __all__ = ["run"]

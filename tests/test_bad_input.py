@@ -7,8 +7,8 @@ import pytest
 from helpers import classification_data, dataset, small_mlp, sparse_ce
 
 from influenciae import EKFACIHVP, ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel, LissaIHVP
-from influenciae._backend import keras, tf
 from influenciae.influence.base import _check_finite
+from influenciae.model._backend import keras, tf
 
 
 @pytest.fixture(scope="module")

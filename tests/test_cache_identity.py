@@ -18,9 +18,9 @@ import pytest
 import tensorflow as tf
 
 from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae._backend import keras
 from influenciae.cache import LOCK_NAME, MANIFEST_NAME, DiskCache
 from influenciae.cache.fingerprint import loss_identity, model_identity
+from influenciae.model._backend import keras
 
 NUM_TRAIN, NUM_FEATURES, CLASSES = 64, 4, 3
 

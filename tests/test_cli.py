@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from influenciae import FirstOrderInfluenceCalculator, InfluenceModel, cli
-from influenciae._backend import keras
 from influenciae.app import io, plots, report
 from influenciae.data import from_numpy
+from influenciae.model._backend import keras
 
 NUM_TRAIN, NUM_TEST, NUM_FEATURES, NUM_CLASSES = 40, 6, 5, 3
 DAMPING = 1e-3  # the commands' default

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras
 from influenciae.app.demo_analysis import (
     _calculator,
     _cleaning_experiment,
@@ -75,6 +74,7 @@ from influenciae.app.report import write_csv, write_text
 from influenciae.data import from_numpy
 from influenciae.influence.first_order import FirstOrderInfluenceCalculator
 from influenciae.model import InfluenceModel
+from influenciae.model._backend import keras
 
 __all__ = [
     "DemoConfig",

@@ -15,7 +15,6 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from influenciae._backend import keras, tf
 from influenciae.app.demo_digits import (
     _SOLVER_OPTIONS,
     CLEANING_ACTIONS,
@@ -29,6 +28,7 @@ from influenciae.evaluation.mislabeling import detection_curve, detection_metric
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
 from influenciae.model import InfluenceModel
+from influenciae.model._backend import keras, tf
 from influenciae.types import CACHE
 
 # ---------------------------------------------------------------------- influence

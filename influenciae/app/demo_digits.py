@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from influenciae._backend import keras
 from influenciae.evaluation.mislabeling import flip_labels
 from influenciae.evaluation.problems import digits
 from influenciae.hessian.registry import registered_solvers
+from influenciae.model._backend import keras
 
 __all__ = ["DemoConfig", "NoisyDigits", "load_noisy_digits", "build_model"]
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras, tf
 from influenciae.app.sources import (
     DataSpec,
     InputError,
@@ -43,6 +42,7 @@ from influenciae.app.sources import (
 )
 from influenciae.data import unpack_batch
 from influenciae.model import loading
+from influenciae.model._backend import keras, tf
 
 __all__ = [
     "InputError",

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras, tf
 from influenciae.data import from_numpy
 from influenciae.evaluation.problems import digits, seeded_split
 from influenciae.model import InfluenceModel
+from influenciae.model._backend import keras, tf
 
 __all__ = ["CurvatureAccuracy", "curvature_accuracy", "curvature_accuracy_section", "exact_gauss_newton"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from influenciae._backend import keras, tf
+from influenciae.model._backend import keras, tf
 
 __all__ = [
     "BATCH_SIZE",
