@@ -58,7 +58,15 @@ def positive_or_none(value: Any, name: str) -> int | None:
 
 
 def in_memory(models: list[InfluenceModel]) -> ModelContexts:
-    """Checkpoints held in memory as InfluenceModels (switching costs nothing)."""
+    """Checkpoints held in memory as InfluenceModels (switching costs nothing), of one architecture."""
+    first = models[0]
+    for index, model in enumerate(models[1:], start=1):
+        if model.weight_shapes != first.weight_shapes or model.dtype != first.dtype:
+            raise ValueError(
+                f"Checkpoint {index} watches weights of shapes {model.weight_shapes} ({model.dtype.name}) but "
+                f"checkpoint 0 watches {first.weight_shapes} ({first.dtype.name}): checkpoints must share one "
+                "architecture and the same watched layers."
+            )
     return ModelContexts(models, weights_fingerprint)
 
 

@@ -60,16 +60,8 @@ class ModelContexts(Contexts):
     """One InfluenceModel per context, all in memory; switching costs nothing."""
 
     def __init__(self, models: list[InfluenceModel], fingerprint: Callable[[InfluenceModel], str]) -> None:
-        first = models[0]
-        for index, model in enumerate(models[1:], start=1):
-            if model.weight_shapes != first.weight_shapes or model.dtype != first.dtype:
-                raise ValueError(
-                    f"Checkpoint {index} watches weights of shapes {model.weight_shapes} ({model.dtype.name}) but "
-                    f"checkpoint 0 watches {first.weight_shapes} ({first.dtype.name}): checkpoints must share one "
-                    "architecture and the same watched layers."
-                )
         self.models = models
-        self.reference = first
+        self.reference = models[0]
         self._fingerprint = fingerprint
 
     def __len__(self) -> int:
@@ -108,9 +100,9 @@ class ContextHooks:
     def _transforms_from(self, features: list[Any]) -> tf.Tensor:
         """Transforms ``[B, D]`` from the features of every context, in context order."""
 
-    @abc.abstractmethod
     def _self_terms(self, features: Any, index: int) -> tuple[tf.Tensor, ...]:
-        """Per-context terms of the self-influence, summed over contexts."""
+        """Per-context terms of the self-influence, summed over contexts (or override ``_self_influence``)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no per-context self-influence terms.")
 
     def _self_from_terms(self, terms: tuple[tf.Tensor, ...]) -> tf.Tensor:
         return terms[0]

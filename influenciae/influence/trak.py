@@ -47,6 +47,7 @@ from influenciae._backend import tf
 from influenciae.cache import combine_hashes, fingerprint_arrays
 from influenciae.data import check_dataset, split_batch
 from influenciae.hessian.exact import AUTO_DAMPING_FRACTION
+from influenciae.influence._contexts import ContextHooks, ModelContexts
 from influenciae.influence._trak_outputs import (
     MarginOutput,
     ModelOutputFunction,
@@ -118,7 +119,7 @@ class TrakOptions:
 _UNSET: Any = object()
 
 
-class TrakCalculator(BaseInfluenceCalculator):
+class TrakCalculator(ContextHooks, BaseInfluenceCalculator):
     """TRAK scores (Park et al., 2023) of training examples, on the shared engine.
 
     See the module docstring for the estimator, its sign and scale and its exact relation to influence functions.
@@ -187,6 +188,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         super().__init__(self.checkpoints[0], show_progress=show_progress, batches_per_shard=batches_per_shard)
         if len({checkpoint.dtype for checkpoint in self.checkpoints}) > 1:
             raise TypeError("All checkpoints must have weights of the same dtype.")
+        self.contexts = ModelContexts(self.checkpoints, _weights_fingerprint)
         self.train_set = check_dataset(train_set, name="train_set")
         self.projection_dim = self.options.projection_dim
         self.seed = self.options.seed
@@ -244,41 +246,37 @@ class TrakCalculator(BaseInfluenceCalculator):
 
     def weights_fingerprint(self) -> str:
         """A hash of the weights of every checkpoint."""
-        return combine_hashes(
-            fingerprint_arrays(weight.numpy() for weight in checkpoint.model.weights) for checkpoint in self.checkpoints
-        )
+        return combine_hashes(self.contexts.fingerprints())
 
-    def _transforms(self, batch: Any) -> tf.Tensor:
-        inputs, targets, _ = split_batch(batch, self.model.dtype)
-        queries = self.query_checkpoints
-        return tf.concat(
-            [self.project(queries[m].batch_jacobian_tensor((inputs, targets)), m) for m in range(self.num_checkpoints)],
-            axis=1,
-        )
+    # ------------------------------------------------------------------ hooks: the ensemble's members are the contexts
 
-    def _influence_vectors(self, batch: Any) -> tf.Tensor:
+    def _features(self, model: InfluenceModel, index: int, batch: Any) -> tuple[tf.Tensor, ...]:
+        """``(φ_m, K_m⁻¹φ_m, Q_m, w)`` of a training batch at member ``m`` (float64 but ``φ_m``)."""
         inputs, targets, weights = split_batch(batch, self.model.dtype)
-        factors = self._kernel_factors()
-        solved, out_to_loss = [], []
-        for m, factor in enumerate(factors):
-            features = self._features(m, inputs, targets)
-            solved.append(_cholesky_solve_rows(factor, features))
-            predictions = self._outputs(m, inputs)
-            out_to_loss.append(tf.cast(self.output_function.out_to_loss(predictions, targets), tf.float64))
-        scale = tf.add_n(out_to_loss) * tf.cast(weights, tf.float64) / float(self.num_checkpoints**2)
-        return tf.cast(tf.concat(solved, axis=1) * scale[:, None], self.model.dtype)
+        features = self._projected(index, inputs, targets)
+        solved = _cholesky_solve_rows(self._kernel_factors()[index], features)
+        out_to_loss = tf.cast(self.output_function.out_to_loss(self._outputs(index, inputs), targets), tf.float64)
+        return features, solved, out_to_loss, tf.cast(weights, tf.float64)
+
+    def _query_features(self, model: InfluenceModel, index: int, batch: Any) -> tf.Tensor:
+        inputs, targets, _ = split_batch(batch, self.model.dtype)
+        return self.project(self.query_checkpoints[index].batch_jacobian_tensor((inputs, targets)), index)
+
+    def _vectors_from(self, features: list[Any]) -> tf.Tensor:
+        solved = tf.concat([member[1] for member in features], axis=1)
+        return tf.cast(solved * self._scale(features)[:, None], self.model.dtype)
+
+    def _transforms_from(self, features: list[Any]) -> tf.Tensor:
+        return tf.concat(features, axis=1)
 
     def _self_influence(self, batch: Any) -> tf.Tensor:
-        inputs, targets, weights = split_batch(batch, self.model.dtype)
-        leverage, out_to_loss = [], []
-        for m, factor in enumerate(self._kernel_factors()):
-            features = self._features(m, inputs, targets)
-            solved = _cholesky_solve_rows(factor, features)
-            leverage.append(tf.reduce_sum(tf.cast(features, tf.float64) * solved, axis=1))
-            predictions = self._outputs(m, inputs)
-            out_to_loss.append(tf.cast(self.output_function.out_to_loss(predictions, targets), tf.float64))
-        scale = tf.add_n(out_to_loss) * tf.cast(weights, tf.float64) / float(self.num_checkpoints**2)
-        return tf.cast(tf.add_n(leverage) * scale, self.model.dtype)
+        features = [self._features(model, m, batch) for m, model in enumerate(self.checkpoints)]
+        leverage = tf.add_n([tf.reduce_sum(tf.cast(phi, tf.float64) * solved, axis=1) for phi, solved, *_ in features])
+        return tf.cast(leverage * self._scale(features), self.model.dtype)
+
+    def _scale(self, features: list[Any]) -> tf.Tensor:
+        """``w Σ_m Q_m / M²`` ``[B]``: the training side's weight and mean ``Q``, and the ``1/M`` of the mean ``τ``."""
+        return tf.add_n([member[2] for member in features]) * features[0][3] / float(self.num_checkpoints**2)
 
     # ------------------------------------------------------------------ internals
 
@@ -294,7 +292,7 @@ class TrakCalculator(BaseInfluenceCalculator):
             )
         return InfluenceModel(member, loss_function=output)
 
-    def _features(self, checkpoint: int, inputs: Any, targets: Any) -> tf.Tensor:
+    def _projected(self, checkpoint: int, inputs: Any, targets: Any) -> tf.Tensor:
         """``φ_m`` ``[B, k]`` of a batch for checkpoint ``m`` (sample weights stay out of ``∇f``)."""
         gradients = self.checkpoints[checkpoint].batch_jacobian_tensor((inputs, targets))
         return self.project(gradients, checkpoint)
@@ -310,7 +308,7 @@ class TrakCalculator(BaseInfluenceCalculator):
         for _, batch in self._stream(self.train_set, "train_set").batches(self._bar("TRAK kernel")):
             inputs, targets, weights = split_batch(batch, self.model.dtype)
             for m in range(self.num_checkpoints):
-                features = self._features(m, inputs, targets)
+                features = self._projected(m, inputs, targets)
                 row_weights = tf.cast(weights, tf.float64)
                 if self.kernel == "gauss_newton":
                     curvature = self.output_function.curvature(self._outputs(m, inputs), targets)
@@ -391,6 +389,10 @@ class TrakCalculator(BaseInfluenceCalculator):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _weights_fingerprint(model: InfluenceModel) -> str:
+    return fingerprint_arrays(weight.numpy() for weight in model.model.weights)
 
 
 def _cholesky_solve_rows(factor: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
