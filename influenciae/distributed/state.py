@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.cache import atomic_write, fingerprint_arrays, manifest_array, parse_manifest, write_npz
+from influenciae.cache import atomic_write, manifest_array, parse_manifest, write_npz
 from influenciae.cache.fingerprint import canonical_configuration, dataset_fingerprint, describe_differences
 from influenciae.cache.fingerprint import model_identity as _model_identity
 from influenciae.data import check_dataset
 from influenciae.hessian import InverseHessianVectorProduct, RowOperator
 from influenciae.hessian.base import STATE_KINDS
 from influenciae.model import InfluenceModel
+from influenciae.model.checkpoints import weights_fingerprint
 from influenciae.model.loading import load_influence_model
 
 __all__ = ["SavedSolver", "SolverState", "model_fingerprint", "load_influence_model"]
@@ -47,7 +48,7 @@ _PRECONDITIONERS = STATE_KINDS
 
 def model_fingerprint(model: InfluenceModel) -> str:
     """Fingerprint of all the Keras model's weights (the same as the calculators' ``weights_fingerprint``)."""
-    return fingerprint_arrays(np.asarray(weight.numpy()) for weight in model.model.weights)
+    return weights_fingerprint(model)
 
 
 @dataclasses.dataclass(frozen=True)
