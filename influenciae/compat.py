@@ -27,7 +27,7 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.data import check_dataset, unpack_batch
 from influenciae.model import InfluenceModel
-from influenciae.model.losses import keras_loss
+from influenciae.model.losses import flavoured_loss
 from influenciae.model.selection import layer_index, original_default_layer
 from influenciae.types import CACHE, ORDER
 
@@ -117,7 +117,7 @@ def original_influence_model(
         The wrapped model.
     """
     if loss_function is None:
-        loss_function = keras_loss(model, "CategoricalCrossentropy", from_logits=False, reduction="none")
+        loss_function = flavoured_loss(model, "CategoricalCrossentropy", from_logits=False, reduction="none")
     return InfluenceModel(
         model,
         weights_to_watch=original_weights(model, start_layer, last_layer),

@@ -21,7 +21,10 @@ class _Validation:
         loss_function: Any
         dtype: tf.DType
         nb_params: int
-        weight_names: list[str]
+
+        @property
+        def weight_names(self) -> list[str]: ...
+
         _watched: list[tf.Variable]
         _checked_signatures: set[str]
 

@@ -15,7 +15,7 @@ from influenciae.model._backend import is_keras3_object, keras, keras_module_of,
 __all__ = [
     "LossFunction",
     "resolve_loss",
-    "keras_loss",
+    "flavoured_loss",
     "rebuild_loss",
     "legacy_loss_class",
     "is_keras_loss",
@@ -80,8 +80,8 @@ def resolve_loss(model: Any, loss_function: Any, dtype: tf.DType) -> LossFunctio
     return loss_function  # type: ignore[no-any-return]
 
 
-def keras_loss(model: Any, name: str, **config: Any) -> Any:
-    """A Keras loss object of ``model``'s Keras flavour, e.g. ``keras_loss(model, "CategoricalCrossentropy",
+def flavoured_loss(model: Any, name: str, **config: Any) -> Any:
+    """A Keras loss object of ``model``'s Keras flavour, e.g. ``flavoured_loss(model, "CategoricalCrossentropy",
     from_logits=False, reduction="none")`` (``tf_keras`` losses for a ``tf_keras`` model)."""
     return getattr(keras_module_of(model).losses, name)(**config)
 
