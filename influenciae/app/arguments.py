@@ -1,8 +1,9 @@
 """Argument types of the console commands: each parses one command-line string or raises
 ``argparse.ArgumentTypeError`` with a one-line message (argparse then exits with code 2).
 
-The ``influenciae`` subcommands (:mod:`influenciae.cli`) and ``influenciae score`` share them. This module imports
-the standard library only, so that any command module can use it without loading TensorFlow.
+The ``influenciae`` subcommands (:mod:`influenciae.cli`) and ``influenciae score`` share them. The module itself
+imports the standard library only (and nothing of the console script), so any command module can import it without
+an import cycle.
 """
 
 from __future__ import annotations
