@@ -8,7 +8,7 @@ from influenciae.influence.group import GroupInfluenceMixin, SecondOrderInfluenc
 from influenciae.influence.representer import RepresenterPointL2, RepresenterPointLJE
 from influenciae.influence.similarity import SimilarityInfluence
 from influenciae.influence.tracin import TracIn, TracInCP, TracInCPFast, TracInCPFastRandProj
-from influenciae.influence.trak import MarginOutput, ModelOutputFunction, RegressionOutput, TrakCalculator
+from influenciae.influence.trak import MarginOutput, ModelOutputFunction, RegressionOutput, TrakCalculator, TrakOptions
 
 __all__ = [
     "ArnoldiInfluenceCalculator",
@@ -28,5 +28,6 @@ __all__ = [
     "TracInCPFast",
     "TracInCPFastRandProj",
     "TrakCalculator",
+    "TrakOptions",
     "WeightsBoundaryCalculator",
 ]
