@@ -293,34 +293,31 @@ class _Gone:
 
 
 _TOP_K = "top-k is one accumulator: calc.top_k(..., nearest_neighbors='streaming'|'linear'|'faiss')."
-BatchSort = _Gone("BatchSort", _TOP_K + " The sorted buffer is influenciae.search.StreamingTopK.")
-BaseNearestNeighbors = _Gone(
-    "BaseNearestNeighbors", _TOP_K + " Strategies subclass influenciae.search.NearestNeighbors (build/query)."
-)
-LinearNearestNeighbors = _Gone(
-    "LinearNearestNeighbors",
-    "pass nearest_neighbors='linear' to top_k; influenciae.search.LinearNearestNeighbors has another build/query "
-    "signature (vectors with indices, query(transforms, k, order)).",
-)
-conjugate_gradients_solve = _Gone(
-    "conjugate_gradients_solve", "ConjugateGradientDescentIHVP(model, dataset).solve(vectors) [n, P] -> [n, P]."
-)
-BacktrackingLineSearch = _Gone("BacktrackingLineSearch", "no solver here uses a line search; nothing replaces it.")
-is_dataset_batched = _Gone(
-    "is_dataset_batched", "influenciae.data.check_dataset(dataset) raises a ValueError for an unbatched dataset."
-)
-assert_batched_dataset = _Gone("assert_batched_dataset", "influenciae.data.check_dataset(dataset).")
-default_process_batch = _Gone(
-    "default_process_batch", "elements are (inputs, targets) or (inputs, targets, sample_weight); map to that."
-)
-map_to_device = _Gone("map_to_device", "choose devices with `with tf.device(...)`.")
-split_model = _Gone(
-    "split_model", "solvers no longer slice models: choose the weights with InfluenceModel(start_layer, last_layer)."
-)
-IHVPCalculator = _Gone("IHVPCalculator", "pass ihvp_calculator='exact'|'cg'|'lissa'|'arnoldi'|... or an instance.")
-ExactIHVPFactory = _Gone("ExactIHVPFactory", "RepresenterPointLJE(..., ihvp_calculator='exact', damping=...).")
-CGDIHVPFactory = _Gone("CGDIHVPFactory", "RepresenterPointLJE(..., ihvp_calculator='cg', damping=...).")
-LissaIHVPFactory = _Gone("LissaIHVPFactory", "RepresenterPointLJE(..., ihvp_calculator='lissa', damping=...).")
-BaseInfluenceModel = _Gone(
-    "BaseInfluenceModel", "InfluenceModel(model, weights_to_watch=[...], loss_function=...) is the one class."
-)
+_REPLACED = {  # the original Influenciae's names with no counterpart, and what replaced them
+    "BatchSort": _TOP_K + " The sorted buffer is influenciae.search.StreamingTopK.",
+    "BaseNearestNeighbors": _TOP_K + " Strategies subclass influenciae.search.NearestNeighbors (build/query).",
+    "LinearNearestNeighbors": (
+        "pass nearest_neighbors='linear' to top_k; influenciae.search.LinearNearestNeighbors has another build/query "
+        "signature (vectors with indices, query(transforms, k, order))."
+    ),
+    "conjugate_gradients_solve": "ConjugateGradientDescentIHVP(model, dataset).solve(vectors) [n, P] -> [n, P].",
+    "BacktrackingLineSearch": "no solver here uses a line search; nothing replaces it.",
+    "is_dataset_batched": "influenciae.data.check_dataset(dataset) raises a ValueError for an unbatched dataset.",
+    "assert_batched_dataset": "influenciae.data.check_dataset(dataset).",
+    "default_process_batch": "elements are (inputs, targets) or (inputs, targets, sample_weight); map to that.",
+    "map_to_device": "choose devices with `with tf.device(...)`.",
+    "split_model": "solvers no longer slice models: choose the weights with InfluenceModel(start_layer, last_layer).",
+    "IHVPCalculator": "pass ihvp_calculator='exact'|'cg'|'lissa'|'arnoldi'|... or an instance.",
+    "ExactIHVPFactory": "RepresenterPointLJE(..., ihvp_calculator='exact', damping=...).",
+    "CGDIHVPFactory": "RepresenterPointLJE(..., ihvp_calculator='cg', damping=...).",
+    "LissaIHVPFactory": "RepresenterPointLJE(..., ihvp_calculator='lissa', damping=...).",
+    "BaseInfluenceModel": "InfluenceModel(model, weights_to_watch=[...], loss_function=...) is the one class.",
+}
+_GONE: dict[str, _Gone] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :data:`_REPLACED`: importable, and any use says what replaced it."""
+    if name not in _REPLACED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _GONE.setdefault(name, _Gone(name, _REPLACED[name]))

@@ -17,15 +17,7 @@ from typing import Any
 
 from influenciae.model._backend import keras, keras_module_of, tf
 
-__all__ = [
-    "MODEL_SUFFIXES",
-    "WEIGHTS_SUFFIXES",
-    "load_model",
-    "load_weights",
-    "copy_model",
-    "is_model",
-    "load_influence_model",
-]
+__all__ = ["MODEL_SUFFIXES", "WEIGHTS_SUFFIXES", "load_model", "load_weights", "copy_model", "load_influence_model"]
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 """Suffixes of a saved (whole) Keras model: ``model.save('model.keras')``, or legacy HDF5 files."""

@@ -304,9 +304,8 @@ class PGD(_GradientAttack):
         """The PGD perturbation of ``inputs``.
 
         Args:
-            inputs: A floating tensor ``[B, ...]`` (or nested structure), or a ``tf.data.Dataset`` of
-                ``(inputs, targets[, sample_weight])`` batches (then ``targets=None``).
-            targets: True labels (untargeted) or target labels (targeted); ``None`` with a dataset.
+            inputs: As for :meth:`FGSM.perturb` (a tensor batch or a dataset).
+            targets: As for :meth:`FGSM.perturb`.
             epsilon: Radius ``ε ≥ 0`` of the ball: one value, or one per example (``[B]``; ``[N]`` over a dataset).
             step_size: ``α > 0``, one value or one per example; ``None``: ``2.5 · ε / num_steps`` (Madry et al.).
             num_steps: Number of projected steps.
