@@ -74,27 +74,29 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or step messages")
 
 
+_RUN_DEMO_OPTIONS = (
+    "seed",
+    "flip_fraction",
+    "epochs",
+    "num_test_images",
+    "k",
+    "method",
+    "damping",
+    "train_size",
+    "budgets",
+    "cleaning_seeds",
+    "cleaning_action",
+)
+"""The options passed to :func:`~influenciae.app.demo.run_demo` under their own names."""
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from influenciae.app.demo import format_summary, run_demo
 
     if args.method == "arnoldi" and args.solver is not None:
         raise _UsageError("--solver applies to --method first_order; arnoldi has its own low-rank solver")
-    metrics = run_demo(
-        args.output,
-        seed=args.seed,
-        flip_fraction=args.flip_fraction,
-        epochs=args.epochs,
-        num_test_images=args.num_test_images,
-        k=args.k,
-        method=args.method,
-        ihvp=args.solver,
-        damping=args.damping,
-        train_size=args.train_size,
-        budgets=args.budgets,
-        cleaning_seeds=args.cleaning_seeds,
-        cleaning_action=args.cleaning_action,
-        show_progress=not args.no_progress,
-    )
+    passed = {name: getattr(args, name) for name in _RUN_DEMO_OPTIONS}
+    metrics = run_demo(args.output, ihvp=args.solver, show_progress=not args.no_progress, **passed)
     print(format_summary(metrics))
     print(f"Report: {Path(args.output) / 'report.html'} ({metrics['timings_seconds']['total']:.0f} s)")
     return EXIT_OK
