@@ -326,9 +326,20 @@ class SampleBoundaryCalculator(BoundaryCalculator):
 
     method_name = "sample_boundary"
 
-    def __init__(self, model: InfluenceModel | Any, step_nbr: int = 100, norm: float | str = 2, **options: Any) -> None:
-        attack = options.pop("attack", None)
-        super().__init__(model, step_nbr, norm, **options)  # options: eps, max_candidate_classes, show_progress
+    def __init__(
+        self,
+        model: InfluenceModel | Any,
+        step_nbr: int = 100,
+        norm: float | str = 2,
+        *,
+        eps: float = 1e-6,
+        max_candidate_classes: int | None = None,
+        show_progress: bool = False,
+        attack: Any | None = None,
+    ) -> None:
+        super().__init__(
+            model, step_nbr, norm, eps=eps, max_candidate_classes=max_candidate_classes, show_progress=show_progress
+        )
         self._runners: dict[str, DeepFool] = {}
         boundary_attack = getattr(attack, "boundary_attack", None)  # FGSM/PGD: search the smallest flipping ε
         self.attack: Any = boundary_attack() if callable(boundary_attack) else attack
