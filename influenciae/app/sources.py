@@ -126,15 +126,8 @@ def load_data(spec: DataSpec, *, batch_size: int, what: str = "data") -> tf.data
         return load_tfrecords(
             spec.location, x_key=spec.x_key or "x", y_key=spec.y_key or "y", x_shape=spec.x_shape, **options
         )
-    return load_tfds(
-        spec.location,
-        split=spec.split,
-        data_dir=spec.data_dir,
-        download=spec.download,
-        x_key=spec.x_key,
-        y_key=spec.y_key,
-        **options,
-    )
+    options.update(split=spec.split, data_dir=spec.data_dir, download=spec.download, x_key=spec.x_key, y_key=spec.y_key)
+    return load_tfds(spec.location, **options)
 
 
 def load_npz(
