@@ -8,7 +8,7 @@ checkpoint when loading one reads a file), so nothing here overrides an engine p
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,9 @@ from influenciae.cache import combine_hashes
 from influenciae.influence._contexts import ContextHooks, Contexts, ModelContexts
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.model import InfluenceModel
-from influenciae.model.checkpoints import StoredCheckpoints, Wrap, weights_fingerprint
+from influenciae.model.checkpoints import weights_fingerprint
 
-__all__ = ["CheckpointCalculator", "checkpoint_list", "learning_rates_of", "positive_or_none", "in_memory", "stored"]
+__all__ = ["CheckpointCalculator", "checkpoint_list", "learning_rates_of", "positive_or_none", "in_memory"]
 
 
 def checkpoint_list(checkpoints: Any, name: str) -> list[Any]:
@@ -70,26 +70,6 @@ def in_memory(models: list[InfluenceModel]) -> ModelContexts:
     return ModelContexts(models, weights_fingerprint)
 
 
-def stored(
-    items: list[Any],
-    wrap: Wrap,
-    *,
-    model_factory: Callable[[], Any] | None,
-    keep_in_memory: bool,
-    custom_objects: dict[str, Any] | None,
-    loss_function: Any,
-) -> StoredCheckpoints:
-    """Checkpoints loaded one at a time into one Keras model (``model.checkpoints.StoredCheckpoints``)."""
-    return StoredCheckpoints(
-        items,
-        wrap,
-        model_factory=model_factory,
-        keep_in_memory=keep_in_memory,
-        custom_objects=custom_objects,
-        explicit_loss=loss_function is not None,
-    )
-
-
 class CheckpointCalculator(ContextHooks, BaseInfluenceCalculator):
     """Scores summed over checkpoints, from per-checkpoint *features* of a batch (:class:`ContextHooks`).
 
@@ -110,10 +90,9 @@ class CheckpointCalculator(ContextHooks, BaseInfluenceCalculator):
         self,
         checkpoints: Contexts,
         learning_rates: Any,
-        *,
-        batches_per_load: int | None,
-        show_progress: bool,
-        batches_per_shard: int,
+        batches_per_load: int | None = None,
+        show_progress: bool = False,
+        batches_per_shard: int = 16,
     ) -> None:
         super().__init__(checkpoints.reference, show_progress=show_progress, batches_per_shard=batches_per_shard)
         self.learning_rates = learning_rates_of(learning_rates, len(checkpoints))

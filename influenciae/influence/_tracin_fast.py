@@ -17,11 +17,11 @@ from influenciae.influence._checkpoints import (
     CheckpointCalculator,
     checkpoint_list,
     in_memory,
-    stored,
 )
 from influenciae.influence._contexts import Contexts
 from influenciae.model import InfluenceModel
 from influenciae.model.checkpoints import (
+    StoredCheckpoints,
     fast_tracin_dense,
     last_dense_head,
     last_dense_wrap,
@@ -48,7 +48,7 @@ class _LastDenseCalculator(CheckpointCalculator):
         show_progress: bool = False,
         batches_per_shard: int = 16,
     ) -> None:
-        items = checkpoint_list(checkpoints, "checkpoints")
+        items, explicit = checkpoint_list(checkpoints, "checkpoints"), loss_function is not None
         wrap = last_dense_wrap(loss_function)
         source: Contexts
         if model_factory is None and all(is_model(item) for item in items):
@@ -56,21 +56,8 @@ class _LastDenseCalculator(CheckpointCalculator):
                 raise ValueError("loss_function configures Keras models; configure the InfluenceModels instead.")
             source = in_memory([reuse_or_wrap(item, wrap) for item in items])
         else:
-            source = stored(
-                items,
-                wrap,
-                model_factory=model_factory,
-                keep_in_memory=keep_in_memory,
-                custom_objects=custom_objects,
-                loss_function=loss_function,
-            )
-        super().__init__(
-            source,
-            learning_rates,
-            batches_per_load=batches_per_load,
-            show_progress=show_progress,
-            batches_per_shard=batches_per_shard,
-        )
+            source = StoredCheckpoints(items, wrap, model_factory, keep_in_memory, custom_objects, explicit)
+        super().__init__(source, learning_rates, batches_per_load, show_progress, batches_per_shard)
         kernel_shape = self.model.weight_shapes[0]
         dense = fast_tracin_dense(self.model.model)
         self.feature_dim = int(kernel_shape[0]) + (1 if dense.use_bias else 0)

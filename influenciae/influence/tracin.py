@@ -41,13 +41,12 @@ from influenciae.influence._checkpoints import (
     CheckpointCalculator,
     checkpoint_list,
     in_memory,
-    stored,
 )
 from influenciae.influence._contexts import ModelContexts
 from influenciae.influence._tracin_fast import TracInCPFast, TracInCPFastRandProj
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
-from influenciae.model.checkpoints import Wrap
+from influenciae.model.checkpoints import StoredCheckpoints, Wrap
 from influenciae.model.loading import is_model
 
 __all__ = ["TracIn", "TracInCP", "TracInCPFast", "TracInCPFastRandProj"]
@@ -151,13 +150,7 @@ class TracIn(_GradientTracIn):
             else _gradient_wrap(start_layer, last_layer, loss_function)(item, None)
             for item in items
         ]
-        super().__init__(
-            in_memory(models_),
-            learning_rates,
-            batches_per_load=None,
-            show_progress=show_progress,
-            batches_per_shard=batches_per_shard,
-        )
+        super().__init__(in_memory(models_), learning_rates, None, show_progress, batches_per_shard)
 
     @property
     def models(self) -> list[InfluenceModel]:
@@ -232,18 +225,7 @@ class TracInCP(_GradientTracIn):
         measurement: Measurement | Any = None,
     ) -> None:
         self.measurement = as_measurement(measurement)
-        source = stored(
-            checkpoint_list(checkpoints, "checkpoints"),
-            _gradient_wrap(start_layer, last_layer, loss_function),
-            model_factory=model_factory,
-            keep_in_memory=keep_in_memory,
-            custom_objects=custom_objects,
-            loss_function=loss_function,
-        )
-        super().__init__(
-            source,
-            learning_rates,
-            batches_per_load=batches_per_load,
-            show_progress=show_progress,
-            batches_per_shard=batches_per_shard,
-        )
+        items, explicit = checkpoint_list(checkpoints, "checkpoints"), loss_function is not None
+        wrap = _gradient_wrap(start_layer, last_layer, loss_function)
+        source = StoredCheckpoints(items, wrap, model_factory, keep_in_memory, custom_objects, explicit)
+        super().__init__(source, learning_rates, batches_per_load, show_progress, batches_per_shard)

@@ -79,11 +79,10 @@ class StoredCheckpoints:
         self,
         specs: list[Any],
         wrap: Wrap,
-        *,
-        model_factory: Callable[[], Any] | None,
-        keep_in_memory: bool,
-        custom_objects: dict[str, Any] | None,
-        explicit_loss: bool,
+        model_factory: Callable[[], Any] | None = None,
+        keep_in_memory: bool = False,
+        custom_objects: dict[str, Any] | None = None,
+        explicit_loss: bool = False,
     ) -> None:
         if model_factory is not None and not callable(model_factory):
             raise TypeError(f"model_factory must be a callable returning a Keras model, got {model_factory!r}.")
