@@ -14,8 +14,8 @@ import pytest
 from helpers import FLOAT, dataset, kron_basis, sparse_ce
 
 from influenciae import EKFACIHVP, KFACIHVP, InfluenceModel
+from influenciae.hessian import kfac, kfac_fit
 from influenciae.model.capture import block_gradients
-from influenciae.hessian import kfac
 
 CLASSES = 3
 DAMPING = 1e-3
@@ -84,7 +84,8 @@ def _kfac_traces(im: InfluenceModel) -> dict[str, int]:
     counts: dict[str, int] = {}
     for key, function in im._shared_functions.items():
         if isinstance(key, tuple) and str(key[0]).startswith(("influenciae.kfac.", "influenciae.model.capture")):
-            name = key[0].removeprefix("influenciae.kfac.").removeprefix("influenciae.")
+            # trace keys: "influenciae.kfac.<update>" and "influenciae.model.capture" (the capture moved into model/)
+            name = key[0].removeprefix("influenciae.kfac.").removeprefix("influenciae.model.")
             counts[name] = counts.get(name, 0) + function.experimental_get_tracing_count()
     return counts
 
@@ -100,7 +101,7 @@ def test_fast_paths_equal_the_plain_formulas(problem, variant, monkeypatch):
     model, x, y = problem
     if variant == "gather_and_chunks":  # the column gather instead of slices, and 2 examples per product chunk
         monkeypatch.setattr(kfac, "_MAX_SLICES", 0)
-        monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", 2 * CLASSES * 19 * 3)
+        monkeypatch.setattr(kfac_fit, "_CHUNK_ELEMENTS", 2 * CLASSES * 19 * 3)  # the fitting moved to kfac_fit
     im = InfluenceModel(model, loss_function=sparse_ce())
     train = dataset(x, y, batch_size=4)  # batches of 4, 4, 2
     solver = EKFACIHVP(im, train, damping=DAMPING, relative_damping=0.1).fit()

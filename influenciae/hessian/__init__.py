@@ -14,7 +14,8 @@ from influenciae.hessian.ggn import (
     curvature_operator,
 )
 from influenciae.hessian.kfac import EKFACIHVP, KFACIHVP, BlockDiagonalIHVP, CurvatureBlock
-from influenciae.hessian.lissa import LissaIHVP, largest_eigenvalue
+from influenciae.hessian.kfac_fit import BlockDiagonalOptions
+from influenciae.hessian.lissa import LissaIHVP, LissaOptions, largest_eigenvalue
 from influenciae.hessian.low_rank import LowRankEigenIHVP
 from influenciae.hessian.nystrom import NystromIHVP
 from influenciae.hessian.operator import DampedOperator, HessianOperator, RowOperator, as_row_operator, damped
@@ -29,6 +30,7 @@ __all__ = [
     "KFACIHVP",
     "ArnoldiIHVP",
     "BlockDiagonalIHVP",
+    "BlockDiagonalOptions",
     "ConjugateGradientDescentIHVP",
     "ConvergenceInfo",
     "CurvatureBlock",
@@ -44,6 +46,7 @@ __all__ = [
     "IdentityIHVP",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "LissaOptions",
     "LowRankEigenIHVP",
     "NystromIHVP",
     "PseudoInverseIHVP",

@@ -18,7 +18,12 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
-from influenciae.hessian.operator import DampedOperator, RowOperator, as_row_operator
+from influenciae.hessian.preconditioners import (
+    Preconditioner,
+    apply_preconditioner,
+    exact_diagonal,
+    preconditioner_of,
+)
 from influenciae.model import InfluenceModel
 
 __all__ = ["ConjugateGradientDescentIHVP", "ConvergenceInfo", "default_tolerance"]
@@ -136,8 +141,8 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         self.max_iterations = max_iterations or min(self.nb_params, 200)
         self._preconditioner_name = preconditioner if isinstance(preconditioner, str) else None
         self._preconditioner_rank = int(min(preconditioner_rank, self.nb_params))
-        self._preconditioner: _Preconditioner | None = (
-            None if self._preconditioner_name is not None else _preconditioner_of(preconditioner)
+        self._preconditioner: Preconditioner | None = (
+            None if self._preconditioner_name is not None else preconditioner_of(preconditioner)
         )
         self._graph_solve: Any | None = None
         self._graph_failed = False
@@ -207,7 +212,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             )
         return state.solution
 
-    def _graph_function(self, preconditioner: _Preconditioner) -> Any:
+    def _graph_function(self, preconditioner: Preconditioner) -> Any:
         """The whole solve as one ``tf.function`` (traced once per solver for any number of rows)."""
         if self._graph_solve is None:
             operator, apply = self.operator.matmul_rows, preconditioner.apply
@@ -237,7 +242,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             self._graph_solve = tf.function(solve, input_signature=signature)
         return self._graph_solve
 
-    def _python_loop(self, vectors: tf.Tensor, preconditioner: _Preconditioner, bar: Any) -> _State:
+    def _python_loop(self, vectors: tf.Tensor, preconditioner: Preconditioner, bar: Any) -> _State:
         """Operator products in Python (only on the active rows); the rest of each iteration is one traced call."""
         tolerance = tf.constant(self.tolerance, self.dtype)
         by_tensors = preconditioner.function is None
@@ -264,17 +269,17 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
 
     # ------------------------------------------------------------------ preconditioners
 
-    def _prepared_preconditioner(self) -> _Preconditioner:
+    def _prepared_preconditioner(self) -> Preconditioner:
         if self._preconditioner is None:
             if self._preconditioner_name == "diagonal":
                 self._preconditioner = self._diagonal_preconditioner()
             elif self._preconditioner_name == "nystrom":
                 self._preconditioner = self._nystrom_preconditioner()
             else:
-                self._preconditioner = _Preconditioner("none")
+                self._preconditioner = Preconditioner("none")
         return self._preconditioner
 
-    def _diagonal_preconditioner(self) -> _Preconditioner:
+    def _diagonal_preconditioner(self) -> Preconditioner:
         if self.model is not None and self._hessian_dataset is not None and self.curvature != "operator":
             from influenciae.hessian.diagonal import DiagonalIHVP
 
@@ -286,13 +291,13 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             # the fitted curvature is diagonal: its product with a vector of ones is its diagonal
             diagonal = fitted.hessian.matmul_rows(tf.ones([1, self.nb_params], self.dtype))[0]
         else:
-            diagonal = _exact_diagonal(self.hessian)
+            diagonal = exact_diagonal(self.hessian)
         diagonal = diagonal + tf.constant(self.damping, self.dtype)
         # a direction without curvature in the estimate (a dead unit) keeps the identity's scale
         diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
-        return _Preconditioner("diagonal", (tf.math.reciprocal(diagonal),))
+        return Preconditioner("diagonal", (tf.math.reciprocal(diagonal),))
 
-    def _nystrom_preconditioner(self) -> _Preconditioner:
+    def _nystrom_preconditioner(self) -> Preconditioner:
         from influenciae.hessian.nystrom import nystrom_sketch
 
         with self.pass_progress(f"rank-{self._preconditioner_rank} Nyström preconditioner"):
@@ -306,7 +311,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             )
         # M v = v + U ((Λ_r + λ)/(Λ + λ) - 1) Uᵀ v  (Frangella et al., 2023, eq. 5.3)
         coefficients = smallest / (values + damping) - 1.0
-        return _Preconditioner(
+        return Preconditioner(
             "low_rank", (tf.constant(vectors, dtype=self.dtype), tf.constant(coefficients, dtype=self.dtype))
         )
 
@@ -413,70 +418,6 @@ def _flags(state: _State) -> tf.Tensor:
 # ---------------------------------------------------------------------- preconditioners
 
 
-@dataclasses.dataclass(frozen=True)
-class _Preconditioner:
-    """``M`` on rows. ``kind`` is ``"none"``, ``"diagonal"`` (``tensors = (inverse diagonal [P],)``), ``"low_rank"``
-    (``(U [r, P], c [r])``: ``M v = v + U diag(c) Uᵀ v``), ``"dense"`` (``(M [P, P],)``), ``"operator"`` (a
-    traceable :class:`RowOperator`) or ``"callable"`` (eager only)."""
-
-    kind: str
-    tensors: tuple[tf.Tensor, ...] = ()
-    function: Callable[[tf.Tensor], Any] | None = None
-
-    @property
-    def traceable(self) -> bool:
-        return self.kind != "callable"
-
-    def apply(self, rows: tf.Tensor) -> tf.Tensor:
-        if self.function is not None:
-            return tf.convert_to_tensor(self.function(rows), rows.dtype)
-        return _apply(self.kind, rows, *self.tensors)
-
-
-def _apply(kind: str, rows: tf.Tensor, *tensors: tf.Tensor) -> tf.Tensor:
-    if kind == "none":
-        return rows
-    if kind == "diagonal":
-        return rows * tensors[0]
-    if kind == "low_rank":
-        basis, coefficients = tensors
-        return rows + tf.matmul(tf.matmul(rows, basis, transpose_b=True) * coefficients, basis)
-    if kind == "dense":
-        return tf.matmul(rows, tensors[0], transpose_b=True)
-    raise ValueError(f"Unknown preconditioner kind {kind!r}.")  # pragma: no cover - internal
-
-
-def _preconditioner_of(preconditioner: Any) -> _Preconditioner:
-    if preconditioner is None:
-        return _Preconditioner("none")
-    if isinstance(preconditioner, RowOperator):
-        if preconditioner.traceable:
-            return _Preconditioner("operator", function=preconditioner.matmul_rows)
-        return _Preconditioner("callable", function=preconditioner.matmul_rows)
-    if callable(preconditioner) and not isinstance(preconditioner, tf.linalg.LinearOperator):
-        return _Preconditioner("callable", function=preconditioner)
-    dense = as_row_operator(preconditioner)
-    matrix = getattr(dense, "matrix", None)
-    if matrix is None:  # pragma: no cover - as_row_operator makes dense operators of matrices
-        return _Preconditioner("operator", function=dense.matmul_rows)
-    return _Preconditioner("dense", (matrix,))
-
-
-def _exact_diagonal(operator: RowOperator, block: int = 256) -> tf.Tensor:
-    """The diagonal of a symmetric row operator: read off a dense matrix, else products with unit-vector blocks."""
-    if isinstance(operator, DampedOperator):
-        return _exact_diagonal(operator.operator, block) + tf.constant(operator.damping, operator.dtype)
-    matrix = getattr(operator, "matrix", None)
-    if matrix is not None:
-        return tf.linalg.diag_part(tf.convert_to_tensor(matrix, operator.dtype))
-    parts = []
-    for start in range(0, operator.num_params, block):
-        stop = min(start + block, operator.num_params)
-        units = tf.roll(tf.eye(stop - start, operator.num_params, dtype=operator.dtype), start, axis=1)
-        parts.append(tf.reduce_sum(operator.matmul_rows(units) * units, axis=1))
-    return tf.concat(parts, axis=0)
-
-
 # ---------------------------------------------------------------------- traced functions shared across solvers
 
 
@@ -497,12 +438,12 @@ def _loop_functions(dtype: tf.DType, kind: str) -> _LoopFunctions:
     if key not in _LOOP_FUNCTIONS:
 
         def initial(right: tf.Tensor, tolerance: tf.Tensor, *tensors: tf.Tensor) -> _State:
-            return _initial_state(right, lambda rows: _apply(kind, rows, *tensors), tolerance)
+            return _initial_state(right, lambda rows: apply_preconditioner(kind, rows, *tensors), tolerance)
 
         def step(
             state: _State, rows: tf.Tensor, product: tf.Tensor, tolerance: tf.Tensor, *tensors: tf.Tensor
         ) -> tuple[_State, tf.Tensor]:
-            state = _step(state, rows, product, lambda block: _apply(kind, block, *tensors), tolerance)
+            state = _step(state, rows, product, lambda block: apply_preconditioner(kind, block, *tensors), tolerance)
             return state, _flags(state)
 
         _LOOP_FUNCTIONS[key] = _LoopFunctions(

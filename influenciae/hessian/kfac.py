@@ -52,7 +52,7 @@ from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, has
 from influenciae.cache.fingerprint import model_identity
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, solver_options
-from influenciae.hessian.kfac_fit import BlockDiagonalOptions, CurvatureBlock, empty_blocks, fit_blocks
+from influenciae.hessian.kfac_fit import BlockDiagonalOptions, CurvatureBlock, batch_seed, empty_blocks, fit_blocks
 from influenciae.hessian.operator import RowOperator, damped
 from influenciae.hessian.registry import curvature_of
 from influenciae.model import InfluenceModel
@@ -87,25 +87,17 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
     (re-estimate the eigenvalues in the basis with a second pass); the diagonal solver is the identity basis with
     the correction.
 
-    The settings from ``relative_damping`` to ``show_progress`` come as keyword arguments or as one frozen
+    The settings come as keyword arguments or as one frozen
     :class:`~influenciae.hessian.kfac_fit.BlockDiagonalOptions` (``options=``).
 
     Args:
         model: The wrapped model.
         dataset: Batched dataset over which the curvature is averaged.
-        options: The settings below at once (instead of keyword arguments).
+        options: All the settings at once (instead of keyword arguments).
         damping: Absolute λ ≥ 0 added to every block.
-        relative_damping: Add ``relative_damping × mean eigenvalue`` of each block (≥ 0).
-        fisher: ``"expected"`` (exact Gauss-Newton statistics, one backward pass per model output),
-            ``"sampled"`` (one backward pass with random pseudo-gradients: the GGN in expectation) or
-            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See
-            :mod:`influenciae.model.capture`.
-        seed: Seed of ``fisher="sampled"``.
-        factors_path: Directory to load the fitted factors from (when it holds factors fitted with the same
-            settings, weights and dataset) or to save them to after fitting. Damping is not part of the factors.
-        overwrite_factors: Refit and replace the factors at ``factors_path`` even if they do not match.
-        max_output_size: See :class:`~influenciae.model.capture.LayerCapture`.
-        show_progress: A progress bar over batches while fitting.
+        **settings: The fields of :class:`~influenciae.hessian.kfac_fit.BlockDiagonalOptions` as keywords
+            (``relative_damping``, ``fisher``, ``seed``, ``factors_path``, ``overwrite_factors``,
+            ``max_output_size``, ``show_progress``).
         operator: Only a Gauss-Newton or Fisher operator of :mod:`influenciae.hessian.ggn`, as passed by
             ``get_ihvp(..., curvature=...)``: it selects ``fisher`` (``"ggn"``/``"fisher"`` → ``"expected"``, or
             ``"sampled"`` for a sampled Fisher; ``"empirical_fisher"`` → ``"empirical"``). The curvature itself is
@@ -272,6 +264,9 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
             dtype=self.dtype,
             timings=self.timings,
         )
+
+    def _seed(self, batch_number: int) -> tf.Tensor:
+        return batch_seed(self.seed, batch_number)
 
     def _batches(self, description: str) -> Iterator[Any]:
         iterator: Any = self._checked

@@ -20,15 +20,28 @@ from influenciae.cache import combine_hashes, hash_batch
 from influenciae.model import InfluenceModel
 from influenciae.model.capture import FISHER_TYPES, CapturedLayer, LayerCapture, LayerStatistics
 
-__all__ = ["BlockDiagonalOptions", "CurvatureBlock", "empty_blocks", "fit_blocks"]
+__all__ = ["BlockDiagonalOptions", "CurvatureBlock", "batch_seed", "empty_blocks", "fit_blocks"]
 
 _CHUNK_ELEMENTS = 2**24  # per-example rotated gradients held at once by the eigenvalue pass
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockDiagonalOptions:
-    """The settings of the block-diagonal solvers (K-FAC, EK-FAC, diagonal), validated on construction; see
-    :class:`~influenciae.hessian.kfac.BlockDiagonalIHVP` for each."""
+    """The settings of the block-diagonal solvers (K-FAC, EK-FAC, diagonal), validated on construction.
+
+    Attributes:
+        relative_damping: Add ``relative_damping × mean eigenvalue`` of each block (≥ 0).
+        fisher: ``"expected"`` (exact Gauss-Newton statistics, one backward pass per model output),
+            ``"sampled"`` (one backward pass with random pseudo-gradients: the GGN in expectation) or
+            ``"empirical"`` (gradients with the given targets: the empirical Fisher). See
+            :mod:`influenciae.model.capture`.
+        seed: Seed of ``fisher="sampled"``.
+        factors_path: Directory to load the fitted factors from (when it holds factors fitted with the same
+            settings, weights and dataset) or to save them to after fitting. Damping is not part of the factors.
+        overwrite_factors: Refit and replace the factors at ``factors_path`` even if they do not match.
+        max_output_size: See :class:`~influenciae.model.capture.LayerCapture`.
+        show_progress: A progress bar over batches while fitting.
+    """
 
     relative_damping: float = 0.0
     fisher: str = "expected"
@@ -127,7 +140,7 @@ def fit_blocks(
         positions, num_examples = np.zeros([len(layers)], np.int64), 0
         for batch_number, batch in enumerate(batches("factors")):
             hashes.append(hash_batch(batch))
-            statistics, uncovered = capture.capture(batch, fisher=fisher, seed=_seed(seed, batch_number))
+            statistics, uncovered = capture.capture(batch, fisher=fisher, seed=batch_seed(seed, batch_number))
             row_sums, column_sums, uncovered_sum = update(row_sums, column_sums, uncovered_sum, statistics, uncovered)
             positions += _positions_per_layer(statistics)
             num_examples += int(uncovered.shape[1])
@@ -156,7 +169,7 @@ def fit_blocks(
         for batch_number, batch in enumerate(batches("eigenvalues")):
             if not check_hashes:
                 hashes.append(hash_batch(batch))
-            statistics, uncovered = capture.capture(batch, fisher=fisher, seed=_seed(seed, batch_number))
+            statistics, uncovered = capture.capture(batch, fisher=fisher, seed=batch_seed(seed, batch_number))
             sums, uncovered_sum = correct(sums, uncovered_sum, statistics, uncovered, row_bases, column_bases)
             num_examples += int(uncovered.shape[1])
         for block, total in zip(blocks, sums, strict=True):
@@ -170,7 +183,8 @@ def fit_blocks(
     return blocks, combine_hashes(hashes)
 
 
-def _seed(seed: int, batch_number: int) -> tf.Tensor:
+def batch_seed(seed: int, batch_number: int) -> tf.Tensor:
+    """The seed of the ``fisher="sampled"`` draws of one batch: ``[seed, batch_number]``."""
     return tf.constant([seed, batch_number], tf.int32)
 
 

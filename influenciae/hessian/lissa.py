@@ -22,7 +22,17 @@ __all__ = ["LissaIHVP", "LissaOptions", "largest_eigenvalue"]
 
 @dataclasses.dataclass(frozen=True)
 class LissaOptions:
-    """The settings of :class:`LissaIHVP` (validated on construction; see its arguments)."""
+    """The settings of :class:`LissaIHVP`, validated on construction.
+
+    Attributes:
+        scale: ``s``; ``None`` estimates ``1.1 · λ_max(H + λI)`` with ``power_iterations`` products.
+        depth: Most recursion steps.
+        tolerance: Stop when a step changes the estimate by less than ``tolerance`` (relative).
+        batches_per_step: ``None`` for full-dataset steps, or an int for stochastic steps.
+        num_repeats: Independent stochastic runs averaged (ignored for full-dataset steps).
+        power_iterations: Products used to estimate the scale.
+        seed: Seed of the power iteration's start vector.
+    """
 
     scale: float | None = None
     depth: int = 1000
@@ -54,22 +64,16 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
     LiSSA, each step using the next ``k`` batches of the dataset (cheaper steps, noisier answer; average with
     ``num_repeats``).
 
-    The settings below come as keyword arguments or as one frozen :class:`LissaOptions` (``options=``).
+    The settings come as keyword arguments or as one frozen :class:`LissaOptions` (``options=``).
 
     Args:
         model: The wrapped model.
         dataset: The Hessian dataset.
-        options: All the settings below at once (instead of keyword arguments).
+        options: All the settings at once (instead of keyword arguments).
         damping: λ ≥ 0.
-        scale: ``s``; ``None`` estimates ``1.1 · λ_max(H + λI)`` with ``power_iterations`` products.
-        depth: Most recursion steps.
-        tolerance: Stop when a step changes the estimate by less than ``tolerance`` (relative).
-        batches_per_step: ``None`` for full-dataset steps, or an int for stochastic steps.
-        num_repeats: Independent stochastic runs averaged (ignored for full-dataset steps).
-        power_iterations: Products used to estimate the scale.
-        seed: Seed of the power iteration's start vector.
-        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
-            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
+        **settings: The fields of :class:`LissaOptions` (``scale``, ``depth``, ``tolerance``, ``batches_per_step``,
+            ``num_repeats``, ``power_iterations``, ``seed``) as keywords, and ``operator``, ``curvature`` and
+            ``curvature_options`` of :class:`InverseHessianVectorProduct`.
 
     Raises:
         ValueError: From :meth:`solve`, when the series diverges (scale too small or an indefinite Hessian).

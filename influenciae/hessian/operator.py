@@ -401,15 +401,8 @@ class HessianOperator(DatasetOperator):
         return product
 
     def sample_matmul_rows(self, batches: Iterable[Any], vectors: tf.Tensor) -> tf.Tensor:
-        """The Hessian of the objective on a sample of batches, ``(1/n) Σ_{i ∈ batches} ∇²ℓ_i v + ∇²Ω v``.
-
-        Args:
-            batches: Checked batches (e.g. from :meth:`sampled_batches`), ``n`` examples in all.
-            vectors: ``[m, P]``.
-
-        Returns:
-            ``[m, P]``.
-        """
+        """``(1/n) Σ_{i ∈ batches} ∇²ℓ_i v + ∇²Ω v`` ``[m, P]`` for ``vectors [m, P]``: the Hessian of the objective
+        on a sample of checked ``batches`` (``n`` examples, e.g. from :meth:`sampled_batches`)."""
         return self._mean_over(batches, vectors)[0]
 
     def sampled_batches(self, seed: int, shuffle_buffer: int = 256) -> Iterator[Any]:
