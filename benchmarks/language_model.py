@@ -153,9 +153,9 @@ def measure(
     import tensorflow as tf
 
     from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
-    from influenciae.model.capture import LayerCapture
     from influenciae.hessian import EKFACIHVP
     from influenciae.language import completion_log_probability, token_cross_entropy
+    from influenciae.model.capture import LayerCapture
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, vocabulary, size=(sequences, length + 1)).astype("int32")

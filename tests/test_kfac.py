@@ -9,8 +9,8 @@ import tensorflow as tf
 from helpers import FLOAT, classification_data, dataset, exact_softmax_ggn, fit, kron_basis, small_mlp, sparse_ce
 
 from influenciae import EKFACIHVP, KFACIHVP, FirstOrderInfluenceCalculator, InfluenceModel
-from influenciae.model.capture import LayerCapture
 from influenciae.hessian import DiagonalIHVP, ExactIHVP, IdentityIHVP, get_ihvp, registered_solvers
+from influenciae.model.capture import LayerCapture
 
 CLASSES = 3
 

@@ -20,8 +20,8 @@ import pytest
 from helpers import FLOAT, dataset, exact_softmax_ggn, kron_basis, sparse_ce
 
 from influenciae import EKFACIHVP, InfluenceModel
-from influenciae.model.capture import LayerCapture
 from influenciae.hessian import DiagonalIHVP
+from influenciae.model.capture import LayerCapture
 
 CLASSES = 3
 TESTS = Path(__file__).resolve().parent
