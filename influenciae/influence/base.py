@@ -132,12 +132,8 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         return None
 
     def _test_side_scores(self, test: IndexedStream) -> Callable[[Any], tf.Tensor]:
-        """With ``inverse_side == "test"``: a function scoring a training batch against every test example.
-
-        A calculator that can precondition the test side (query batching, influence factors: one solve per test
-        example, none per training example) returns ``batch -> [N_test, B]``; :meth:`influence_matrix` then scores
-        the training side in one pass, without influence vectors.
-        """
+        """With ``inverse_side == "test"`` (query batching, influence factors: one solve per test example, none per
+        training example): ``batch -> [N_test, B]``, the scores :meth:`influence_matrix` gets in one training pass."""
         raise NotImplementedError(f"{type(self).__name__} has no test-side scores: keep inverse_side='training'.")
 
     # ------------------------------------------------------------------ eager conveniences (numpy, dataset order)
