@@ -398,7 +398,14 @@ def test_solver_state_preconditioners_factors_and_files(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("method", "options"), [("tracin", {"learning_rate": 0.5}), ("trak", {"projection_dim": 8, "seed": 3})]
+    ("method", "options"),
+    [
+        ("tracin", {"learning_rate": 0.5}),
+        ("trak", {"projection_dim": 8, "seed": 3}),
+        ("arnoldi", {"subspace_dim": 15, "rank": 10, "damping": 1e-2}),
+        ("representer", {"l2": 1e-2}),
+        ("first_order", {"solver": "ekfac", "damping": 1e-2, "start_layer": 0}),
+    ],
 )
 def test_a_worker_scores_shards_as_one_process_does(trained, tmp_path, method, options):
     """A scoring worker's calculator (built from files) scores shuffled shards of records as one process does."""
