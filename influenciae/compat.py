@@ -19,7 +19,6 @@ here as a placeholder whose use raises ``AttributeError`` naming what replaced i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,8 @@ from influenciae._backend import tf
 from influenciae.data import check_dataset, unpack_batch
 from influenciae.model import InfluenceModel
 from influenciae.model.losses import flavoured_loss
-from influenciae.model.selection import layer_index, original_default_layer
+from influenciae.model.migration import original_weights
+from influenciae.model.selection import layer_index, layer_of
 from influenciae.types import CACHE, ORDER
 
 __all__ = [
@@ -49,48 +49,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- watched weights
-
-
-def original_weights(model: Any, start_layer: int | str | None = None, last_layer: int | str | None = None) -> list:
-    """The trainable weights the original ``InfluenceModel(model, start_layer, last_layer)`` watched.
-
-    The original's rule (``deel/influenciae/common/model_wrappers.py``):
-
-    - ``start_layer=None``: the last layer with weights *before* the model's last layer (the output layer itself is
-      skipped, whether or not it has weights);
-    - ``last_layer=None``: the ``start_layer`` layer **only**;
-    - otherwise the layers ``start_layer .. last_layer`` inclusive (indices or names; negative indices count from
-      the end).
-
-    The original collected ``layer.weights`` (non-trainable BatchNorm statistics included, which have no gradient);
-    this collects ``layer.trainable_weights`` of the same layers.
-
-    Args:
-        model: A built Keras model.
-        start_layer: Index or name of the first layer, or ``None`` for the original's default.
-        last_layer: Index or name of the last layer (inclusive), or ``None`` for ``start_layer`` alone.
-
-    Returns:
-        The list of variables, to pass as ``InfluenceModel(model, weights_to_watch=...)``.
-
-    Raises:
-        ValueError: If a layer is unknown, out of range, the range is empty, or it holds no trainable weight.
-
-    Example:
-        >>> im = InfluenceModel(model, weights_to_watch=original_weights(model, start_layer=0), loss_function=loss)
-    """
-    layers = list(model.layers)
-    if start_layer is None:
-        first = _last_weighted_layer_before_output(layers)
-    else:
-        first = layer_index(model, start_layer, "start_layer")
-    last = first if last_layer is None else layer_index(model, last_layer, "last_layer")
-    if last < first:
-        raise ValueError(f"last_layer ({last}) comes before start_layer ({first}): pass layers in model order.")
-    weights = [weight for layer in layers[first : last + 1] for weight in layer.trainable_weights]
-    if not weights:
-        raise ValueError(f"Layers {first}..{last} have no trainable weights: pick other layers.")
-    return weights
 
 
 def original_influence_model(
@@ -123,15 +81,6 @@ def original_influence_model(
         weights_to_watch=original_weights(model, start_layer, last_layer),
         loss_function=loss_function,
         **options,
-    )
-
-
-def _last_weighted_layer_before_output(layers: Sequence[Any]) -> int:
-    index = original_default_layer(layers)
-    if index is not None:
-        return index
-    raise ValueError(
-        "No layer with weights before the output layer (the original's default start_layer): pass start_layer."
     )
 
 
@@ -240,7 +189,7 @@ def from_layer_name_to_layer_idx(model: Any, layer_name: str) -> int:
 
 def find_layer(model: Any, layer: int | str) -> Any:
     """The layer of ``model`` with this index or name."""
-    return model.layers[layer_index(model, layer, "layer")]
+    return layer_of(model, layer)
 
 
 def dataset_size(dataset: tf.data.Dataset) -> int:

@@ -4,6 +4,7 @@ attributes that are gone with the name of their replacement."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from influenciae.model._backend import variable_tensor
 from influenciae.model.selection import layer_index, original_default_layer
 
-__all__ = ["MigrationWarning", "Removed", "warn_start_layer_only", "warn_default_watch_once"]
+__all__ = ["MigrationWarning", "Removed", "warn_start_layer_only", "warn_default_watch_once", "original_weights"]
 
 
 class MigrationWarning(UserWarning):
@@ -84,4 +85,56 @@ def warn_default_watch_once(model: Any, weights: list[Any]) -> None:
     )
 
 
+def original_weights(model: Any, start_layer: int | str | None = None, last_layer: int | str | None = None) -> list:
+    """The trainable weights the original ``InfluenceModel(model, start_layer, last_layer)`` watched.
+
+    The original's rule (``deel/influenciae/common/model_wrappers.py``):
+
+    - ``start_layer=None``: the last layer with weights *before* the model's last layer (the output layer itself is
+      skipped, whether or not it has weights);
+    - ``last_layer=None``: the ``start_layer`` layer **only**;
+    - otherwise the layers ``start_layer .. last_layer`` inclusive (indices or names; negative indices count from
+      the end).
+
+    The original collected ``layer.weights`` (non-trainable BatchNorm statistics included, which have no gradient);
+    this collects ``layer.trainable_weights`` of the same layers.
+
+    Args:
+        model: A built Keras model.
+        start_layer: Index or name of the first layer, or ``None`` for the original's default.
+        last_layer: Index or name of the last layer (inclusive), or ``None`` for ``start_layer`` alone.
+
+    Returns:
+        The list of variables, to pass as ``InfluenceModel(model, weights_to_watch=...)``.
+
+    Raises:
+        ValueError: If a layer is unknown, out of range, the range is empty, or it holds no trainable weight.
+
+    Example:
+        >>> im = InfluenceModel(model, weights_to_watch=original_weights(model, start_layer=0), loss_function=loss)
+    """
+    layers = list(model.layers)
+    if start_layer is None:
+        first = _last_weighted_layer_before_output(layers)
+    else:
+        first = layer_index(model, start_layer, "start_layer")
+    last = first if last_layer is None else layer_index(model, last_layer, "last_layer")
+    if last < first:
+        raise ValueError(f"last_layer ({last}) comes before start_layer ({first}): pass layers in model order.")
+    weights = [weight for layer in layers[first : last + 1] for weight in layer.trainable_weights]
+    if not weights:
+        raise ValueError(f"Layers {first}..{last} have no trainable weights: pick other layers.")
+    return weights
+
+
+def _last_weighted_layer_before_output(layers: Sequence[Any]) -> int:
+    index = original_default_layer(layers)
+    if index is not None:
+        return index
+    raise ValueError(
+        "No layer with weights before the output layer (the original's default start_layer): pass start_layer."
+    )
+
+
 MigrationWarning.__module__ = "influenciae.model"  # its documented canonical path
+original_weights.__module__ = "influenciae.compat"  # documented (and imported) from there, with the original's API

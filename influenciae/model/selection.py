@@ -35,6 +35,7 @@ __all__ = [
     "last_dense_layer",
     "check_outer_product_layer",
     "layer_index",
+    "layer_of",
     "original_default_layer",
     "check_model",
     "resolve_weights",
@@ -65,6 +66,11 @@ def layer_index(model: Any, layer: int | str, argument: str) -> int:
             raise ValueError(f"{argument}={layer} is out of range for a model with {len(layers)} layers.")
         return int(layer) % len(layers)
     raise TypeError(f"{argument} must be a layer index or name, got {type(layer).__name__}.")
+
+
+def layer_of(model: Any, layer: int | str) -> Any:
+    """The layer of ``model`` with this index (negative allowed) or name (see :func:`layer_index`)."""
+    return model.layers[layer_index(model, layer, "layer")]
 
 
 def original_default_layer(layers: Sequence[Any]) -> int | None:
