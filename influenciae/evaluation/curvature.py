@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from influenciae._backend import tf
 from influenciae.data import from_numpy
 from influenciae.evaluation.problems import digits, seeded_split
 from influenciae.model import InfluenceModel
-from influenciae.model._backend import keras, tf
+from influenciae.model.training import sparse_cross_entropy, train_mlp
 
 __all__ = ["CurvatureAccuracy", "curvature_accuracy", "curvature_accuracy_section", "exact_gauss_newton"]
 
@@ -73,16 +74,6 @@ def _digits(seed: int, num_train: int, num_test: int) -> tuple[np.ndarray, np.nd
     return seeded_split(*digits("flat"), seed=seed, num_train=num_train, num_test=num_test)
 
 
-def _train(inputs: np.ndarray, labels: np.ndarray, seed: int, epochs: int) -> tuple[Any, float]:
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [keras.Input((inputs.shape[1],)), keras.layers.Dense(32, activation="tanh"), keras.layers.Dense(10)]
-    )
-    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    history = model.fit(inputs, labels, epochs=epochs, batch_size=BATCH_SIZE, verbose=0)
-    return model, float(history.history["loss"][-1])
-
-
 def _spearman(first: np.ndarray, second: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -115,10 +106,8 @@ def curvature_accuracy(
     from influenciae.hessian import get_ihvp, registered_solvers
 
     train_x, train_y, test_x, test_y = _digits(seed, num_train, num_test)
-    model, loss = _train(train_x, train_y, seed, epochs)
-    im = InfluenceModel(
-        model, loss_function=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
-    )
+    model, loss = train_mlp(train_x, train_y, seed=seed, epochs=epochs, batch_size=BATCH_SIZE)
+    im = InfluenceModel(model, loss_function=sparse_cross_entropy())
     train = from_numpy(train_x, train_y, batch_size=BATCH_SIZE)
     train_gradients = im.batch_jacobian_tensor((train_x, train_y)).numpy().astype(np.float64)
     test_gradients = im.batch_jacobian_tensor((test_x, test_y)).numpy().astype(np.float64)
