@@ -3,10 +3,10 @@
 Kronecker-factored curvature (:mod:`influenciae.hessian.kfac`) needs more structure than flat parameter vectors: for
 a layer ``y = φ(W a + b)`` the per-example gradient of the kernel is ``Σ_t a_t g_tᵀ``, a sum over the positions ``t``
 where the layer is applied (one for a Dense layer on vectors, every output pixel of a convolution, every token of an
-embedding, and every call of a layer used twice), with ``g_t = ∂ loss / ∂ (W a_t + b)``. This module is, after
-``model.py``, the second one allowed to know Keras: it maps each watched supported layer to its slice of the flat
-parameter vector of :class:`~influenciae.model.InfluenceModel` and records ``a`` and ``g`` during one forward and one
-backward pass.
+embedding, and every call of a layer used twice), with ``g_t = ∂ loss / ∂ (W a_t + b)``. Like the rest of
+:mod:`influenciae.model` (the only subpackage allowed to know Keras), it maps each watched supported layer to its
+slice of the flat parameter vector of :class:`~influenciae.model.InfluenceModel` and records ``a`` and ``g`` during
+one forward and one backward pass.
 
 How a pass works: for its duration, each supported layer's ``call`` is replaced on the layer instance (set with
 ``object.__setattr__`` so Keras' attribute tracker ignores it). The replacement runs the layer's own ``call`` with
