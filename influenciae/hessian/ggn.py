@@ -21,7 +21,7 @@ does (:class:`~influenciae.hessian.operator.DatasetOperator`). The regularizer's
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -61,6 +61,17 @@ __all__ = [
 _LIKELIHOODS = ("auto", "categorical", "gaussian")
 _OUTPUT_HESSIANS = ("auto", "autodiff")
 _PROBABILITY_TOLERANCE = 1e-3  # |Σ_c exp(-ℓ(c)) - 1| allowed for a loss to count as a negative log-likelihood
+
+
+class OutputBatch(NamedTuple):
+    """One batch as the output-space products see it: the model's ``outputs [B, *output_shape]``, the ``targets``,
+    the sample ``weights [B]``, the examples' ``indices [B]`` in the dataset and the products' ``seed``."""
+
+    outputs: tf.Tensor
+    targets: Any
+    weights: tf.Tensor
+    indices: tf.Tensor
+    seed: tf.Tensor
 
 
 class CurvatureOperator(DatasetOperator):
@@ -164,19 +175,11 @@ class _OutputSpaceOperator(CurvatureOperator):
         batch = (inputs, targets, weights)
         outputs = self.model.batch_outputs(batch)
         tangents = self.model.batch_output_jvp(batch, vectors)  # [n, B, *output_shape]
-        products = self._output_product(outputs, targets, weights, indices, seed, tangents)
+        products = self._output_product(OutputBatch(outputs, targets, weights, indices, seed), tangents)
         return self.model.batch_output_vjp(batch, tf.stop_gradient(products))
 
-    def _output_product(
-        self,
-        outputs: tf.Tensor,
-        targets: Any,
-        weights: tf.Tensor,
-        indices: tf.Tensor,
-        seed: tf.Tensor,
-        tangents: tf.Tensor,
-    ) -> tf.Tensor:
-        """``M_i t`` for every example ``i`` and tangent ``t``: ``[n, B, *output_shape]`` -> same shape."""
+    def _output_product(self, batch: OutputBatch, tangents: tf.Tensor) -> tf.Tensor:
+        """``M_i t`` for every example ``i`` of ``batch`` and tangent ``t``: ``[n, B, *output_shape]`` -> same shape."""
         raise NotImplementedError
 
 
@@ -223,15 +226,8 @@ class GaussNewtonOperator(_OutputSpaceOperator):
     def _trace_key(self) -> tuple[Any, ...]:
         return (self._closed_form,)
 
-    def _output_product(
-        self,
-        outputs: tf.Tensor,
-        targets: Any,
-        weights: tf.Tensor,
-        indices: tf.Tensor,
-        seed: tf.Tensor,
-        tangents: tf.Tensor,
-    ) -> tf.Tensor:
+    def _output_product(self, batch: OutputBatch, tangents: tf.Tensor) -> tf.Tensor:
+        outputs, targets, weights, _, _ = batch
         if self._closed_form is not None and outputs.shape.rank == 2:
             return closed_form_output_hessian(self._closed_form, outputs, weights, tangents)
         return autodiff_output_hessian(self.model, outputs, targets, weights, tangents)
@@ -335,15 +331,8 @@ class FisherOperator(_OutputSpaceOperator):
     def _seed_tensor(self) -> tf.Tensor:
         return tf.constant(self.seed, tf.int64)
 
-    def _output_product(
-        self,
-        outputs: tf.Tensor,
-        targets: Any,
-        weights: tf.Tensor,
-        indices: tf.Tensor,
-        seed: tf.Tensor,
-        tangents: tf.Tensor,
-    ) -> tf.Tensor:
+    def _output_product(self, batch: OutputBatch, tangents: tf.Tensor) -> tf.Tensor:
+        outputs, targets, weights, indices, seed = batch
         if self._resolved == "gaussian":
             if self.estimator == "exact":  # the Fisher of a Gaussian likelihood is the GGN
                 return autodiff_output_hessian(self.model, outputs, targets, weights, tangents)
