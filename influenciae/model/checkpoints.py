@@ -18,7 +18,8 @@ import numpy as np
 
 from influenciae.cache.fingerprint import fingerprint_arrays
 from influenciae.model import InfluenceModel
-from influenciae.model._backend import keras_module_of, tf, variable_tensor
+from influenciae.model._backend import tf, variable_tensor
+from influenciae.model.graph import layer_input_model
 from influenciae.model.loading import MODEL_SUFFIXES, WEIGHTS_SUFFIXES, copy_model, is_model, load_model, load_weights
 from influenciae.model.selection import check_outer_product_layer, last_dense_layer
 
@@ -242,15 +243,6 @@ def reuse_or_wrap(item: Any, wrap: Wrap) -> InfluenceModel:
     return wrap(*keras_model_and_loss(item))
 
 
-def _symbolic_inputs(model: Any) -> Any:
-    """The model's symbolic inputs, in the structure its call expects (a Sequential has no ``.input`` until called)."""
-    try:
-        return model.input
-    except (AttributeError, ValueError):
-        inputs = list(model.inputs)
-        return inputs[0] if len(inputs) == 1 else inputs
-
-
 _HEADS: weakref.WeakKeyDictionary[InfluenceModel, Callable[..., tuple[tf.Tensor, tf.Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -268,7 +260,7 @@ def last_dense_head(model: InfluenceModel) -> Callable[..., tuple[tf.Tensor, tf.
         return cached
     keras_model = model.model
     dense = fast_tracin_dense(keras_model)
-    extractor = keras_module_of(keras_model).Model(_symbolic_inputs(keras_model), dense.input)
+    extractor = layer_input_model(keras_model, dense)
     kernel = variable_tensor(dense.kernel)
     bias = variable_tensor(dense.bias) if dense.use_bias else None
     activation = dense.activation
