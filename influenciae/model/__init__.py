@@ -8,9 +8,13 @@ the sample weight (1 when absent) and ``Ω`` the sum of the weight regularizatio
 gradients are gradients of ``w_i ℓ(z_i; θ)`` alone; the regularizer enters the Hessian once, through
 :meth:`InfluenceModel.regularization_hvp`.
 
-Modules: ``core`` (:class:`InfluenceModel`), ``losses``, ``selection`` (watched weights, layers, the last Dense
-layer), ``loading`` (model files and checkpoints), ``graph`` (sub-models cut from a Keras graph), ``capture``
-(layer inputs and output gradients for K-FAC), ``migration`` (the original Influenciae's defaults).
+Modules: ``core`` (:class:`InfluenceModel`; its graph side in ``_autodiff``, its batch checks in ``_validation``),
+``losses``, ``selection`` (watched weights, layer indices, the last Dense layer), ``graph`` (sub-models cut from a
+Keras graph, :class:`~influenciae.model.graph.DenseHead`), ``loading`` (model files and checkpoint weights),
+``checkpoints`` (TracIn's stored checkpoints), ``capture`` (layer inputs and output gradients for K-FAC),
+``layer_probe`` (TCAV's activations and sensitivities), ``layer_graph`` (LRP's layer graph), ``classifier`` (the
+robustness attacks' model front), ``training`` (the evaluation's reference classifiers), ``migration`` (the
+original Influenciae's defaults) and ``_backend`` (Keras 3 and ``tf_keras``).
 """
 
 from __future__ import annotations
