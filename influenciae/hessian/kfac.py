@@ -254,16 +254,8 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
     # ------------------------------------------------------------------ fitting
 
     def _fit(self) -> tuple[list[CurvatureBlock], str]:
-        return fit_blocks(
-            self.capture,
-            self._batches,
-            kronecker=self.kronecker,
-            eigenvalue_correction=self.eigenvalue_correction,
-            fisher=self.fisher,
-            seed=self.seed,
-            dtype=self.dtype,
-            timings=self.timings,
-        )
+        kinds = (self.kronecker, self.eigenvalue_correction)
+        return fit_blocks(self.capture, self._batches, self.options, *kinds, self.dtype, self.timings)
 
     def _seed(self, batch_number: int) -> tf.Tensor:
         return batch_seed(self.seed, batch_number)

@@ -99,11 +99,9 @@ class CurvatureBlock:
 def fit_blocks(
     capture: LayerCapture,
     batches: Callable[[str], Iterator[Any]],
-    *,
+    options: BlockDiagonalOptions,
     kronecker: bool,
     eigenvalue_correction: bool,
-    fisher: str,
-    seed: int,
     dtype: tf.DType,
     timings: dict[str, float],
 ) -> tuple[list[CurvatureBlock], str]:
@@ -114,16 +112,19 @@ def fit_blocks(
     Args:
         capture: The layer capture of the model.
         batches: ``batches(phase) -> iterator`` over the checked batches of the dataset (one pass per phase).
+        options: The solver's settings (its ``fisher`` statistics and their ``seed`` are used here).
         kronecker: Fit ``A`` and ``S`` and use their eigenbases (K-FAC, EK-FAC); else identity bases (diagonal).
         eigenvalue_correction: Re-estimate the eigenvalues in the basis with a second pass (EK-FAC, diagonal).
-        fisher: ``"expected"``, ``"sampled"`` or ``"empirical"`` (see :mod:`influenciae.model.capture`).
-        seed: Seed of ``fisher="sampled"``.
         dtype: The dtype of the rotations of the eigenvalue pass.
         timings: Filled with the seconds of each phase (``"factors"``, ``"eigendecomposition"``, ``"correction"``).
 
     Returns:
         ``(blocks, input_hash)``: the blocks (the uncovered weights' diagonal block last) and the batches' hash.
     """
+
+    def capture_batch(batch: Any, batch_number: int) -> Any:
+        return capture.capture(batch, fisher=options.fisher, seed=batch_seed(options.seed, batch_number))
+
     layers = capture.layers
     num_uncovered = int(capture.uncovered_parameter_indices.size)
     started = time.perf_counter()
@@ -140,7 +141,7 @@ def fit_blocks(
         positions, num_examples = np.zeros([len(layers)], np.int64), 0
         for batch_number, batch in enumerate(batches("factors")):
             hashes.append(hash_batch(batch))
-            statistics, uncovered = capture.capture(batch, fisher=fisher, seed=batch_seed(seed, batch_number))
+            statistics, uncovered = capture_batch(batch, batch_number)
             row_sums, column_sums, uncovered_sum = update(row_sums, column_sums, uncovered_sum, statistics, uncovered)
             positions += _positions_per_layer(statistics)
             num_examples += int(uncovered.shape[1])
@@ -169,7 +170,7 @@ def fit_blocks(
         for batch_number, batch in enumerate(batches("eigenvalues")):
             if not check_hashes:
                 hashes.append(hash_batch(batch))
-            statistics, uncovered = capture.capture(batch, fisher=fisher, seed=batch_seed(seed, batch_number))
+            statistics, uncovered = capture_batch(batch, batch_number)
             sums, uncovered_sum = correct(sums, uncovered_sum, statistics, uncovered, row_bases, column_bases)
             num_examples += int(uncovered.shape[1])
         for block, total in zip(blocks, sums, strict=True):
