@@ -76,6 +76,7 @@ _PART_PREFIX = "part-"
 _TEMPORARY_PREFIX = ".tmp-"
 _KIND = "influenciae.scoring_output"
 _FORMAT_VERSION = 1
+_SCORER_SETTINGS = ("method", "options", "test_pattern", "loss", "from_logits", "batch_size")
 
 
 class IncompleteOutputError(ValueError):
@@ -256,17 +257,10 @@ class _ScoreBatchesFn(beam.DoFn):  # type: ignore[misc]
         from influenciae.distributed.kernels import shard_scorer
 
         job = self.job
+        state_path = None if job.state_path is None else local_copy(job.state_path, ".npz")
+        settings = {name: getattr(job, name) for name in _SCORER_SETTINGS}  # the calculator's, as the job has them
         self._score = shard_scorer(
-            job.mode,
-            local_copy(job.model_path, ".keras"),
-            job.input_pattern,
-            state_path=None if job.state_path is None else local_copy(job.state_path, ".npz"),
-            method=job.method,
-            options=job.options,
-            test_pattern=job.test_pattern,
-            loss=job.loss,
-            from_logits=job.from_logits,
-            batch_size=job.batch_size,
+            job.mode, local_copy(job.model_path, ".keras"), job.input_pattern, state_path=state_path, **settings
         )
 
     def process(self, records: Sequence[bytes]) -> Iterator[Any]:
