@@ -19,8 +19,9 @@ import tensorflow as tf
 
 from influenciae import FirstOrderInfluenceCalculator, InfluenceModel
 from influenciae.cache import LOCK_NAME, MANIFEST_NAME, DiskCache
-from influenciae.cache.fingerprint import loss_identity, model_identity
+from influenciae.cache.fingerprint import loss_identity
 from influenciae.model._backend import keras
+from influenciae.model.identity import model_identity
 
 NUM_TRAIN, NUM_FEATURES, CLASSES = 64, 4, 3
 

@@ -256,7 +256,7 @@ def test_killed_run_is_never_mistaken_for_complete_and_a_rerun_finishes(tmp_path
 def test_score_command_saves_the_state_and_reuses_it(problem, tmp_path, capsys):
     import argparse
 
-    from influenciae.distributed import cli
+    from influenciae.cli import score as cli
 
     directory = problem["directory"]
     parser = argparse.ArgumentParser()
@@ -295,7 +295,7 @@ def test_score_command_runs_tracin_and_trak_as_one_process(problem, tmp_path, ca
     """``influenciae score --method tracin|trak``: each worker builds the calculator; scores equal one process."""
     import argparse
 
-    from influenciae.distributed import cli
+    from influenciae.cli import score as cli
     from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
     from influenciae.model.loading import load_model
 

@@ -22,7 +22,7 @@ The disk format is pickle-free and crash-safe (kronfluence's "saved results carr
 atomicity):
 
 - ``manifest.json`` records the format version, the calculator configuration (which includes the model's
-  identity, see :func:`~influenciae.cache.fingerprint.model_identity`), a fingerprint of the weights and, per completed
+  identity, see :func:`~influenciae.model.identity.model_identity`), a fingerprint of the weights and, per completed
   shard, its number of rows, first training index, input hash, file name, array schema and the SHA-256 checksum of
   its file; once complete, the number of shards and of examples. Reopening with another configuration or other
   weights is refused unless ``overwrite=True``.
@@ -46,8 +46,8 @@ atomicity):
 and row count is checked against the data, and a complete cache must cover exactly the data given now.
 """
 
-from influenciae.cache._disk import FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, DiskCache
-from influenciae.cache._files import (
+from influenciae.cache.disk import FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, DiskCache
+from influenciae.cache.files import (
     TEMPORARY_PREFIX,
     atomic_write,
     checksum_file,
@@ -59,14 +59,14 @@ from influenciae.cache._files import (
     write_manifest,
     write_npz,
 )
-from influenciae.cache._store import (
+from influenciae.cache.fingerprint import canonical_configuration, combine_hashes, fingerprint_arrays, hash_batch
+from influenciae.cache.store import (
     _OVERWRITE_HINT,  # noqa: F401 -- the CLI's hint is checked against it
     ShardCache,
     ShardInput,
     ShardRecord,
     fill_cache,
 )
-from influenciae.cache.fingerprint import canonical_configuration, combine_hashes, fingerprint_arrays, hash_batch
 
 __all__ = [
     "FORMAT_VERSION",

@@ -4,9 +4,10 @@ Every store of the library (the influence-vector :mod:`~influenciae.cache`, the 
 :mod:`~influenciae.distributed.state` and the K-FAC factors of :mod:`~influenciae.hessian.kfac`) records what its
 values were computed from, with the functions of this module, and refuses to reuse them when any of it changed:
 
-* :func:`model_identity`: the loss's configuration (class and ``get_config``, or a plain function's code and
-  closure, so ``2 * loss`` differs from ``loss``), the watched weights (position among the model's weights, shape,
-  dtype and a fingerprint of their values), ``gradient_dtype`` and the weights' dtype;
+* :func:`~influenciae.model.identity.model_identity` (in the model wing, built from this module's functions): the
+  loss's configuration (class and ``get_config``, or a plain function's code and closure, so ``2 * loss`` differs
+  from ``loss``), the watched weights (position among the model's weights, shape, dtype and a fingerprint of their
+  values), ``gradient_dtype`` and the weights' dtype;
 * :func:`dataset_fingerprint`: the content of a dataset (per-example, order- and batching-invariant, or per batch);
 * :func:`fingerprint_arrays`, :func:`hash_batch`, :func:`combine_hashes`: the hashing primitives;
 * :func:`canonical_configuration`: the JSON-stable form in which all of it is stored and compared;
@@ -40,7 +41,6 @@ __all__ = [
     "fingerprint_arrays",
     "hash_batch",
     "loss_identity",
-    "model_identity",
 ]
 
 _MAX_DEPTH = 6
@@ -291,42 +291,6 @@ def loss_identity(loss_function: Any) -> dict[str, Any]:
         A JSON-able description (canonical: stable across processes for the same loss).
     """
     return canonical_configuration({"loss": _describe(loss_function)})
-
-
-def model_identity(model: Any) -> dict[str, Any]:
-    """What an ``InfluenceModel``'s per-sample gradients depend on besides the weights' values and the data.
-
-    Records the loss (:func:`loss_identity`), ``gradient_dtype``, the weights' dtype, the number of parameters and,
-    for each watched weight in flattening order, its position among ``model.model.weights``, its shape and a
-    fingerprint of its values. Positions rather than names: Keras names layers per session (``dense_5``), so
-    names would refuse a valid cache when the same model is rebuilt; the position and the values pin the weight.
-
-    Args:
-        model: an :class:`~influenciae.InfluenceModel`.
-
-    Returns:
-        A canonical JSON-able mapping.
-    """
-    from influenciae.model._identity import watched_weight_positions  # the Keras side, in the model wing
-
-    watched = []
-    for position, tensor in zip(watched_weight_positions(model), model.watched, strict=True):
-        watched.append(
-            {
-                "position": position,
-                "shape": [int(dimension) for dimension in tensor.shape],
-                "fingerprint": fingerprint_arrays([tensor])[:32],
-            }
-        )
-    return canonical_configuration(
-        {
-            "loss": loss_identity(model.loss_function)["loss"],
-            "gradient_dtype": getattr(getattr(model, "gradient_dtype", None), "name", None),
-            "dtype": getattr(model.dtype, "name", str(model.dtype)),
-            "nb_params": int(model.nb_params),
-            "watched_weights": watched,
-        }
-    )
 
 
 def _row_digests(batch: Any) -> list[bytes]:

@@ -10,7 +10,7 @@ function only. The options the subcommands share are in :mod:`influenciae.cli.op
   HTML report.
 * ``influenciae top-k``: the proponents and opponents of test examples among the training examples.
 * ``influenciae score``: the same scores over sharded TFRecords on an Apache Beam runner, with tf.distribute for the
-  solver (:mod:`influenciae.distributed.cli`; ``docs/distributed.md``).
+  solver (:mod:`influenciae.cli.score`; ``docs/distributed.md``).
 
 Models are ``.keras`` files; data are ``.npz`` files, TFRecord files or a tfds dataset (:mod:`influenciae.app.io`); the
 method is chosen from :data:`METHODS`. ``docs/cli.md`` documents every flag and file format.
@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 from influenciae.app.io import InputError
 from influenciae.cli import demo, self_influence, top_k
+from influenciae.cli import score as distributed_cli  # standard-library imports only at module level
 from influenciae.cli.common import (
     _OVERWRITE_HINT,
     EXIT_FAILURE,
@@ -50,7 +51,6 @@ from influenciae.cli.common import (
     _UsageError,
 )
 from influenciae.cli.common import EXIT_OK as EXIT_OK  # re-exported: the exit codes are part of the script
-from influenciae.distributed import cli as distributed_cli  # standard-library imports only at module level
 from influenciae.influence.registry import METHODS, CalculatorMethod
 
 __all__ = ["Command", "COMMANDS", "METHODS", "Method", "build_parser", "main"]

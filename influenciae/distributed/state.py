@@ -30,12 +30,12 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import atomic_write, manifest_array, parse_manifest, write_npz
 from influenciae.cache.fingerprint import canonical_configuration, dataset_fingerprint, describe_differences
-from influenciae.cache.fingerprint import model_identity as _model_identity
 from influenciae.data import check_dataset
 from influenciae.hessian import InverseHessianVectorProduct, RowOperator
 from influenciae.hessian.base import STATE_KINDS
 from influenciae.model import InfluenceModel
 from influenciae.model.checkpoints import weights_fingerprint
+from influenciae.model.identity import model_identity as _model_identity
 from influenciae.model.loading import load_influence_model
 
 __all__ = ["SavedSolver", "SolverState", "model_fingerprint", "load_influence_model"]
@@ -65,7 +65,7 @@ class SolverState:
         eigenvectors: ``[r, P]`` or None.
         factors: Test factors ``H⁻¹∇ℓ(x)`` ``[m, P]`` (test examples in dataset order) or None.
         identity: What the arrays depend on, checked by :meth:`load`: ``"model"`` (loss configuration, watched
-            weights, ``gradient_dtype``: :func:`~influenciae.cache.fingerprint.model_identity`), ``"solver"``
+            weights, ``gradient_dtype``: :func:`~influenciae.model.identity.model_identity`), ``"solver"``
             (the solver's settings, damping and Hessian dataset fingerprint included), ``"test"`` (the test set's
             fingerprint) and
             ``"request"`` (what a command line asked for, e.g. ``--solver``, ``--damping``, ``--test``).

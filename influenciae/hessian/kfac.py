@@ -49,7 +49,6 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
-from influenciae.cache.fingerprint import model_identity
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, solver_options
 from influenciae.hessian.kfac_fit import BlockDiagonalOptions, CurvatureBlock, batch_seed, empty_blocks, fit_blocks
@@ -57,6 +56,7 @@ from influenciae.hessian.operator import RowOperator, damped
 from influenciae.hessian.registry import curvature_of
 from influenciae.model import InfluenceModel
 from influenciae.model.capture import LayerCapture
+from influenciae.model.identity import model_identity
 
 __all__ = ["CurvatureBlock", "KFACIHVP", "EKFACIHVP", "BlockDiagonalIHVP"]
 

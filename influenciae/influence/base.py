@@ -28,7 +28,6 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, fingerprint_arrays
-from influenciae.cache.fingerprint import model_identity
 from influenciae.cache.shards import fill_vector_cache, read_vector_cache
 from influenciae.data import (
     IndexedStream,
@@ -45,6 +44,7 @@ from influenciae.influence._streams import (
     split_rows,
 )
 from influenciae.model import InfluenceModel
+from influenciae.model.identity import model_identity
 from influenciae.search import NearestNeighbors, StreamingTopK, TopK, get_nearest_neighbors
 from influenciae.types import CACHE, ORDER
 

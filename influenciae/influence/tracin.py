@@ -43,7 +43,7 @@ from influenciae.influence._checkpoints import (
     in_memory,
 )
 from influenciae.influence._contexts import ModelContexts
-from influenciae.influence._tracin_fast import TracInCPFast, TracInCPFastRandProj
+from influenciae.influence.tracin_fast import TracInCPFast, TracInCPFastRandProj
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 from influenciae.model.checkpoints import StoredCheckpoints, Wrap

@@ -48,13 +48,13 @@ from influenciae.cache import combine_hashes, fingerprint_arrays
 from influenciae.data import check_dataset, split_batch
 from influenciae.hessian.exact import AUTO_DAMPING_FRACTION
 from influenciae.influence._contexts import ContextHooks, ModelContexts
-from influenciae.influence._trak_outputs import (
+from influenciae.influence.base import BaseInfluenceCalculator
+from influenciae.influence.trak_outputs import (
     MarginOutput,
     ModelOutputFunction,
     RegressionOutput,
     resolve_output_function,
 )
-from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 
@@ -147,7 +147,8 @@ class TrakCalculator(ContextHooks, BaseInfluenceCalculator):
         kernel: ``"trak"`` (``ΦᵀΦ``, the paper) or ``"gauss_newton"`` (``Φᵀ diag(∂²ℓ/∂f²) Φ``).
         projection_block_size: Rows of ``P`` generated at once (part of the projection's definition).
         options: All of the settings above (``projection_dim`` to ``projection_block_size``) as one
-            :class:`TrakOptions`, instead of the keyword arguments.
+            :class:`TrakOptions`, instead of the keyword arguments (a setting left out takes the default of
+            :class:`TrakOptions`).
         show_progress: Progress bars on every pass.
         batches_per_shard: Training batches per disk-cache shard.
         measurement: What the test side measures instead of the output function (:mod:`influenciae.language`):
@@ -169,12 +170,26 @@ class TrakCalculator(ContextHooks, BaseInfluenceCalculator):
         train_set: tf.data.Dataset,
         projection_dim: int | None = _UNSET,
         *,
+        seed: int = _UNSET,
+        damping: float | str = _UNSET,
+        output_function: str | ModelOutputFunction = _UNSET,
+        projection: str = _UNSET,
+        kernel: str = _UNSET,
+        projection_block_size: int = _UNSET,
         options: TrakOptions | None = None,
         show_progress: bool = False,
         batches_per_shard: int = 16,
         measurement: Measurement | Any = None,
-        **settings: Any,
     ) -> None:
+        given = {
+            "seed": seed,
+            "damping": damping,
+            "output_function": output_function,
+            "projection": projection,
+            "kernel": kernel,
+            "projection_block_size": projection_block_size,
+        }
+        settings = {name: value for name, value in given.items() if value is not _UNSET}
         self.options = TrakOptions.of(options, projection_dim, settings)
         self.output_function = cast(ModelOutputFunction, self.options.output_function)
         members = list(model) if isinstance(model, (list, tuple)) else [model]

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from influenciae.cache._files import (
+from influenciae.cache.files import (
     TEMPORARY_PREFIX,
     atomic_write,
     checksum_file,
@@ -25,8 +25,8 @@ from influenciae.cache._files import (
     write_manifest,
     write_npz,
 )
-from influenciae.cache._store import _META_NAME, _OVERWRITE_HINT, ShardCache, ShardRecord, _array_schema
 from influenciae.cache.fingerprint import describe_differences
+from influenciae.cache.store import _META_NAME, _OVERWRITE_HINT, ShardCache, ShardRecord, _array_schema
 
 try:  # POSIX; elsewhere a disk cache has no inter-process lock (one writer at a time, as before)
     import fcntl

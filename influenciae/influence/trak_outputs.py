@@ -116,6 +116,18 @@ _OUTPUT_FUNCTIONS = {"margin": MarginOutput, "output": RegressionOutput, "regres
 
 
 def resolve_output_function(output_function: Any) -> ModelOutputFunction:
+    """The output function named by ``"margin"`` or ``"output"``, or ``output_function`` itself if it is one.
+
+    Args:
+        output_function: ``"margin"`` (:class:`MarginOutput`), ``"output"`` (:class:`RegressionOutput`) or a
+            :class:`ModelOutputFunction` instance.
+
+    Returns:
+        A :class:`ModelOutputFunction`.
+
+    Raises:
+        ValueError: For any other value.
+    """
     if isinstance(output_function, ModelOutputFunction):
         return output_function
     if isinstance(output_function, str) and output_function in _OUTPUT_FUNCTIONS:
