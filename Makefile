@@ -23,13 +23,17 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# Apache Beam needs protobuf < 7 (the main environment has 7.x): the [beam] extra gets its own environment.
-$(BEAM_STAMP): setup.cfg pyproject.toml
+# Apache Beam needs protobuf < 7 (the main environment has 7.x): the [beam] extra gets its own environment. It holds
+# only Beam, protobuf 6 and what they add; TensorFlow, Keras, numpy and scipy come from the main environment, whose
+# site-packages a .pth file puts after its own (so its protobuf 6 wins). pip sees them installed and skips them.
+PURELIB = -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+$(BEAM_STAMP): $(STAMP) setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(BEAM_VENV)
 	$(BEAM_VENV)/bin/pip install --quiet --upgrade pip
-	$(BEAM_VENV)/bin/pip install --quiet 'tensorflow-cpu==2.21.*' 'keras>=3' 'protobuf==6.33.*' \
-		'apache-beam[tfrecord]==2.77.*' numpy scipy tqdm pytest
+	$(BIN)/python $(PURELIB) > "$$($(BEAM_VENV)/bin/python $(PURELIB))/zz-main-environment.pth"
+	$(BEAM_VENV)/bin/pip install --quiet 'protobuf==6.33.*' 'apache-beam[tfrecord]==2.77.*' pytest
 	$(BEAM_VENV)/bin/pip install --quiet --no-deps -e .
+	$(BEAM_VENV)/bin/python -c "import google.protobuf as p, tensorflow, apache_beam; assert p.__version__ < '7', p.__version__"
 	touch $(BEAM_STAMP)
 
 venv-beam: $(BEAM_STAMP)
@@ -38,7 +42,7 @@ venv-beam: $(BEAM_STAMP)
 # then the Beam tests run in it.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory $(BEAM_STAMP) > $(BEAM_VENV).log 2>&1 & beam=$$!; \
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q; status=$$?; \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q; status=$$?; \
 	wait $$beam || { cat $(BEAM_VENV).log; exit 1; }; \
 	$(BEAM_VENV)/bin/python -m pytest tests_beam -q || status=1; \
 	exit $$status

@@ -205,7 +205,7 @@ run_scoring(ScoringJob(**json.loads(sys.argv[1])), json.loads(sys.argv[2]))
 @pytest.mark.slow
 def test_killed_run_is_never_mistaken_for_complete_and_a_rerun_finishes(tmp_path):
     problem = _make_problem(tmp_path / "big", 1000, num_shards=4)
-    job = _job(problem, "out", mode="self_influence", batch_size=4)
+    job = _job(problem, "out", mode="self_influence", batch_size=8)
     output = Path(job.output_dir)
     environment = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
     process = subprocess.Popen(
