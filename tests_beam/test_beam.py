@@ -289,7 +289,7 @@ def test_score_command_saves_the_state_and_reuses_it(problem, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "options", "workers"),
-    [("tracin", ["--learning-rate", "0.5"], "2"), ("trak", ["--projection-dim", "8", "--seed", "3"], "1")],
+    [("tracin", ["--learning-rate", "0.5"], "1"), ("trak", ["--projection-dim", "8", "--seed", "3"], "1")],
 )
 def test_score_command_runs_tracin_and_trak_as_one_process(problem, tmp_path, capsys, method, options, workers):
     """``influenciae score --method tracin|trak``: each worker builds the calculator; scores equal one process."""
