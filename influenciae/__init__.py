@@ -3,6 +3,7 @@
 The public API; heavy optional pieces (plots, faiss, benchmarks) are imported lazily where they are used.
 """
 
+from influenciae import influence as _influence
 from influenciae.hessian import (
     EKFACIHVP,
     KFACIHVP,
@@ -18,22 +19,7 @@ from influenciae.hessian import (
     LissaIHVP,
     NystromIHVP,
 )
-from influenciae.influence import (
-    ArnoldiInfluenceCalculator,
-    BaseInfluenceCalculator,
-    FirstOrderInfluenceCalculator,
-    RepresenterPointL2,
-    RepresenterPointLJE,
-    SampleBoundaryCalculator,
-    SecondOrderInfluenceCalculator,
-    SimilarityInfluence,
-    TracIn,
-    TracInCP,
-    TracInCPFast,
-    TracInCPFastRandProj,
-    TrakCalculator,
-    WeightsBoundaryCalculator,
-)
+from influenciae.influence import *  # noqa: F403  (every calculator, its options and output functions)
 from influenciae.model import InfluenceModel, MigrationWarning
 from influenciae.types import CACHE, ORDER
 
@@ -44,32 +30,19 @@ __all__ = [
     "EKFACIHVP",
     "KFACIHVP",
     "ORDER",
+    "ArnoldiIHVP",
+    "ConjugateGradientDescentIHVP",
     "DiagonalIHVP",
     "EmpiricalFisherOperator",
+    "ExactIHVP",
     "FisherOperator",
     "GaussNewtonOperator",
     "IdentityIHVP",
-    "NystromIHVP",
-    "ArnoldiIHVP",
-    "ArnoldiInfluenceCalculator",
-    "BaseInfluenceCalculator",
-    "FirstOrderInfluenceCalculator",
-    "ConjugateGradientDescentIHVP",
-    "ExactIHVP",
     "InfluenceModel",
-    "MigrationWarning",
     "InverseHessianVectorProduct",
     "LissaIHVP",
-    "RepresenterPointL2",
-    "RepresenterPointLJE",
-    "SampleBoundaryCalculator",
-    "SecondOrderInfluenceCalculator",
-    "SimilarityInfluence",
-    "TracIn",
-    "TracInCP",
-    "TracInCPFast",
-    "TracInCPFastRandProj",
-    "TrakCalculator",
-    "WeightsBoundaryCalculator",
+    "MigrationWarning",
+    "NystromIHVP",
     "__version__",
 ]
+__all__ += _influence.__all__

@@ -4,7 +4,6 @@ argparse cannot do by itself. The argument types are in :mod:`influenciae.app.ar
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any
 
 import numpy as np
@@ -169,12 +168,7 @@ def _check_method_options(args: argparse.Namespace) -> dict[str, Any]:
         from influenciae.hessian.registry import SOLVER_REGISTRY
 
         solver = SOLVER_REGISTRY.get(args.solver or "exact")
-        accepted = [
-            name
-            for name, parameter in inspect.signature(solver.__init__).parameters.items()
-            if name not in ("self", "model", "dataset", "damping", "operator")
-            and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-        ]
+        accepted = list(solver.setting_names())
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise _UsageError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -10,12 +11,28 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import refuse_half_precision, relative_tolerance
-from influenciae.hessian.low_rank import LowRankEigenIHVP
-from influenciae.model import InfluenceModel
+from influenciae.hessian.low_rank import LowRankEigenIHVP, LowRankOptions
 
 LOGGER = logging.getLogger("influenciae")
 
-__all__ = ["ArnoldiIHVP", "arnoldi_iteration"]
+__all__ = ["ArnoldiIHVP", "ArnoldiOptions", "arnoldi_iteration"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArnoldiOptions(LowRankOptions):
+    """The settings of :class:`ArnoldiIHVP` (the ranges that depend on P are checked by the solver).
+
+    Attributes:
+        seed: Seed of the random start vector.
+        subspace_dim: Krylov subspace dimension ``m`` (None: ``min(P, 200)``).
+        k_largest_eig_vals: Eigenpairs kept, ``k ≤ m`` (None: ``m // 2``: the Ritz values of the last Krylov
+            directions have not converged; ``m`` when ``m = P``, where all are exact). Asking ``k = m < P`` warns.
+        force_hermitian: Symmetrize the projected matrix (the Hessian is symmetric; this removes round-off).
+    """
+
+    subspace_dim: int | None = None
+    k_largest_eig_vals: int | None = None
+    force_hermitian: bool = True
 
 
 class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
@@ -25,17 +42,9 @@ class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
     projected matrix and keeps the ``k`` eigenpairs of largest ``|λ|``. Then ``solve(v) = U diag(1/λ) Uᵀ v``: exact
     when ``k = P``, and otherwise the directions of small curvature are dropped (Schioppa et al.).
 
-    Args:
-        model: The wrapped model.
-        dataset: The Hessian dataset.
-        subspace_dim: Krylov subspace dimension ``m`` (default ``min(P, 200)``).
-        k_largest_eig_vals: Eigenpairs kept, ``k ≤ m`` (default ``m // 2``: the Ritz values of the last Krylov
-            directions have not converged; ``m`` when ``m = P``, where all are exact). Asking ``k = m < P`` warns.
-        force_hermitian: Symmetrize the projected matrix (the Hessian is symmetric; this removes round-off).
-        damping: λ ≥ 0.
-        seed: Seed of the random start vector.
-        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
-            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
+    Built like every solver (:class:`~influenciae.hessian.base.InverseHessianVectorProduct`: ``(model, dataset,
+    options=None, *, damping=..., operator=..., curvature=..., curvature_options=..., **settings)``); its settings
+    are the fields of :class:`ArnoldiOptions`, as keywords or as one ``options=`` instance. ``damping``: λ ≥ 0.
 
     Attributes:
         eigenvalues: ``[k]`` kept eigenvalues of ``H + λI`` (computed lazily).
@@ -49,19 +58,12 @@ class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
     damping_in_eigenvalues = True  # the eigenpairs of H + λI: solutions stay in their span
     fitted_state = "eigen"
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        subspace_dim: int | None = None,
-        k_largest_eig_vals: int | None = None,
-        force_hermitian: bool = True,
-        damping: float = 0.0,
-        *,
-        seed: int = 0,
-        **operator_options: Any,
-    ) -> None:
-        super().__init__(model, dataset, damping=damping, seed=seed, **operator_options)
+    options_class = ArnoldiOptions
+
+    def _configure(self) -> None:
+        super()._configure()
+        options: ArnoldiOptions = self.options
+        subspace_dim, k_largest_eig_vals = options.subspace_dim, options.k_largest_eig_vals
         refuse_half_precision(self.dtype, "ArnoldiIHVP", "the eigendecomposition of its Krylov projection")
         subspace_dim = min(self.nb_params, 200) if subspace_dim is None else subspace_dim
         if k_largest_eig_vals is None:
@@ -73,7 +75,7 @@ class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
                 f"(P = {self.nb_params}): the smallest of them have not converged and can spoil the scores. Keep "
                 f"about half (k_largest_eig_vals={max(1, subspace_dim // 2)}, the default) or raise subspace_dim.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if not isinstance(subspace_dim, int) or not 0 < subspace_dim <= self.nb_params:
             raise ValueError(
@@ -86,7 +88,7 @@ class ArnoldiIHVP(LowRankEigenIHVP, name="arnoldi"):
             )
         self.subspace_dim = subspace_dim
         self.k_largest_eig_vals = k_largest_eig_vals
-        self.force_hermitian = force_hermitian
+        self.force_hermitian = options.force_hermitian
 
     def _decompose(self) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` eigenvalues of ``H + λI`` of largest magnitude, in decreasing magnitude, and their vectors."""

@@ -31,22 +31,30 @@ from influenciae.model import InfluenceModel
 
 __all__ = [
     "STATE_KINDS",
+    "CurvatureRequest",
     "FittedState",
     "InverseHessianVectorProduct",
     "get_ihvp",
     "registered_solvers",
     "refuse_half_precision",
     "resolve_solver",
+    "solver_options",
 ]
 
 
 class InverseHessianVectorProduct(abc.ABC):
     """Base class of the inverse-HVP solvers: ``solve(V) = (H + damping·I)⁻¹ V`` row by row.
 
+    Every solver is built the same way, ``Solver(model, dataset, options=None, *, damping=None, operator=None,
+    curvature="hessian", curvature_options=None, **settings)``: its own settings are the fields of its
+    :attr:`options_class` (a frozen dataclass validated on construction), given as keywords or as one instance.
+
     Args:
         model: The wrapped model whose training objective defines H.
         dataset: Batched dataset over which H is averaged (the training set, or a sample of it).
-        damping: Non-negative λ added to the diagonal, ``H + λI``.
+        options: The solver's settings as one :attr:`options_class` instance (instead of keywords).
+        damping: Non-negative λ added to the diagonal, ``H + λI``; None for the solver's :attr:`default_damping`
+            (0.0, or ``"auto"`` for the exact solver).
         operator: Use this symmetric operator (a ``RowOperator``, a ``tf.linalg.LinearOperator`` or a dense
             matrix) instead of the Hessian of ``model`` over ``dataset``; ``model``/``dataset`` may then be None.
         curvature: The matrix the solver inverts: ``"hessian"`` (default), ``"ggn"`` (generalized Gauss-Newton),
@@ -54,12 +62,15 @@ class InverseHessianVectorProduct(abc.ABC):
             registered solver accepts it through :func:`get_ihvp` (and the calculators' ``curvature=``).
         curvature_options: Options of the curvature operator, e.g. ``{"estimator": "sampled", "num_samples": 4}``
             for the Fisher.
+        **settings: The fields of :attr:`options_class` as keywords.
 
     Attributes:
         curvature: The curvature's name (``"operator"`` for an explicit operator that is none of them).
+        options: The validated :attr:`options_class` instance (None for a solver without settings).
 
     Subclasses register under a name (``class CG(InverseHessianVectorProduct, name="cg")``) and implement
-    ``_solve(vectors [n, P]) -> [n, P]`` using only ``self.operator``.
+    ``_solve(vectors [n, P]) -> [n, P]`` using only ``self.operator``; they set themselves up from
+    :attr:`options` in ``_configure`` rather than in a constructor of their own.
     """
 
     name: ClassVar[str] = ""
@@ -81,37 +92,72 @@ class InverseHessianVectorProduct(abc.ABC):
             cls.name = name
             SOLVER_REGISTRY.register(name, cls, aliases=aliases)
 
+    #: The frozen dataclass of the solver's own settings (validated in its ``__post_init__``), or None when it has
+    #: none besides the damping and the curvature. Its fields are accepted as keywords or as one ``options=``
+    #: instance (:func:`solver_options`); the instance is kept in :attr:`options`.
+    options_class: ClassVar[type | None] = None
+    #: The damping used when none is given (``damping=None``).
+    default_damping: ClassVar[float | str] = 0.0
+
     def __init__(
         self,
         model: InfluenceModel | None,
         dataset: tf.data.Dataset | None = None,
+        options: Any | None = None,
         *,
-        damping: float = 0.0,
+        damping: float | str | None = None,
         operator: Any | None = None,
         curvature: str = "hessian",
         curvature_options: dict[str, Any] | None = None,
+        **settings: Any,
     ) -> None:
-        if operator is None:
-            if model is None or dataset is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs a model and a dataset to build the Hessian "
-                    "(or an explicit operator=...)."
-                )
-            base = curvature_operator(curvature, model, dataset, **(curvature_options or {}))
+        if self.options_class is None:
+            if options is not None or settings:
+                given = sorted(settings) + (["options"] if options is not None else [])
+                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {given}.")
         else:
-            if curvature != "hessian" or curvature_options:
-                raise ValueError(
-                    "Pass either operator=... or curvature=..., not both: an explicit operator is the curvature."
-                )
-            base = as_row_operator(operator)
+            options = solver_options(self.options_class, options, settings)
+            if settings:
+                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(settings)}.")
+        self.options: Any = options
         self.model = model
-        self.damping = damping
         self._hessian_dataset = dataset
         self._hessian_dataset_fingerprint: dict[str, Any] | None = None
-        self.hessian: RowOperator = base
-        self.operator: RowOperator = self._damped_operator(base, damping)
-        self.curvature = curvature_of(base)
         self._show_progress = False
+        base = self._base_operator(CurvatureRequest(model, dataset, operator, curvature, curvature_options))
+        self.damping = self._damping_value(self.default_damping if damping is None else damping)
+        self.hessian: RowOperator = base
+        self.operator: RowOperator = self._damped_operator(base, self.damping)
+        self.curvature = curvature_of(base)
+        self._configure()
+
+    def _base_operator(self, request: CurvatureRequest) -> RowOperator:
+        """The undamped curvature the solver inverts: the explicit operator, or the named curvature of the model
+        over the dataset (a solver that fits its own operator overrides this)."""
+        named = request.named()
+        if named is not None:
+            return named
+        if request.model is None or request.dataset is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a model and a dataset to build the Hessian (or an explicit operator=...)."
+            )
+        return curvature_operator("hessian", request.model, request.dataset)
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """The names of the solver's own settings (the fields of :attr:`options_class`), as keywords."""
+        if cls.options_class is None:
+            return ()
+        return tuple(field.name for field in dataclasses.fields(cls.options_class))
+
+    def _damping_value(self, damping: float | str) -> float:
+        """The numeric λ of the ``damping`` argument (the exact solver's ``"auto"`` overrides this)."""
+        if isinstance(damping, str):
+            raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
+        return damping
+
+    def _configure(self) -> None:  # noqa: B027  (a hook: solvers without settings have nothing to set up)
+        """Set the solver up from :attr:`options` once the operator exists (``nb_params`` and ``dtype`` known)."""
 
     def _damped_operator(self, base: RowOperator, damping: float) -> RowOperator:
         """The operator the solver inverts, ``H + λI`` (a solver with its own damping rule overrides this)."""
@@ -303,6 +349,44 @@ class InverseHessianVectorProduct(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nb_params={self.nb_params}, damping={self.damping})"
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureRequest:
+    """What a solver was asked to invert, as given to its constructor (see :class:`InverseHessianVectorProduct`).
+
+    Attributes:
+        model: The wrapped model, or None with an explicit operator.
+        dataset: The curvature dataset, or None.
+        operator: An explicit operator, or None.
+        curvature: The curvature's name.
+        curvature_options: Options of the curvature operator, or None.
+    """
+
+    model: InfluenceModel | None
+    dataset: Any | None
+    operator: Any | None = None
+    curvature: str = "hessian"
+    curvature_options: dict[str, Any] | None = None
+
+    def named(self) -> RowOperator | None:
+        """The explicit operator (as a row operator), the named curvature built over ``(model, dataset)``, or None
+        when neither was asked for (the default Hessian).
+
+        Raises:
+            ValueError: If both an operator and a curvature are given, or a curvature without a model and a dataset.
+        """
+        if self.operator is not None:
+            if self.curvature != "hessian" or self.curvature_options:
+                raise ValueError(
+                    "Pass either operator=... or curvature=..., not both: an explicit operator is the curvature."
+                )
+            return as_row_operator(self.operator)
+        if self.curvature == "hessian" and not self.curvature_options:
+            return None
+        if self.model is None or self.dataset is None:
+            raise ValueError(f"curvature={self.curvature!r} needs a model and a dataset.")
+        return curvature_operator(self.curvature, self.model, self.dataset, **(self.curvature_options or {}))
 
 
 OptionsT = TypeVar("OptionsT")

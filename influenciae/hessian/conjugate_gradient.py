@@ -24,9 +24,8 @@ from influenciae.hessian.preconditioners import (
     exact_diagonal,
     preconditioner_of,
 )
-from influenciae.model import InfluenceModel
 
-__all__ = ["ConjugateGradientDescentIHVP", "ConvergenceInfo", "default_tolerance"]
+__all__ = ["CGOptions", "ConjugateGradientDescentIHVP", "ConvergenceInfo", "default_tolerance"]
 
 LOGGER = logging.getLogger("influenciae")
 
@@ -50,6 +49,40 @@ class ConvergenceInfo:
     residual_norms: np.ndarray
     converged: np.ndarray
     row_iterations: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CGOptions:
+    """The settings of :class:`ConjugateGradientDescentIHVP`, validated on construction.
+
+    Attributes:
+        tolerance: Stop a right-hand side when ``‖v - (H+λI)x‖ ≤ tolerance · ‖v‖``. None (default) scales it to
+            the dtype: ``max(1e-8, 100 · eps)``, i.e. 1e-8 in float64 and about 1.2e-5 in float32 (a float32
+            residual cannot go much below that, so a fixed 1e-8 never converges there).
+        max_iterations: Most operator products per solve (None: ``min(P, 200)``).
+        preconditioner: None, ``"diagonal"``, ``"nystrom"``, a callable on rows, a ``tf.linalg.LinearOperator`` or
+            a dense matrix (see the solver). Named preconditioners are built on the first solve and kept.
+        preconditioner_rank: Sketch size of ``preconditioner="nystrom"`` (clipped to P).
+    """
+
+    tolerance: float | None = None
+    max_iterations: int | None = None
+    preconditioner: Any | None = None
+    preconditioner_rank: int = 50
+
+    def __post_init__(self) -> None:
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance!r}.")
+        if self.max_iterations is not None and (not isinstance(self.max_iterations, int) or self.max_iterations <= 0):
+            raise ValueError(f"max_iterations must be a positive integer, got {self.max_iterations!r}.")
+        if isinstance(self.preconditioner, str) and self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"Unknown preconditioner {self.preconditioner!r}; choose one of {list(PRECONDITIONERS)}, a callable "
+                "on rows, a tf.linalg.LinearOperator or a dense matrix."
+            )
+        rank = self.preconditioner_rank
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"preconditioner_rank must be a positive integer, got {rank!r}.")
 
 
 class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
@@ -76,19 +109,10 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
     - a callable on rows ``[n, P] -> [n, P]`` (applied eagerly: the solve then runs the Python loop), a
       ``tf.linalg.LinearOperator`` or a dense ``[P, P]`` matrix (both applied in the graph).
 
-    Args:
-        model: The wrapped model.
-        dataset: The Hessian dataset.
-        damping: λ ≥ 0. CG needs a positive-definite operator; damping makes a PSD Hessian so.
-        tolerance: Stop a right-hand side when ``‖v - (H+λI)x‖ ≤ tolerance · ‖v‖``. None (default) scales it to
-            the dtype: ``max(1e-8, 100 · eps)``, i.e. 1e-8 in float64 and about 1.2e-5 in float32 (a float32
-            residual cannot go much below that, so a fixed 1e-8 never converges there).
-        max_iterations: Most operator products per solve (default: ``min(P, 200)``).
-        preconditioner: None, ``"diagonal"``, ``"nystrom"``, a callable on rows, a ``tf.linalg.LinearOperator`` or a
-            dense matrix (see above). Named preconditioners are built on the first solve and kept.
-        preconditioner_rank: Sketch size of ``preconditioner="nystrom"`` (clipped to P; default 50).
-        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
-            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
+    Built like every solver (:class:`~influenciae.hessian.base.InverseHessianVectorProduct`: ``(model, dataset,
+    options=None, *, damping=..., operator=..., curvature=..., curvature_options=..., **settings)``); its settings
+    are the fields of :class:`CGOptions`, as keywords or as one ``options=`` instance. ``damping``: λ ≥ 0. CG needs
+    a positive-definite operator; damping makes a PSD Hessian so.
 
     Attributes:
         info: :class:`ConvergenceInfo` of the last :meth:`solve`.
@@ -104,43 +128,15 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
 
     iterative = True  # every solve passes over the Hessian dataset: callers hand it large blocks
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        *,
-        damping: float = 0.0,
-        tolerance: float | None = None,
-        max_iterations: int | None = None,
-        preconditioner: Any | None = None,
-        preconditioner_rank: int = 50,
-        **operator_options: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            dataset,
-            damping=damping,
-            **operator_options,
-        )
-        if tolerance is None:
-            tolerance = default_tolerance(self.dtype)
-        if not tolerance > 0:
-            raise ValueError(f"tolerance must be positive, got {tolerance!r}.")
-        if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations <= 0):
-            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}.")
-        if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
-            raise ValueError(
-                f"Unknown preconditioner {preconditioner!r}; choose one of {list(PRECONDITIONERS)}, a callable on "
-                "rows, a tf.linalg.LinearOperator or a dense matrix."
-            )
-        if not isinstance(preconditioner_rank, (int, np.integer)) or isinstance(preconditioner_rank, bool):
-            raise ValueError(f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}.")
-        if preconditioner_rank <= 0:
-            raise ValueError(f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}.")
-        self.tolerance = float(tolerance)
-        self.max_iterations = max_iterations or min(self.nb_params, 200)
+    options_class = CGOptions
+
+    def _configure(self) -> None:
+        options: CGOptions = self.options
+        self.tolerance = float(default_tolerance(self.dtype) if options.tolerance is None else options.tolerance)
+        self.max_iterations = options.max_iterations or min(self.nb_params, 200)
+        preconditioner = options.preconditioner
         self._preconditioner_name = preconditioner if isinstance(preconditioner, str) else None
-        self._preconditioner_rank = int(min(preconditioner_rank, self.nb_params))
+        self._preconditioner_rank = int(min(options.preconditioner_rank, self.nb_params))
         self._preconditioner: Preconditioner | None = (
             None if self._preconditioner_name is not None else preconditioner_of(preconditioner)
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from influenciae._backend import tf
-from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.base import CurvatureRequest, InverseHessianVectorProduct
 from influenciae.hessian.kfac import BlockDiagonalIHVP
 from influenciae.hessian.operator import RowOperator
 from influenciae.hessian.registry import curvature_of
@@ -51,6 +51,7 @@ class IdentityIHVP(InverseHessianVectorProduct, name="identity"):
         damping: λ ≥ 0; solutions are ``v / (1 + λ)``.
         operator: A curvature operator (``get_ihvp("identity", ..., curvature=...)``): the identity stands in for
             it, so only its name is kept (in :attr:`curvature` and the configuration) and it is never applied.
+        curvature: The same by name (``"ggn"``, ...; then ``dataset`` is needed to build it).
 
     Example:
         >>> calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator="identity")
@@ -58,20 +59,17 @@ class IdentityIHVP(InverseHessianVectorProduct, name="identity"):
 
     takes_operator = False
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        *,
-        damping: float = 0.0,
-        operator: Any | None = None,
-    ) -> None:
+    def _base_operator(self, request: CurvatureRequest) -> RowOperator:
+        model = request.model
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"IdentityIHVP needs the InfluenceModel (for P and the dtype), got {type(model).__name__}.")
-        super().__init__(None, None, damping=damping, operator=_IdentityOperator(model.nb_params, model.dtype))
-        self.model = model
-        if operator is not None:
-            self.curvature = curvature_of(operator)
+        requested = request.named()
+        self._named_curvature = "operator" if requested is None else curvature_of(requested)
+        self._hessian_dataset = None  # the identity does not depend on the data
+        return _IdentityOperator(model.nb_params, model.dtype)
+
+    def _configure(self) -> None:
+        self.curvature = self._named_curvature
 
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
         return vectors / tf.constant(1.0 + self.damping, self.dtype)

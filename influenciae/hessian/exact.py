@@ -2,23 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, relative_tolerance
 from influenciae.hessian.operator import damped
-from influenciae.model import InfluenceModel
 
-__all__ = ["AUTO_DAMPING_FRACTION", "ExactIHVP", "PseudoInverseIHVP"]
+__all__ = ["AUTO_DAMPING_FRACTION", "ExactIHVP", "ExactOptions", "PseudoInverseIHVP", "PseudoInverseOptions"]
 
 LOGGER = logging.getLogger("influenciae")
 
 AUTO_DAMPING_FRACTION = 1e-3
 """``damping="auto"`` (exact solver, TRAK) uses this fraction of the curvature's mean eigenvalue ``trace / P``
 when the matrix is singular."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactOptions:
+    """The settings of :class:`ExactIHVP`, validated on construction.
+
+    Attributes:
+        method: ``"cholesky"`` or ``"eigh"``.
+        allow_indefinite: Accept negative eigenvalues with ``method="eigh"``.
+        pseudo_inverse: Moore-Penrose pseudo-inverse through ``eigh``: eigenvalues of magnitude at most
+            ``eps · P · max|λ|`` are dropped (their directions map to 0).
+        max_params: Refuse to form a dense matrix beyond this many parameters (P² memory).
+    """
+
+    method: str = "cholesky"
+    allow_indefinite: bool = False
+    pseudo_inverse: bool = False
+    max_params: int = 20_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pseudo_inverse, (bool, np.bool_)):
+            raise TypeError(f"pseudo_inverse must be True or False, got {self.pseudo_inverse!r}.")
+        if self.method not in ("cholesky", "eigh"):
+            raise ValueError(f"method must be 'cholesky' or 'eigh', got {self.method!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoInverseOptions(ExactOptions):
+    """:class:`ExactOptions` of the ``"pinv"`` solver: ``pseudo_inverse`` defaults to True."""
+
+    pseudo_inverse: bool = True
 
 
 class ExactIHVP(InverseHessianVectorProduct, name="exact"):
@@ -36,17 +67,10 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
     means exactly zero (and refuses a singular H); ``pseudo_inverse=True`` (or the solver name ``"pinv"``) inverts
     only the eigenvalues above rounding and sends the null space to zero.
 
-    Args:
-        model: The wrapped model.
-        dataset: The Hessian dataset.
-        damping: λ ≥ 0, or ``"auto"`` (default; see above).
-        method: ``"cholesky"`` or ``"eigh"``.
-        allow_indefinite: Accept negative eigenvalues with ``method="eigh"``.
-        pseudo_inverse: Moore-Penrose pseudo-inverse through ``eigh``: eigenvalues of magnitude at most
-            ``eps · P · max|λ|`` are dropped (their directions map to 0).
-        max_params: Refuse to form a dense matrix beyond this many parameters (P² memory).
-        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
-            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
+    Built like every solver (:class:`~influenciae.hessian.base.InverseHessianVectorProduct`: ``(model, dataset,
+    options=None, *, damping=..., operator=..., curvature=..., curvature_options=..., **settings)``); its settings
+    are the fields of :class:`ExactOptions`, as keywords or as one ``options=`` instance. ``damping``: λ ≥ 0, or
+    ``"auto"`` (default; see above).
 
     Example:
         >>> ihvp = ExactIHVP(im, train_ds, damping=1e-3)
@@ -55,40 +79,26 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
 
     fitted_state = "inverse"
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        *,
-        damping: float | str = "auto",
-        method: str = "cholesky",
-        allow_indefinite: bool = False,
-        pseudo_inverse: bool = False,
-        max_params: int = 20_000,
-        **operator_options: Any,
-    ) -> None:
-        auto = isinstance(damping, str) or damping is None
-        if auto and damping not in ("auto", None):
+    options_class = ExactOptions
+    default_damping: ClassVar[float | str] = "auto"
+
+    def _damping_value(self, damping: float | str) -> float:
+        if isinstance(damping, str) and damping != "auto":
             raise ValueError(f"damping must be a non-negative number or 'auto', got {damping!r}.")
-        if not isinstance(pseudo_inverse, (bool, np.bool_)):
-            raise TypeError(f"pseudo_inverse must be True or False, got {pseudo_inverse!r}.")
-        super().__init__(
-            model,
-            dataset,
-            damping=0.0 if auto else damping,  # type: ignore[arg-type]
-            **operator_options,
-        )
-        if method not in ("cholesky", "eigh"):
-            raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}.")
-        if self.nb_params > max_params:
+        self.auto_damping = damping == "auto" and not self.options.pseudo_inverse
+        return 0.0 if isinstance(damping, str) else damping
+
+    def _configure(self) -> None:
+        options: ExactOptions = self.options
+        if self.nb_params > options.max_params:
             raise ValueError(
-                f"ExactIHVP forms a dense {self.nb_params}x{self.nb_params} Hessian, above max_params={max_params}. "
-                "Use 'cg', 'lissa' or 'arnoldi', watch fewer weights (start_layer/last_layer), or raise max_params."
+                f"ExactIHVP forms a dense {self.nb_params}x{self.nb_params} Hessian, above "
+                f"max_params={options.max_params}. Use 'cg', 'lissa' or 'arnoldi', watch fewer weights "
+                "(start_layer/last_layer), or raise max_params."
             )
-        self.method = "eigh" if pseudo_inverse else method
-        self.allow_indefinite = allow_indefinite
-        self.pseudo_inverse = bool(pseudo_inverse)
-        self.auto_damping = bool(auto) and not pseudo_inverse
+        self.method = "eigh" if options.pseudo_inverse else options.method
+        self.allow_indefinite = options.allow_indefinite
+        self.pseudo_inverse = bool(options.pseudo_inverse)
         #: What the factorization chose: ``{"damping", "auto_damping", "mean_eigenvalue", "dropped_eigenvalues"}``.
         self.info: dict[str, Any] = {}
         self._matrix: tf.Tensor | None = None
@@ -232,7 +242,5 @@ class PseudoInverseIHVP(ExactIHVP, name="pinv"):
         >>> ihvp = get_ihvp("pinv", im, train_ds)
     """
 
-    def __init__(self, model: InfluenceModel | None, dataset: tf.data.Dataset | None = None, **options: Any) -> None:
-        options.setdefault("pseudo_inverse", True)
-        options.setdefault("damping", 0.0)
-        super().__init__(model, dataset, **options)
+    options_class = PseudoInverseOptions
+    default_damping: ClassVar[float | str] = 0.0

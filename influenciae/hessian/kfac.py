@@ -50,7 +50,7 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, fingerprint_arrays, hash_batch
 from influenciae.data import CheckedBatches, check_dataset, sparse_classes
-from influenciae.hessian.base import InverseHessianVectorProduct, refuse_half_precision, solver_options
+from influenciae.hessian.base import CurvatureRequest, InverseHessianVectorProduct, refuse_half_precision
 from influenciae.hessian.kfac_fit import BlockDiagonalOptions, CurvatureBlock, batch_seed, empty_blocks, fit_blocks
 from influenciae.hessian.operator import RowOperator, damped
 from influenciae.hessian.registry import curvature_of
@@ -87,21 +87,12 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
     (re-estimate the eigenvalues in the basis with a second pass); the diagonal solver is the identity basis with
     the correction.
 
-    The settings come as keyword arguments or as one frozen
-    :class:`~influenciae.hessian.kfac_fit.BlockDiagonalOptions` (``options=``).
-
-    Args:
-        model: The wrapped model.
-        dataset: Batched dataset over which the curvature is averaged.
-        options: All the settings at once (instead of keyword arguments).
-        damping: Absolute λ ≥ 0 added to every block.
-        **settings: The fields of :class:`~influenciae.hessian.kfac_fit.BlockDiagonalOptions` as keywords
-            (``relative_damping``, ``fisher``, ``seed``, ``factors_path``, ``overwrite_factors``,
-            ``max_output_size``, ``show_progress``).
-        operator: Only a Gauss-Newton or Fisher operator of :mod:`influenciae.hessian.ggn`, as passed by
-            ``get_ihvp(..., curvature=...)``: it selects ``fisher`` (``"ggn"``/``"fisher"`` → ``"expected"``, or
-            ``"sampled"`` for a sampled Fisher; ``"empirical_fisher"`` → ``"empirical"``). The curvature itself is
-            always rebuilt from the layers.
+    Built like every solver (:class:`~influenciae.hessian.base.InverseHessianVectorProduct`); its settings are the
+    fields of :class:`~influenciae.hessian.kfac_fit.BlockDiagonalOptions`, as keywords or as one ``options=``
+    instance. ``damping`` is the absolute λ ≥ 0 added to every block. A curvature (``curvature="ggn"``, or the
+    Gauss-Newton or Fisher ``operator=`` that ``get_ihvp(..., curvature=...)`` passes) only selects ``fisher``
+    (``"ggn"``/``"fisher"`` → ``"expected"``, or ``"sampled"`` for a sampled Fisher; ``"empirical_fisher"`` →
+    ``"empirical"``): the curvature itself is always rebuilt from the layers.
 
     Attributes:
         blocks: The fitted :class:`CurvatureBlock` list (fits on first access).
@@ -112,39 +103,34 @@ class BlockDiagonalIHVP(InverseHessianVectorProduct):
     eigenvalue_correction: ClassVar[bool] = False
     takes_operator = False  # fits its blocks from the layers, whatever the operator
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        options: BlockDiagonalOptions | None = None,
-        *,
-        damping: float = 0.0,
-        operator: Any | None = None,
-        **settings: Any,
-    ) -> None:
-        options = solver_options(BlockDiagonalOptions, options, settings)
-        if settings:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(settings)}.")
-        if operator is not None:
-            options = dataclasses.replace(options, fisher=_fisher_of_operator(operator, type(self).__name__))
+    options_class = BlockDiagonalOptions
+
+    def _base_operator(self, request: CurvatureRequest) -> RowOperator:
+        model, dataset = request.model, request.dataset
         if not isinstance(model, InfluenceModel):
             raise TypeError(
                 f"{type(self).__name__} needs the InfluenceModel (it reads the layers), got {type(model).__name__}."
             )
         if dataset is None:
             raise ValueError(f"{type(self).__name__} needs a dataset to fit its curvature factors.")
+        requested = request.named()
+        if requested is not None:  # it selects the statistics; the curvature is always rebuilt from the layers
+            self.options = dataclasses.replace(self.options, fisher=_fisher_of_operator(requested, type(self).__name__))
+        # the curvature asked for (a Gauss-Newton or Fisher operator, or its name) or the one the statistics estimate
+        self._asked_curvature = curvature_of(requested) if requested is not None else None
         refuse_half_precision(model.dtype, type(self).__name__, "eigendecompositions of its curvature blocks")
-        self.options = options
+        return _BlockOperator(self, False, model.nb_params, model.dtype)
+
+    def _configure(self) -> None:
+        options: BlockDiagonalOptions = self.options
+        model: InfluenceModel = self.model  # type: ignore[assignment]  # checked by _base_operator
+        dataset = self._hessian_dataset
         self.relative_damping = float(options.relative_damping)
-        super().__init__(
-            None, None, damping=damping, operator=_BlockOperator(self, False, model.nb_params, model.dtype)
-        )
-        self.model = model
         self.dataset = check_dataset(dataset, name="dataset")
+        self._hessian_dataset = self.dataset
         self._checked = CheckedBatches(self.dataset, num_classes=sparse_classes(model.model, dataset), name="dataset")
         self.fisher = options.fisher
-        # the curvature asked for (get_ihvp(..., curvature=...)) or the one the statistics estimate
-        self.curvature = curvature_of(operator) if operator is not None else _CURVATURE_OF_FISHER[self.fisher]
+        self.curvature = self._asked_curvature or _CURVATURE_OF_FISHER[self.fisher]
         self.seed = int(options.seed)
         self._factors_path = None if options.factors_path is None else Path(options.factors_path)
         self._overwrite_factors = bool(options.overwrite_factors)

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.hessian.base import InverseHessianVectorProduct, solver_options
+from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.conjugate_gradient import ConvergenceInfo
 from influenciae.hessian.operator import HessianOperator
-from influenciae.model import InfluenceModel
 
 LOGGER = logging.getLogger("influenciae")
 
@@ -64,16 +63,9 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
     LiSSA, each step using the next ``k`` batches of the dataset (cheaper steps, noisier answer; average with
     ``num_repeats``).
 
-    The settings come as keyword arguments or as one frozen :class:`LissaOptions` (``options=``).
-
-    Args:
-        model: The wrapped model.
-        dataset: The Hessian dataset.
-        options: All the settings at once (instead of keyword arguments).
-        damping: λ ≥ 0.
-        **settings: The fields of :class:`LissaOptions` (``scale``, ``depth``, ``tolerance``, ``batches_per_step``,
-            ``num_repeats``, ``power_iterations``, ``seed``) as keywords, and ``operator``, ``curvature`` and
-            ``curvature_options`` of :class:`InverseHessianVectorProduct`.
+    Built like every solver (:class:`~influenciae.hessian.base.InverseHessianVectorProduct`: ``(model, dataset,
+    options=None, *, damping=..., operator=..., curvature=..., curvature_options=..., **settings)``); its settings
+    are the fields of :class:`LissaOptions`, as keywords or as one ``options=`` instance. ``damping``: λ ≥ 0.
 
     Raises:
         ValueError: From :meth:`solve`, when the series diverges (scale too small or an indefinite Hessian).
@@ -85,20 +77,12 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
 
     iterative = True  # every solve passes over the Hessian dataset: callers hand it large blocks
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        options: LissaOptions | None = None,
-        *,
-        damping: float = 0.0,
-        **settings: Any,
-    ) -> None:
-        options = solver_options(LissaOptions, options, settings)
-        super().__init__(model, dataset, damping=damping, **settings)
+    options_class = LissaOptions
+
+    def _configure(self) -> None:
+        options: LissaOptions = self.options
         if options.batches_per_step is not None and not isinstance(self.hessian, HessianOperator):
             raise ValueError("Stochastic LiSSA (batches_per_step) needs the Hessian of a model over a dataset.")
-        self.options = options
         self._scale = options.scale
         self.depth = options.depth
         self.tolerance = float(options.tolerance)

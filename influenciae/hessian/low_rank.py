@@ -10,15 +10,26 @@ their :meth:`LowRankEigenIHVP._decompose` hook, and solve with the same formula
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
-from influenciae.model import InfluenceModel
 
-__all__ = ["LowRankEigenIHVP"]
+__all__ = ["LowRankEigenIHVP", "LowRankOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankOptions:
+    """The setting every low-rank eigen solver has.
+
+    Attributes:
+        seed: Seed of the random start (Arnoldi) or test matrix (Nyström).
+    """
+
+    seed: int = 0
 
 
 class LowRankEigenIHVP(InverseHessianVectorProduct):
@@ -29,28 +40,15 @@ class LowRankEigenIHVP(InverseHessianVectorProduct):
     then stays in their span), False when they are those of ``H`` (the solve adds λ and inverts the complement of
     the span by ``1/λ``).
 
-    Args:
-        model: The wrapped model.
-        dataset: The Hessian dataset.
-        damping: λ ≥ 0.
-        seed: Seed of the random start (Arnoldi) or test matrix (Nyström).
-        **operator_options: ``operator``, ``curvature`` and ``curvature_options`` of
-            :class:`~influenciae.hessian.base.InverseHessianVectorProduct`.
+    Their settings are a :class:`LowRankOptions` subclass (at least the ``seed``).
     """
 
     damping_in_eigenvalues: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        *,
-        damping: float = 0.0,
-        seed: int = 0,
-        **operator_options: Any,
-    ) -> None:
-        super().__init__(model, dataset, damping=damping, **operator_options)
-        self.seed = seed
+    options_class: ClassVar[type | None] = LowRankOptions
+
+    def _configure(self) -> None:
+        self.seed = int(self.options.seed)
         self._eigenvalues: tf.Tensor | None = None
         self._eigenvectors: tf.Tensor | None = None
 

@@ -8,16 +8,32 @@ The result ``Â = U diag(Λ) Uᵀ`` is inverted with damping by the Woodbury ide
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import relative_tolerance
-from influenciae.hessian.low_rank import LowRankEigenIHVP
-from influenciae.model import InfluenceModel
+from influenciae.hessian.low_rank import LowRankEigenIHVP, LowRankOptions
 
-__all__ = ["NystromIHVP", "nystrom_sketch"]
+__all__ = ["NystromIHVP", "NystromOptions", "nystrom_sketch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NystromOptions(LowRankOptions):
+    """The settings of :class:`NystromIHVP`.
+
+    Attributes:
+        seed: Seed of the Gaussian test matrix.
+        rank: Sketch size ``r`` (values above ``P`` are clipped to ``P``).
+    """
+
+    rank: int = 100
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}.")
 
 
 class NystromIHVP(LowRankEigenIHVP, name="nystrom"):
@@ -32,14 +48,10 @@ class NystromIHVP(LowRankEigenIHVP, name="nystrom"):
     The curvature must be positive semi-definite: the Hessian of a convex model, or ``curvature="ggn"`` /
     ``"fisher"`` / ``"empirical_fisher"`` for any model. Indefinite Hessians are refused with a message.
 
-    Args:
-        model: The wrapped model.
-        dataset: The curvature dataset.
-        rank: Sketch size ``r`` (values above ``P`` are clipped to ``P``).
-        damping: λ ≥ 0, added to ``Â``. Positive damping is recommended below full rank.
-        seed: Seed of the Gaussian test matrix.
-        **operator_options: ``operator``, ``curvature`` (``"hessian"``, ``"ggn"``, ``"fisher"``,
-            ``"empirical_fisher"``) and ``curvature_options`` of :class:`InverseHessianVectorProduct`.
+    Built like every solver (:class:`~influenciae.hessian.base.InverseHessianVectorProduct`: ``(model, dataset,
+    options=None, *, damping=..., operator=..., curvature=..., curvature_options=..., **settings)``); its settings
+    are the fields of :class:`NystromOptions`, as keywords or as one ``options=`` instance. ``damping``: λ ≥ 0,
+    added to ``Â``. Positive damping is recommended below full rank.
 
     Attributes:
         eigenvalues: ``[r]`` eigenvalues ``Λ`` of the sketch (without damping), in decreasing order.
@@ -52,20 +64,11 @@ class NystromIHVP(LowRankEigenIHVP, name="nystrom"):
 
     damping_in_eigenvalues = False  # the sketch of H: the solve adds λ and inverts the complement by 1/λ
 
-    def __init__(
-        self,
-        model: InfluenceModel | None,
-        dataset: tf.data.Dataset | None = None,
-        rank: int = 100,
-        *,
-        damping: float = 0.0,
-        seed: int = 0,
-        **operator_options: Any,
-    ) -> None:
-        super().__init__(model, dataset, damping=damping, seed=seed, **operator_options)
-        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-        self.rank = int(min(rank, self.nb_params))
+    options_class = NystromOptions
+
+    def _configure(self) -> None:
+        super()._configure()
+        self.rank = int(min(self.options.rank, self.nb_params))
 
     def _decompose(self) -> tuple[np.ndarray, np.ndarray]:
         """The ``r`` eigenvalues of the sketch ``Â`` (damping not included), decreasing, and their vectors."""

@@ -62,10 +62,10 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         self.ihvp = ArnoldiIHVP(
             model,
             hessian_dataset(train_dataset, n_samples_for_hessian),
-            subspace_dim,
-            k_largest_eig_vals,
-            force_hermitian,
-            damping,
+            subspace_dim=subspace_dim,
+            k_largest_eig_vals=k_largest_eig_vals,
+            force_hermitian=force_hermitian,
+            damping=damping,
             seed=seed,
         )
 
