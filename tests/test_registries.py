@@ -97,6 +97,33 @@ def test_every_registered_solver_inverts_its_own_operator(problem, name):
         resolve_solver(solver, influence_model, train, damping=0.1)
 
 
+@pytest.mark.parametrize("name", registered_solvers())
+def test_every_registered_solver_is_built_the_same_way(problem, name):
+    """One constructor for every solver: its settings as keywords or as one options dataclass give the same solver;
+    both at once, an unknown keyword or another options class are refused with what to do; ``curvature=`` given to
+    the class is the curvature ``resolve_solver`` builds."""
+    _, influence_model, train, _ = problem
+    solver_class = SOLVER_REGISTRY.get(name)
+    settings = dict(SOLVER_OPTIONS.get(name, {}))
+    by_keywords = solver_class(influence_model, train, damping=DAMPING, curvature="ggn", **settings)
+    resolved = resolve_solver(name, influence_model, train, damping=DAMPING, curvature="ggn", **settings)
+    assert by_keywords.configuration() == resolved.configuration()
+    assert set(solver_class.setting_names()) >= set(settings)
+    if solver_class.options_class is None:
+        assert solver_class.setting_names() == () and by_keywords.options is None
+    else:
+        options = solver_class.options_class(**settings)
+        by_options = solver_class(influence_model, train, options, damping=DAMPING, curvature="ggn")
+        assert by_options.configuration() == by_keywords.configuration() and by_options.options == options
+        if settings:
+            with pytest.raises(ValueError, match="either as options="):
+                solver_class(influence_model, train, options, damping=DAMPING, **settings)
+        with pytest.raises(TypeError, match="options must be a"):
+            solver_class(influence_model, train, {"tolerance": 1.0}, damping=DAMPING)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['n_opt_iters'\]"):
+        solver_class(influence_model, train, damping=DAMPING, n_opt_iters=10)
+
+
 def _engine_representatives() -> list[str]:
     """One registered solver per way the engine treats solvers: the engine sees a solver only through ``solve``, its
     ``iterative`` flag (block sizes) and whether it works on an explicit operator; the solve itself is checked for
