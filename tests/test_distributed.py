@@ -396,6 +396,49 @@ def test_solver_state_preconditioners_factors_and_files(tmp_path):
     del tf
 
 
+def test_held_batches_score_as_their_dataset_with_the_same_checks():
+    """TensorBatches (what a worker hands the engine for each shard: no tf.data pipeline per batch) give every
+    public method the dataset's results, run the same per-batch checks, and trace those checks once."""
+    import keras
+
+    from influenciae import ExactIHVP, FirstOrderInfluenceCalculator
+    from influenciae.data import TensorBatches
+
+    keras.utils.set_random_seed(0)
+    train, test = _datasets()
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+    influence_model = _influence_model(model)
+    calculator = FirstOrderInfluenceCalculator(
+        influence_model, train, ihvp_calculator=ExactIHVP(influence_model, train, damping=1.0)
+    )
+    held_train = TensorBatches.of(*[(x.numpy(), y.numpy()) for x, y in train])
+    held_test = TensorBatches.of(*[(x.numpy(), y.numpy()) for x, y in test])
+    np.testing.assert_allclose(calculator.self_influence(held_train), calculator.self_influence(train), rtol=1e-12)
+    np.testing.assert_allclose(
+        calculator.influence_matrix(held_test, held_train), calculator.influence_matrix(test, train), rtol=1e-12
+    )
+    vectors = np.concatenate([v.numpy() for _, v in calculator.compute_influence_vector(held_train)])
+    expected = np.concatenate([v.numpy() for _, v in calculator.compute_influence_vector(train)])
+    np.testing.assert_allclose(vectors, expected, rtol=1e-12)
+    indices, values = calculator.most_influential(held_test, held_train, k=3)
+    expected_indices, expected_values = calculator.most_influential(test, train, k=3)
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_allclose(values, expected_values, rtol=1e-12)
+    for start in range(0, NUM_TRAIN, BATCH_SIZE):  # one shard at a time, as a worker scores them
+        batch = TensorBatches.of(held_train.batches[start // BATCH_SIZE])
+        calculator.self_influence(batch)
+    (check,) = calculator._tensor_checks.values()
+    assert check.experimental_get_tracing_count() <= 2  # full batches and the last, shorter one
+
+    (x, y), _ = _data()
+    broken = x[:16].copy()
+    broken[11, 2] = np.nan
+    with pytest.raises(ValueError, match=r"train_set: batch 1 \(examples from index 8 on\) has non-finite inputs"):
+        calculator.self_influence(TensorBatches.of((broken[:8], y[:8]), (broken[8:], y[8:16])))
+    with pytest.raises(TypeError, match="must be a tf.data.Dataset"):
+        calculator.self_influence([(x[:8], y[:8])])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "options"),

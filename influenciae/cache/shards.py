@@ -14,7 +14,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, ShardInput, combine_hashes, fill_cache, hash_batch
-from influenciae.data import IndexedStream, check_stable_order
+from influenciae.data import Stream, check_stable_order
 
 __all__ = ["fill_vector_cache", "read_vector_cache"]
 
@@ -23,7 +23,7 @@ Pair = tuple[tf.Tensor, Any]
 
 def fill_vector_cache(
     cache: DiskCache,
-    train: IndexedStream,
+    train: Stream,
     compute: Callable[[list[Pair]], np.ndarray],
     batches_per_shard: int,
     wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import batch_size_of
+from influenciae.data import TensorBatches, batch_size_of
 from influenciae.model import InfluenceModel
 from influenciae.search import TopK
 from influenciae.types import ORDER
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from influenciae.distributed.state import SolverState
 
 __all__ = [
-    "BatchFeed",
     "Candidates",
     "SCORING_MODES",
     "hvp_sum",
@@ -166,31 +165,6 @@ def merge_candidates(first: Candidates, second: Candidates, k: int, order: ORDER
     return indices.numpy(), values.numpy()
 
 
-class BatchFeed:
-    """One dataset whose single batch is the last one given: what a worker hands its calculator for every batch.
-
-    The engine keeps the checked pipeline of the datasets it saw, so handing every batch through the same dataset
-    object traces that pipeline once per worker instead of once per batch.
-
-    Example:
-        >>> feed = BatchFeed()
-        >>> calculator.self_influence(feed((x_block, y_block)))  # [B]
-    """
-
-    def __init__(self) -> None:
-        self._batch: tuple[np.ndarray, ...] | None = None
-        self._dataset: tf.data.Dataset | None = None
-
-    def __call__(self, batch: Any) -> tf.data.Dataset:
-        """The dataset, now yielding ``batch`` (``(inputs, targets[, sample_weight])`` arrays, ``B`` rows each)."""
-        parts = tuple(np.asarray(part) for part in batch)
-        if self._dataset is None:
-            signature = tuple(tf.TensorSpec([None, *part.shape[1:]], tf.as_dtype(part.dtype)) for part in parts)
-            self._dataset = tf.data.Dataset.from_generator(lambda: iter([self._batch]), output_signature=signature)
-        self._batch = parts
-        return self._dataset
-
-
 def score_shard(
     calculator: Any,
     batch: Any,
@@ -198,14 +172,13 @@ def score_shard(
     *,
     test_set: tf.data.Dataset | None = None,
     factors: Any = None,
-    feed: BatchFeed | None = None,
 ) -> dict[str, np.ndarray]:
     """What a scoring worker computes for one batch of training examples, through the calculator's own methods.
 
-    The batch becomes a one-batch dataset handed to the calculator's public methods, so any calculator (first
-    order, TracIn, TRAK, representer points, ...) scores a shard exactly as it scores a whole training set in one
-    process. A worker scoring many batches passes a :class:`BatchFeed`, so that the dataset, and the engine's
-    checked pipeline of it, is the same object at every call.
+    The batch, held as tensors (:class:`~influenciae.data.TensorBatches`: no ``tf.data`` pipeline is built or
+    iterated per batch), goes to the calculator's public methods, so any calculator (first order, TracIn, TRAK,
+    representer points, ...) scores a shard exactly as it scores a whole training set in one process, with the same
+    checks.
 
     Args:
         calculator: A :class:`~influenciae.influence.base.BaseInfluenceCalculator` built on the worker.
@@ -214,14 +187,13 @@ def score_shard(
         test_set: With ``"top_k"``: the batched test examples (their transforms are the calculator's).
         factors: With ``"top_k"``, instead of ``test_set``: a first-order calculator's saved influence factors
             ``H⁻¹∇ℓ(x)`` ``[m, P]`` (:meth:`~influenciae.FirstOrderInfluenceCalculator.influence_from_factors`).
-        feed: The worker's :class:`BatchFeed` (None: a new one-batch dataset).
 
     Returns:
         ``{"vectors": [B, D]}`` (influence vectors), ``{"self_influence": [B]}`` or ``{"scores": [m, B]}``.
     """
     if mode not in SCORING_MODES:
         raise ValueError(f"mode must be one of {SCORING_MODES}, got {mode!r}.")
-    shard = (BatchFeed() if feed is None else feed)(batch)
+    shard = TensorBatches.of(batch)
     if mode == "self_influence":
         return {"self_influence": np.asarray(calculator.self_influence(shard))}
     if mode == "vectors":
@@ -249,7 +221,7 @@ def score_batch(model: InfluenceModel, state: SolverState, batch: Any, mode: str
         ``{"scores": [m, B]}`` (``∇ℓ(x_i)ᵀ H⁻¹ ∇ℓ(z_j)`` through the factors ``H⁻¹∇ℓ(x_i)``).
     """
     factors = state.factors_tensor(model.dtype).numpy() if mode == "top_k" else None
-    calculator = state.calculator(model, tf.data.Dataset.from_tensors(tuple(batch)))
+    calculator = state.calculator(model, TensorBatches.of(batch))
     return score_shard(calculator, batch, mode, factors=factors)
 
 
@@ -301,12 +273,11 @@ def shard_scorer(
         state = SolverState.load(state_path, model=model)
         factors = state.factors_tensor(model.dtype).numpy() if mode == "top_k" else None
         built: list[Any] = []
-        feed = BatchFeed()
 
         def score_with_state(batch: Any) -> dict[str, np.ndarray]:
-            if not built:  # the calculator's data is a dataset of the batches' structure
-                built.append(state.calculator(model, feed(batch)))
-            return score_shard(built[0], batch, mode, factors=factors, feed=feed)
+            if not built:  # the calculator's data: batches of this structure
+                built.append(state.calculator(model, TensorBatches.of(batch)))
+            return score_shard(built[0], batch, mode, factors=factors)
 
         return score_with_state
     from influenciae.influence.registry import CalculatorOptions, CalculatorSetup, build_calculator
@@ -319,9 +290,8 @@ def shard_scorer(
     setup = CalculatorSetup(keras_model, train, loss_function, CalculatorOptions(**dict(options or {})))
     calculator = build_calculator(method, setup)
     test_set = read_tfrecords(test_pattern, batch_size=batch_size) if mode == "top_k" and test_pattern else None
-    feed = BatchFeed()
 
     def score(batch: Any) -> dict[str, np.ndarray]:
-        return score_shard(calculator, batch, mode, test_set=test_set, feed=feed)
+        return score_shard(calculator, batch, mode, test_set=test_set)
 
     return score

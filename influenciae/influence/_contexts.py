@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import IndexedStream
+from influenciae.data import Stream
 from influenciae.model import InfluenceModel
 
 __all__ = ["VECTORS", "TRANSFORMS", "Contexts", "ModelContexts", "ContextHooks", "context_values"]
@@ -152,7 +152,7 @@ def context_values(calculator: Any, batches: list[Any], side: str) -> tf.Tensor:
 
 
 def context_self_influence(
-    calculator: Any, stream: IndexedStream, describe: Callable[[str], Callable[[Iterable[Any]], Iterable[Any]] | None]
+    calculator: Any, stream: Stream, describe: Callable[[str], Callable[[Iterable[Any]], Iterable[Any]] | None]
 ) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
     """Self-influence ``(indices, batch, values [B])``, one pass over ``stream`` per context (``[N]`` sums held).
 

@@ -13,6 +13,10 @@ from tqdm.auto import tqdm
 from influenciae._backend import tf
 from influenciae.data import (
     IndexedStream,
+    Stream,
+    TensorBatches,
+    TensorStream,
+    batch_checks,
     check_dataset,
     check_first_batch,
     checked_iteration,
@@ -68,9 +72,11 @@ class Streams:
         name = type(self).__name__
         return lambda items: tqdm(items, desc=f"{name}: {description}", unit="batch", dynamic_ncols=True)
 
-    def _stream(self, dataset: tf.data.Dataset, name: str) -> IndexedStream:
+    def _stream(self, dataset: tf.data.Dataset | TensorBatches, name: str) -> Stream | TensorStream:
         """Validate ``dataset`` once (structure, first batch against the model) and return its indexed stream."""
         check_dataset(dataset, name=name)
+        if isinstance(dataset, TensorBatches):
+            return self._tensor_stream(dataset, name)
         validated: dict[int, tf.data.Dataset] = self.__dict__.setdefault("_validated", {})
         if validated.get(id(dataset)) is not dataset:
             self._validate_first_batch(dataset)
@@ -78,6 +84,16 @@ class Streams:
                 validated.pop(next(iter(validated)))
             validated[id(dataset)] = dataset
         return IndexedStream(dataset, self._checked(dataset), name)
+
+    def _tensor_stream(self, batches: TensorBatches, name: str) -> TensorStream:
+        """The stream of held batches: the first-batch check once per structure, the in-graph checks traced once."""
+        spec = batches.element_spec
+        key = (repr(spec), self._sparse_classes(batches))
+        checks: dict[Any, Any] = self.__dict__.setdefault("_tensor_checks", {})
+        if key not in checks:
+            self._validate_first_batch(batches)
+            checks[key] = tf.function(batch_checks(key[1]), reduce_retracing=True)
+        return TensorStream(batches, checks[key], name)
 
     def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:
         check = self._batch_check()

@@ -30,7 +30,7 @@ from influenciae._backend import tf
 from influenciae.cache import DiskCache, fingerprint_arrays
 from influenciae.cache.shards import fill_vector_cache, read_vector_cache
 from influenciae.data import (
-    IndexedStream,
+    Stream,
     stream_dataset,
 )
 from influenciae.influence._contexts import TRANSFORMS, VECTORS, Contexts, context_self_influence, context_values
@@ -131,7 +131,7 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         """
         return None
 
-    def _test_side_scores(self, test: IndexedStream) -> Callable[[Any], tf.Tensor]:
+    def _test_side_scores(self, test: Stream) -> Callable[[Any], tf.Tensor]:
         """With ``inverse_side == "test"`` (query batching, influence factors: one solve per test example, none per
         training example): ``batch -> [N_test, B]``, the scores :meth:`influence_matrix` gets in one training pass."""
         raise NotImplementedError(f"{type(self).__name__} has no test-side scores: keep inverse_side='training'.")
@@ -424,15 +424,15 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         for group in row_groups(pairs, self._solve_block_rows()):
             yield group, hook(merged_batch(group))
 
-    def _transform_stream(self, test: IndexedStream) -> Iterator[Block]:
+    def _transform_stream(self, test: Stream) -> Iterator[Block]:
         for group, transforms in self._evaluate(test.batches(self._bar("test transforms")), TRANSFORMS):
             yield merged_indices(group), transforms
 
-    def _compute_vectors(self, train: IndexedStream) -> Iterator[Block]:
+    def _compute_vectors(self, train: Stream) -> Iterator[Block]:
         for group, vectors in self._evaluate(train.batches(self._bar("influence vectors")), VECTORS):
             yield merged_indices(group), vectors
 
-    def _self_influence_stream(self, train: IndexedStream) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
+    def _self_influence_stream(self, train: Stream) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
         """``(indices [B], batch, self-influence [B])`` per batch of ``train``."""
         contexts = self._contexts()
         if contexts is not None and contexts.expensive:
@@ -446,7 +446,7 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
 
     def _vector_source(
         self,
-        train: IndexedStream,
+        train: Stream,
         mode: CACHE,
         path: str | None,
         *,
@@ -475,7 +475,7 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
 
     def _build_search(
         self,
-        train: IndexedStream,
+        train: Stream,
         nearest_neighbors: str | NearestNeighbors | None,
         mode: CACHE,
         path: str | None,

@@ -10,7 +10,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, hash_batch
-from influenciae.data import IndexedStream, check_dataset
+from influenciae.data import Stream, check_dataset
 from influenciae.hessian import InverseHessianVectorProduct, resolve_solver
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin
@@ -273,11 +273,11 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
         self._require_unnormalized("compute_influence_factors")
         return self._factors(self._stream(test_set, "test_set"))
 
-    def _factors(self, test: IndexedStream) -> np.ndarray:
+    def _factors(self, test: Stream) -> np.ndarray:
         factors = [self.ihvp.solve(transforms).numpy() for _, transforms in self._transform_stream(test)]
         return np.concatenate(factors) if factors else np.zeros([0, self.model.nb_params])
 
-    def _test_side_scores(self, test: IndexedStream) -> Callable[[Any], tf.Tensor]:
+    def _test_side_scores(self, test: Stream) -> Callable[[Any], tf.Tensor]:
         """With ``query_rank`` (``inverse_side == "test"``): the rank-``query_rank`` compression of the test examples'
         influence factors scores each training batch (:meth:`influence_from_factors`); no training influence
         vector is computed, so :meth:`influence_matrix`'s cache options do not apply."""
