@@ -68,7 +68,7 @@ def test_block_cg_agrees_with_numpy_and_reports_each_row(conditioned, path):
     true_residuals = np.linalg.norm(right - solution @ matrix, axis=1) / np.maximum(np.linalg.norm(right, axis=1), 1)
     assert np.all(true_residuals <= 1e-10)
     np.testing.assert_array_equal(solution[0], 0.0)
-    assert (solver._graph_solve is not None) == (path == "graph")
+    assert (bool(solver._graph_solves)) == (path == "graph")
 
 
 def test_rows_that_converge_early_stop_moving(conditioned):
@@ -123,7 +123,8 @@ def test_cg_on_a_hessian_operator_matches_exact_on_both_paths(tiny_model):
     expected = exact.solve(vectors).numpy()
     hessian = HessianOperator(im, ds)
     for solver in (
-        ConjugateGradientDescentIHVP(im, ds, damping=0.1),  # whichever path the Hessian operator allows
+        ConjugateGradientDescentIHVP(im, ds, damping=0.1, dense=False),  # whichever path the Hessian allows
+        ConjugateGradientDescentIHVP(im, ds, damping=0.1),  # CG on the dense matrix (P small, several rows)
         ConjugateGradientDescentIHVP(None, operator=Opaque(hessian), damping=0.1),  # the Python loop
         ConjugateGradientDescentIHVP(im, ds, damping=0.1, preconditioner="diagonal"),
         # a Python callable preconditioner: applied eagerly between the two traced halves of the step
@@ -134,11 +135,50 @@ def test_cg_on_a_hessian_operator_matches_exact_on_both_paths(tiny_model):
         assert solver.info.converged.all()
         # the graph path exactly when operator and preconditioner can be traced (a held dataset operator can)
         traceable = solver.operator.traceable and solver._prepared_preconditioner().traceable
-        assert (solver._graph_solve is not None) == traceable
+        assert (bool(solver._graph_solves)) == traceable
     exact_inverse = np.linalg.inv(exact.operator.to_dense().numpy())
     perfect = ConjugateGradientDescentIHVP(im, ds, damping=0.1, preconditioner=exact_inverse)
     np.testing.assert_allclose(perfect.solve(vectors).numpy(), expected, atol=1e-8 * np.abs(expected).max())
     assert perfect.info.iterations == 1
+
+
+def test_cg_forms_the_dense_matrix_when_it_is_cheaper_and_solves_the_same_system(tiny_model, monkeypatch):
+    """``dense=None`` forms ``H + λI`` once when the rows times the expected iterations reach P (a dataset operator,
+    small P) and keeps it for later solves; a single row on a larger P, ``dense=False`` and an explicit matrix stay
+    matrix-free. Both give the exact solution."""
+    im, ds = tiny_model
+    vectors = np.random.default_rng(4).standard_normal((6, im.nb_params))
+    expected = ExactIHVP(im, ds, damping=0.1).solve(vectors).numpy()
+    formed = []
+    original = RowOperator.to_dense
+
+    def counting(operator):
+        formed.append(operator.num_params)
+        return original(operator)
+
+    monkeypatch.setattr(RowOperator, "to_dense", counting)
+    automatic = ConjugateGradientDescentIHVP(im, ds, damping=0.1, tolerance=1e-12)
+    free = ConjugateGradientDescentIHVP(im, ds, damping=0.1, tolerance=1e-12, dense=False)
+    for solver in (automatic, free):
+        np.testing.assert_allclose(solver.solve(vectors).numpy(), expected, atol=1e-7 * np.abs(expected).max())
+        assert solver.info.converged.all()
+    assert automatic._dense_operator is not None and free._dense_operator is None and formed == [im.nb_params]
+    automatic.solve(vectors[:2])
+    assert formed == [im.nb_params]  # kept: later solves reuse the matrix
+    monkeypatch.setattr(cg_module, "DENSE_MAX_PARAMS", im.nb_params - 1)  # too large to form by default
+    large = ConjugateGradientDescentIHVP(im, ds, damping=0.1)
+    large.solve(vectors)
+    assert large._dense_operator is None
+    monkeypatch.setattr(cg_module, "DENSE_MAX_PARAMS", 4096)
+    few = ConjugateGradientDescentIHVP(im, ds, damping=0.1, max_iterations=2)  # 1 row x 2 iterations < P = 20
+    few.solve(vectors[:1])
+    assert few._dense_operator is None
+    explicit = ConjugateGradientDescentIHVP(None, operator=np.eye(im.nb_params) * 2.0)  # already a matrix
+    explicit.solve(vectors)
+    assert explicit._dense_operator is None
+    forced = ConjugateGradientDescentIHVP(None, operator=np.eye(im.nb_params) * 2.0, dense=True)
+    np.testing.assert_allclose(forced.solve(vectors).numpy(), vectors / 2.0, rtol=1e-12)
+    assert forced._dense_operator is not None
 
 
 def test_preconditioners_converge_in_fewer_iterations_to_the_same_solution():
@@ -164,7 +204,7 @@ def test_preconditioners_converge_in_fewer_iterations_to_the_same_solution():
             )
             solution = solver.solve(right).numpy()
             np.testing.assert_allclose(solution, expected, atol=1e-8 * np.abs(expected).max(), rtol=0)
-            assert solver.info.converged.all() and solver._graph_solve is not None  # applied inside the graph
+            assert solver.info.converged.all() and bool(solver._graph_solves)  # applied inside the graph
             iterations[preconditioner] = solver.info.iterations
         assert iterations[name] <= iterations[None] / 2, (name, iterations)
     configuration = ConjugateGradientDescentIHVP(
@@ -239,7 +279,7 @@ def test_traced_once_per_solver_and_shared_by_the_python_loop(conditioned, tiny_
     solver.solve(right)
     solver.solve(right[:3] * 2.0)  # another block of the same width P, fewer rows
     solver.solve(np.random.default_rng(8).standard_normal((11, 40)))
-    assert solver._graph_solve.experimental_get_tracing_count() == 1
+    assert next(iter(solver._graph_solves.values())).experimental_get_tracing_count() == 1
     lissa = LissaIHVP(None, operator=np.diag(np.linspace(1.0, 2.0, 10)), depth=200)
     for rows in (2, 5):
         lissa.solve(np.ones((rows, 10)))

@@ -18,6 +18,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
+from influenciae.hessian.operator import RowOperator, as_row_operator
 from influenciae.hessian.preconditioners import (
     Preconditioner,
     apply_preconditioner,
@@ -31,6 +32,11 @@ LOGGER = logging.getLogger("influenciae")
 
 #: Preconditioners built by name (``preconditioner="diagonal"`` / ``"nystrom"``).
 PRECONDITIONERS = ("diagonal", "nystrom")
+#: Largest P for which ``dense=None`` forms the dense matrix (``P²`` numbers: 64 MiB in float32 at 4,096).
+DENSE_MAX_PARAMS = 4096
+#: Iterations a solve is assumed to take when ``dense=None`` weighs forming the matrix (``P`` products) against
+#: passing over the data at every iteration (``rows`` products each).
+DENSE_ITERATION_ESTIMATE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +69,18 @@ class CGOptions:
         preconditioner: None, ``"diagonal"``, ``"nystrom"``, a callable on rows, a ``tf.linalg.LinearOperator`` or
             a dense matrix (see the solver). Named preconditioners are built on the first solve and kept.
         preconditioner_rank: Sketch size of ``preconditioner="nystrom"`` (clipped to P).
+        dense: Whether CG iterates on the dense ``H + λI`` (formed once, ``P`` products in blocks, kept for later
+            solves) instead of passing over the data at every iteration: the same system, a ``[P, P]`` matrix in
+            memory, and far fewer passes when a block has many right-hand sides. None (default) decides per solve:
+            dense when the operator reads a dataset, ``P ≤ DENSE_MAX_PARAMS`` and the rows times the expected
+            iterations (``min(max_iterations, DENSE_ITERATION_ESTIMATE)``) are at least ``P``.
     """
 
     tolerance: float | None = None
     max_iterations: int | None = None
     preconditioner: Any | None = None
     preconditioner_rank: int = 50
+    dense: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tolerance is not None and not self.tolerance > 0:
@@ -140,7 +152,9 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         self._preconditioner: Preconditioner | None = (
             None if self._preconditioner_name is not None else preconditioner_of(preconditioner)
         )
-        self._graph_solve: Any | None = None
+        self.dense = options.dense
+        self._dense_operator: RowOperator | None = None
+        self._graph_solves: dict[int, Any] = {}
         self._graph_failed = False
         self.info: ConvergenceInfo | None = None
 
@@ -164,11 +178,12 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
 
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
         preconditioner = self._prepared_preconditioner()
+        operator = self._operator_for(int(vectors.shape[0]))
         bar = self.progress(self.max_iterations, "CG iterations")
         state = None
-        if self.operator.traceable and preconditioner.traceable and not self._graph_failed:
+        if operator.traceable and preconditioner.traceable and not self._graph_failed:
             try:
-                state = self._graph_function(preconditioner)(
+                state = self._graph_function(operator, preconditioner)(
                     vectors, tf.constant(self.tolerance, self.dtype), tf.constant(self.max_iterations, tf.int32)
                 )
             except (ValueError, NotImplementedError, LookupError):
@@ -178,7 +193,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             else:
                 bar.update(int(state.iterations))
         if state is None:
-            state = self._python_loop(vectors, preconditioner, bar)
+            state = self._python_loop(operator, vectors, preconditioner, bar)
         iterations = int(state.iterations)
         bar.close()
         if bool(state.non_positive):
@@ -208,10 +223,27 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             )
         return state.solution
 
-    def _graph_function(self, preconditioner: Preconditioner) -> Any:
-        """The whole solve as one ``tf.function`` (traced once per solver for any number of rows)."""
-        if self._graph_solve is None:
-            operator, apply = self.operator.matmul_rows, preconditioner.apply
+    def _operator_for(self, rows: int) -> RowOperator:
+        """The operator CG iterates on for a block of ``rows`` right-hand sides: ``H + λI`` itself, or its dense
+        matrix (formed once, then kept) when :attr:`dense` says so (see :class:`CGOptions`)."""
+        if self._dense_operator is not None:
+            return self._dense_operator
+        dense = self.dense
+        if dense is None:
+            expected = rows * min(self.max_iterations, DENSE_ITERATION_ESTIMATE)
+            dense = self.operator.passes_over_data and self.nb_params <= DENSE_MAX_PARAMS and expected >= self.nb_params
+        if not dense:
+            return self.operator
+        with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
+            matrix = self.operator.to_dense()
+        self._dense_operator = as_row_operator((matrix + tf.transpose(matrix)) / 2.0)
+        return self._dense_operator
+
+    def _graph_function(self, operator: RowOperator, preconditioner: Preconditioner) -> Any:
+        """The whole solve on ``operator`` as one ``tf.function`` (traced once per solver and operator, for any
+        number of rows)."""
+        if id(operator) not in self._graph_solves:
+            product, apply = operator.matmul_rows, preconditioner.apply
             signature = [
                 tf.TensorSpec([None, self.nb_params], self.dtype),
                 tf.TensorSpec([], self.dtype),
@@ -229,16 +261,17 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
 
                 def iterate(state: _State) -> tuple[_State]:
                     rows = tf.where(state.active)[:, 0]
-                    product = operator(tf.gather(state.search, rows))
-                    return (_step(state, rows, product, apply, tolerance),)
+                    return (_step(state, rows, product(tf.gather(state.search, rows)), apply, tolerance),)
 
                 (state,) = tf.while_loop(proceed, iterate, (state,))
                 return state
 
-            self._graph_solve = tf.function(solve, input_signature=signature)
-        return self._graph_solve
+            self._graph_solves[id(operator)] = tf.function(solve, input_signature=signature)
+        return self._graph_solves[id(operator)]
 
-    def _python_loop(self, vectors: tf.Tensor, preconditioner: Preconditioner, bar: Any) -> _State:
+    def _python_loop(
+        self, operator: RowOperator, vectors: tf.Tensor, preconditioner: Preconditioner, bar: Any
+    ) -> _State:
         """Operator products in Python (only on the active rows); the rest of each iteration is one traced call."""
         tolerance = tf.constant(self.tolerance, self.dtype)
         by_tensors = preconditioner.function is None
@@ -251,7 +284,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         proceed, iterations = bool(tf.reduce_any(state.active)), 0
         while proceed and iterations < self.max_iterations:
             rows = tf.where(state.active)[:, 0]
-            product = self.operator.matmul_rows(tf.gather(state.search, rows))
+            product = operator.matmul_rows(tf.gather(state.search, rows))
             iterations += 1
             bar.update(1)
             if by_tensors:

@@ -64,6 +64,12 @@ class RowOperator(tf.linalg.LinearOperator):
         default; closed-form operators are traceable, and a dataset operator once its data is held as tensors."""
         return False
 
+    @property
+    def passes_over_data(self) -> bool:
+        """Whether every product reads the curvature's dataset (so a solver with many right-hand sides may form the
+        dense matrix once, ``P`` products in blocks, instead of passing over the data at every iteration)."""
+        return False
+
     def matmul_rows(self, vectors: Any) -> tf.Tensor:
         """Apply the operator to each row: ``[n, P] -> [n, P]``."""
         vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
@@ -255,6 +261,9 @@ def held_matmul(
 
     function = model.shared_function(("held_matmul", *key, blocked, looped, repr(specs)), build)
     result = function(data, tuple(extra), blocks, tf.constant(held.num_examples, model.dtype))
+    traced_with = tuple(sorted(model._looped))
+    if traced_with != looped:  # its first trace switched functions to their looped twins: its graph has them
+        model.shared_function(("held_matmul", *key, blocked, traced_with, repr(specs)), lambda: function)
     return tf.reshape(result, [-1, num_params])[:count]
 
 
@@ -305,6 +314,10 @@ class DatasetOperator(RowOperator):
         if self._num_examples is None:
             self._num_examples = sum(int(tf.shape(tf.nest.flatten(b[1])[0])[0]) for b in self.dataset)
         return self._num_examples
+
+    @property
+    def passes_over_data(self) -> bool:
+        return True
 
     @property
     def traceable(self) -> bool:
@@ -438,6 +451,10 @@ class DampedOperator(RowOperator):
     @property
     def traceable(self) -> bool:
         return self.operator.traceable
+
+    @property
+    def passes_over_data(self) -> bool:
+        return self.operator.passes_over_data
 
     def _matmul_rows(self, vectors: tf.Tensor) -> tf.Tensor:
         return self.operator.matmul_rows(vectors) + tf.constant(self.damping, self.dtype) * vectors
