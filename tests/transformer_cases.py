@@ -1,11 +1,11 @@
-"""Transformer-style models run through every influence path, one model per process (``tests/test_transformers.py``).
+"""Transformer-style models run through every influence path, in a subprocess (``tests/test_transformers.py``).
 
-Run as ``python tests/transformer_cases.py CASE``: builds one tiny model with its data, runs the paths of that case
-(per-sample gradients against a per-example ``GradientTape`` loop, HVPs, the solvers and calculators), and prints one
-``RESULT {json}`` line with a status and numbers per path. A path that raises a ``ValueError`` saying it does not
-apply to the model is recorded as ``"unsupported: ..."``; anything else that raises is ``"error: ..."``. The parent
-test asserts the exit code (an abort of the interpreter is exit 134/139) and the results. Each case builds its model
-with fixed seeds so that a failure reproduces with the same command.
+Run as ``python tests/transformer_cases.py CASE [CASE ...]``: for each case, builds one tiny model with its data,
+runs the paths of that case (per-sample gradients against a per-example ``GradientTape`` loop, HVPs, the solvers and
+calculators), and prints one ``RESULT {json}`` line per case with a status and numbers per path. A path that raises
+a ``ValueError`` saying it does not apply to the model is recorded as ``"unsupported: ..."``; anything else that
+raises is ``"error: ..."``. The parent test asserts the exit code (an abort of the interpreter is exit 134/139) and
+the results. Each case builds its model with fixed seeds so that a failure reproduces with the same command.
 
 The KerasHub BERT and GPT-2 cases use one transformer block: every op type of the two-block configurations that
 aborted the interpreter, at half the tracing time (tracing dominates these runs); the two-block BERT runs through
@@ -305,11 +305,13 @@ def run_case(name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in CASES:
-        print(f"usage: python tests/transformer_cases.py {{{','.join(CASES)}}}", file=sys.stderr)
+    if not argv or any(name not in CASES for name in argv):
+        print(f"usage: python tests/transformer_cases.py {{{','.join(CASES)}}} [...]", file=sys.stderr)
         return 2
-    results = run_case(argv[0])
-    print("RESULT " + json.dumps(results), flush=True)
+    for name in argv:  # one process for several cases: TensorFlow and KerasHub are imported once
+        print(f"CASE {name}", file=sys.stderr, flush=True)
+        results = run_case(name)
+        print("RESULT " + json.dumps(results), flush=True)
     return 0
 
 
