@@ -13,6 +13,7 @@ from helpers import classification_data, dataset, fit, small_mlp, sparse_ce
 
 from influenciae import ConjugateGradientDescentIHVP, ExactIHVP, InfluenceModel, LissaIHVP
 from influenciae.hessian import HessianOperator
+from influenciae.hessian import base as base_module
 from influenciae.hessian import conjugate_gradient as cg_module
 from influenciae.hessian.operator import RowOperator, as_row_operator
 
@@ -165,11 +166,11 @@ def test_cg_forms_the_dense_matrix_when_it_is_cheaper_and_solves_the_same_system
     assert automatic._dense_operator is not None and free._dense_operator is None and formed == [im.nb_params]
     automatic.solve(vectors[:2])
     assert formed == [im.nb_params]  # kept: later solves reuse the matrix
-    monkeypatch.setattr(cg_module, "DENSE_MAX_PARAMS", im.nb_params - 1)  # too large to form by default
+    monkeypatch.setattr(base_module, "DENSE_MAX_PARAMS", im.nb_params - 1)  # too large to form by default
     large = ConjugateGradientDescentIHVP(im, ds, damping=0.1)
     large.solve(vectors)
     assert large._dense_operator is None
-    monkeypatch.setattr(cg_module, "DENSE_MAX_PARAMS", 4096)
+    monkeypatch.setattr(base_module, "DENSE_MAX_PARAMS", 4096)
     few = ConjugateGradientDescentIHVP(im, ds, damping=0.1, max_iterations=2)  # 1 row x 2 iterations < P = 20
     few.solve(vectors[:1])
     assert few._dense_operator is None
@@ -179,6 +180,21 @@ def test_cg_forms_the_dense_matrix_when_it_is_cheaper_and_solves_the_same_system
     forced = ConjugateGradientDescentIHVP(None, operator=np.eye(im.nb_params) * 2.0, dense=True)
     np.testing.assert_allclose(forced.solve(vectors).numpy(), vectors / 2.0, rtol=1e-12)
     assert forced._dense_operator is not None
+
+
+def test_lissa_runs_its_recursion_on_the_dense_matrix_when_cheaper(tiny_model):
+    """Deterministic LiSSA with rows x depth ≥ P forms ``H + λI`` once; the recursion (same steps, same scale) gives
+    the matrix-free result."""
+    im, ds = tiny_model
+    vectors = np.random.default_rng(5).standard_normal((4, im.nb_params))
+    settings = {"damping": 0.1, "depth": 3000, "tolerance": 1e-12}
+    automatic, free = LissaIHVP(im, ds, **settings), LissaIHVP(im, ds, dense=False, **settings)
+    dense, matrix_free = automatic.solve(vectors).numpy(), free.solve(vectors).numpy()
+    assert automatic._dense_operator is not None and free._dense_operator is None
+    assert automatic.info.iterations == free.info.iterations
+    np.testing.assert_allclose(dense, matrix_free, atol=1e-9 * np.abs(matrix_free).max())
+    expected = ExactIHVP(im, ds, damping=0.1).solve(vectors).numpy()
+    np.testing.assert_allclose(dense, expected, atol=1e-6 * np.abs(expected).max())
 
 
 def test_preconditioners_converge_in_fewer_iterations_to_the_same_solution():
@@ -251,7 +267,7 @@ def test_lissa_graph_path_equals_the_recursion(depth):
         graph_solution = graph.solve(vectors).numpy()
     with warns_unless_converged(depth == 2000):
         eager_solution = eager.solve(vectors).numpy()
-    assert graph.scale == eager.scale and graph._graph_recursion is not None and eager._graph_recursion is None
+    assert graph.scale == eager.scale and bool(graph._graph_recursions) and not eager._graph_recursions
     expected, steps, change = reference_lissa(matrix, vectors, graph.scale, depth, 1e-10)
     np.testing.assert_allclose(graph_solution, eager_solution, atol=1e-10, rtol=0)
     np.testing.assert_allclose(graph_solution, expected, atol=1e-10, rtol=0)
@@ -283,7 +299,7 @@ def test_traced_once_per_solver_and_shared_by_the_python_loop(conditioned, tiny_
     lissa = LissaIHVP(None, operator=np.diag(np.linspace(1.0, 2.0, 10)), depth=200)
     for rows in (2, 5):
         lissa.solve(np.ones((rows, 10)))
-    assert lissa._graph_recursion.experimental_get_tracing_count() == 1
+    assert next(iter(lissa._graph_recursions.values())).experimental_get_tracing_count() == 1
     # the Python loop's traced step is shared by every solver of a dtype and preconditioner kind
     im, ds = tiny_model
     vectors = np.random.default_rng(9).standard_normal((4, im.nb_params))

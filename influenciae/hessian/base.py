@@ -124,6 +124,7 @@ class InverseHessianVectorProduct(abc.ABC):
         self._hessian_dataset = dataset
         self._hessian_dataset_fingerprint: dict[str, Any] | None = None
         self._show_progress = False
+        self._dense_operator: RowOperator | None = None  # see _dense_when_cheaper
         base = self._base_operator(CurvatureRequest(model, dataset, operator, curvature, curvature_options))
         self.damping = self._damping_value(self.default_damping if damping is None else damping)
         self.hessian: RowOperator = base
@@ -155,6 +156,23 @@ class InverseHessianVectorProduct(abc.ABC):
         if isinstance(damping, str):
             raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
         return damping
+
+    def _dense_when_cheaper(self, products: int, dense: bool | None) -> RowOperator:
+        """The operator an iterative solve runs on: :attr:`operator`, or its dense matrix (formed once in blocks of
+        products, then kept) when ``dense`` is True, or when it is None and the solve's ``products`` (rows times
+        steps) reach the ``P`` products of forming it, for an operator that reads a dataset and ``P ≤
+        DENSE_MAX_PARAMS``: the same system, with no pass over the data per step."""
+        if self._dense_operator is not None:
+            return self._dense_operator
+        if dense is None:
+            size = self.nb_params
+            dense = self.operator.passes_over_data and size <= DENSE_MAX_PARAMS and products >= size
+        if not dense:
+            return self.operator
+        with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
+            matrix = self.operator.to_dense()
+        self._dense_operator = as_row_operator((matrix + tf.transpose(matrix)) / 2.0)
+        return self._dense_operator
 
     def _configure(self) -> None:  # noqa: B027  (a hook: solvers without settings have nothing to set up)
         """Set the solver up from :attr:`options` once the operator exists (``nb_params`` and ``dtype`` known)."""
@@ -388,6 +406,10 @@ class CurvatureRequest:
             raise ValueError(f"curvature={self.curvature!r} needs a model and a dataset.")
         return curvature_operator(self.curvature, self.model, self.dataset, **(self.curvature_options or {}))
 
+
+DENSE_MAX_PARAMS = 4096
+"""Largest P for which an iterative solver's ``dense=None`` forms the dense matrix (``P²`` numbers: 64 MiB in float32
+at 4,096)."""
 
 OptionsT = TypeVar("OptionsT")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
-from influenciae.hessian.operator import RowOperator, as_row_operator
+from influenciae.hessian.operator import RowOperator
 from influenciae.hessian.preconditioners import (
     Preconditioner,
     apply_preconditioner,
@@ -32,8 +32,6 @@ LOGGER = logging.getLogger("influenciae")
 
 #: Preconditioners built by name (``preconditioner="diagonal"`` / ``"nystrom"``).
 PRECONDITIONERS = ("diagonal", "nystrom")
-#: Largest P for which ``dense=None`` forms the dense matrix (``P²`` numbers: 64 MiB in float32 at 4,096).
-DENSE_MAX_PARAMS = 4096
 #: Iterations a solve is assumed to take when ``dense=None`` weighs forming the matrix (``P`` products) against
 #: passing over the data at every iteration (``rows`` products each).
 DENSE_ITERATION_ESTIMATE = 32
@@ -72,7 +70,7 @@ class CGOptions:
         dense: Whether CG iterates on the dense ``H + λI`` (formed once, ``P`` products in blocks, kept for later
             solves) instead of passing over the data at every iteration: the same system, a ``[P, P]`` matrix in
             memory, and far fewer passes when a block has many right-hand sides. None (default) decides per solve:
-            dense when the operator reads a dataset, ``P ≤ DENSE_MAX_PARAMS`` and the rows times the expected
+            dense when the operator reads a dataset, ``P ≤ base.DENSE_MAX_PARAMS`` and the rows times the expected
             iterations (``min(max_iterations, DENSE_ITERATION_ESTIMATE)``) are at least ``P``.
     """
 
@@ -153,7 +151,6 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             None if self._preconditioner_name is not None else preconditioner_of(preconditioner)
         )
         self.dense = options.dense
-        self._dense_operator: RowOperator | None = None
         self._graph_solves: dict[int, Any] = {}
         self._graph_failed = False
         self.info: ConvergenceInfo | None = None
@@ -224,20 +221,8 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         return state.solution
 
     def _operator_for(self, rows: int) -> RowOperator:
-        """The operator CG iterates on for a block of ``rows`` right-hand sides: ``H + λI`` itself, or its dense
-        matrix (formed once, then kept) when :attr:`dense` says so (see :class:`CGOptions`)."""
-        if self._dense_operator is not None:
-            return self._dense_operator
-        dense = self.dense
-        if dense is None:
-            expected = rows * min(self.max_iterations, DENSE_ITERATION_ESTIMATE)
-            dense = self.operator.passes_over_data and self.nb_params <= DENSE_MAX_PARAMS and expected >= self.nb_params
-        if not dense:
-            return self.operator
-        with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
-            matrix = self.operator.to_dense()
-        self._dense_operator = as_row_operator((matrix + tf.transpose(matrix)) / 2.0)
-        return self._dense_operator
+        """The operator CG iterates on for a block of ``rows`` right-hand sides (see :class:`CGOptions`)."""
+        return self._dense_when_cheaper(rows * min(self.max_iterations, DENSE_ITERATION_ESTIMATE), self.dense)
 
     def _graph_function(self, operator: RowOperator, preconditioner: Preconditioner) -> Any:
         """The whole solve on ``operator`` as one ``tf.function`` (traced once per solver and operator, for any

@@ -12,7 +12,7 @@ import numpy as np
 from influenciae._backend import tf
 from influenciae.hessian.base import InverseHessianVectorProduct
 from influenciae.hessian.conjugate_gradient import ConvergenceInfo
-from influenciae.hessian.operator import HessianOperator
+from influenciae.hessian.operator import HessianOperator, RowOperator
 
 LOGGER = logging.getLogger("influenciae")
 
@@ -31,6 +31,9 @@ class LissaOptions:
         num_repeats: Independent stochastic runs averaged (ignored for full-dataset steps).
         power_iterations: Products used to estimate the scale.
         seed: Seed of the power iteration's start vector.
+        dense: Whether the deterministic recursion runs on the dense ``H + λI`` (formed once, ``P`` products, kept)
+            instead of passing over the data at every step; None (default) when the rows times ``depth`` reach
+            ``P`` (and ``P ≤ DENSE_MAX_PARAMS``, for an operator that reads a dataset), as CG decides.
     """
 
     scale: float | None = None
@@ -40,6 +43,7 @@ class LissaOptions:
     num_repeats: int = 1
     power_iterations: int = 30
     seed: int = 0
+    dense: bool | None = None
 
     def __post_init__(self) -> None:
         if self.scale is not None and not self.scale > 0:
@@ -90,7 +94,8 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         self.num_repeats = options.num_repeats
         self.power_iterations = options.power_iterations
         self.seed = options.seed
-        self._graph_recursion: Any | None = None
+        self.dense = options.dense
+        self._graph_recursions: dict[int, Any] = {}
         self._graph_failed = False
         self.info: ConvergenceInfo | None = None
 
@@ -103,8 +108,9 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
 
     def _solve(self, vectors: tf.Tensor) -> tf.Tensor:
         if self.batches_per_step is None:
-            return self._recursion(vectors, self.operator.matmul_rows)
-        estimates = [self._recursion(vectors, self._stochastic_product()) for _ in range(self.num_repeats)]
+            operator = self._dense_when_cheaper(int(vectors.shape[0]) * self.depth, self.dense)
+            return self._recursion(vectors, operator.matmul_rows, operator)
+        estimates = [self._recursion(vectors, self._stochastic_product(), None) for _ in range(self.num_repeats)]
         return tf.add_n(estimates) / float(self.num_repeats)
 
     def _stochastic_product(self) -> Any:
@@ -120,15 +126,15 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
 
         return product
 
-    def _recursion(self, vectors: tf.Tensor, product: Any) -> tf.Tensor:
+    def _recursion(self, vectors: tf.Tensor, product: Any, operator: RowOperator | None) -> tf.Tensor:
         scale = tf.constant(self.scale, self.dtype)
         start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
         limit = 1e8 * start_norm * max(1.0, self.scale)
         bar = self.progress(self.depth, "LiSSA steps")
-        graph = self.batches_per_step is None and self.operator.traceable and not self._graph_failed
-        if graph:
+        graph = operator is not None and operator.traceable and not self._graph_failed
+        if graph and operator is not None:
             try:
-                estimate, step, change, diverged = self._graph_function()(
+                estimate, step, change, diverged = self._graph_function(operator)(
                     vectors,
                     scale,
                     tf.constant(limit, tf.float64),
@@ -183,11 +189,12 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
             )
         return estimate / scale
 
-    def _graph_function(self) -> Any:
+    def _graph_function(self, row_operator: RowOperator) -> Any:
         """The deterministic recursion over the whole block as one ``tf.function`` (a ``tf.while_loop``), for a
-        traceable operator; traced once per solver for any number of rows, scale, tolerance and depth."""
-        if self._graph_recursion is None:
-            operator = self.operator.matmul_rows
+        traceable operator; traced once per solver and operator for any number of rows, scale, tolerance and
+        depth."""
+        if id(row_operator) not in self._graph_recursions:
+            operator = row_operator.matmul_rows
             signature = [
                 tf.TensorSpec([None, self.nb_params], self.dtype),
                 tf.TensorSpec([], self.dtype),
@@ -214,8 +221,8 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 start = (vectors, tf.constant(0, tf.int32), tf.constant(np.inf, tf.float64), tf.constant(False))
                 return tf.while_loop(proceed, iterate, start)
 
-            self._graph_recursion = tf.function(recursion, input_signature=signature)
-        return self._graph_recursion
+            self._graph_recursions[id(row_operator)] = tf.function(recursion, input_signature=signature)
+        return self._graph_recursions[id(row_operator)]
 
 
 def _lissa_step(
