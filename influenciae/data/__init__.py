@@ -4,47 +4,14 @@ Every dataset the library consumes yields batches ``(inputs, targets)`` or ``(in
 Nothing here reads private dataset attributes or trusts ``cardinality()``: datasets after ``map``, ``filter``,
 ``prefetch`` or ``cache``, with a partial last batch or an unknown length all behave the same.
 :mod:`~influenciae.data.batches` holds the batch helpers and checks, :mod:`~influenciae.data.streams` the validated
-passes the engine's internals take.
+passes the engine's internals take; every public name of both is importable from here.
 """
 
-from influenciae.data.batches import (
-    Batch,
-    CheckedBatches,
-    TensorBatches,
-    batch_checks,
-    batch_size_of,
-    check_dataset,
-    check_stable_order,
-    checked_iteration,
-    from_numpy,
-    iterate_batches,
-    sparse_classes,
-    split_batch,
-    unpack_batch,
-    with_checks,
-    with_indices,
-)
-from influenciae.data.streams import IndexedStream, Stream, TensorStream, check_first_batch, stream_dataset
+from influenciae.data import batches as _batches
+from influenciae.data import streams as _streams
+from influenciae.data.batches import *  # noqa: F403
+from influenciae.data.streams import *  # noqa: F403
 
-__all__ = [
-    "Batch",
-    "unpack_batch",
-    "check_dataset",
-    "batch_size_of",
-    "split_batch",
-    "from_numpy",
-    "with_indices",
-    "iterate_batches",
-    "check_stable_order",
-    "with_checks",
-    "checked_iteration",
-    "CheckedBatches",
-    "sparse_classes",
-    "IndexedStream",
-    "TensorBatches",
-    "TensorStream",
-    "Stream",
-    "batch_checks",
-    "check_first_batch",
-    "stream_dataset",
-]
+__all__: list[str] = []
+__all__ += _batches.__all__
+__all__ += _streams.__all__
