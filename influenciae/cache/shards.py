@@ -14,7 +14,8 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, ShardInput, combine_hashes, fill_cache, hash_batch
-from influenciae.data import Stream, check_stable_order
+from influenciae.data import check_stable_order
+from influenciae.data.streams import Stream
 
 __all__ = ["fill_vector_cache", "read_vector_cache"]
 

@@ -15,7 +15,7 @@ from typing import Any
 from influenciae._backend import tf
 from influenciae.data.batches import TensorBatches, _check_failure, checked_iteration, unpack_batch
 
-__all__ = ["IndexedStream", "Stream", "TensorStream", "check_first_batch", "stream_dataset"]
+__all__ = ["IndexedStream", "TensorStream", "check_first_batch", "stream_dataset"]
 
 
 @dataclasses.dataclass(frozen=True)

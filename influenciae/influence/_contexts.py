@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from influenciae._backend import tf
-from influenciae.data import Stream
+from influenciae.data.streams import Stream
 from influenciae.model import InfluenceModel
 
 __all__ = ["VECTORS", "TRANSFORMS", "Contexts", "ModelContexts", "ContextHooks", "context_values"]

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from influenciae._backend import tf
 from influenciae.data import (
     IndexedStream,
-    Stream,
     TensorBatches,
     TensorStream,
     batch_checks,
@@ -24,6 +23,7 @@ from influenciae.data import (
     with_checks,
     with_indices,
 )
+from influenciae.data.streams import Stream
 from influenciae.model import InfluenceModel
 
 __all__ = ["Streams", "chunks", "row_groups", "merged_indices", "merged_batch", "split_rows"]

@@ -30,9 +30,9 @@ from influenciae._backend import tf
 from influenciae.cache import DiskCache, fingerprint_arrays
 from influenciae.cache.shards import fill_vector_cache, read_vector_cache
 from influenciae.data import (
-    Stream,
     stream_dataset,
 )
+from influenciae.data.streams import Stream
 from influenciae.influence._contexts import TRANSFORMS, VECTORS, Contexts, context_self_influence, context_values
 from influenciae.influence._streams import (
     Streams,

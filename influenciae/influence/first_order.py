@@ -10,7 +10,8 @@ import numpy as np
 
 from influenciae._backend import tf
 from influenciae.cache import DiskCache, combine_hashes, hash_batch
-from influenciae.data import Stream, check_dataset
+from influenciae.data import check_dataset
+from influenciae.data.streams import Stream
 from influenciae.hessian import InverseHessianVectorProduct, resolve_solver
 from influenciae.influence.base import BaseInfluenceCalculator
 from influenciae.influence.group import GroupInfluenceMixin
