@@ -8,6 +8,7 @@ Nothing here reads private dataset attributes or trusts ``cardinality()``: datas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -182,11 +183,14 @@ def with_indices(dataset: tf.data.Dataset) -> tf.data.Dataset:
         A dataset of ``(indices [batch] int64, batch)``: indices count examples from 0 in iteration order.
     """
 
-    def attach(start: tf.Tensor, batch: Any) -> tuple[tf.Tensor, tuple[tf.Tensor, Any]]:
-        count = tf.cast(batch_size_of(batch), tf.int64)
-        return start + count, (tf.range(start, start + count), batch)
+    return dataset.scan(tf.constant(0, tf.int64), _attach_indices)
 
-    return dataset.scan(tf.constant(0, tf.int64), attach)
+
+@tf.function(reduce_retracing=True)
+def _attach_indices(start: tf.Tensor, batch: Any) -> tuple[tf.Tensor, tuple[tf.Tensor, Any]]:
+    # one traced function for every pipeline: a new dataset's scan calls it instead of tracing its ops again
+    count = tf.cast(batch_size_of(batch), tf.int64)
+    return start + count, (tf.range(start, start + count), batch)
 
 
 def iterate_batches(dataset: tf.data.Dataset) -> Iterator[Batch]:
@@ -237,7 +241,15 @@ def with_checks(dataset: tf.data.Dataset, *, num_classes: int | None = None) -> 
     Returns:
         The same batches, checked.
     """
-    return dataset.map(batch_checks(num_classes))
+    spec = dataset.element_spec
+    return dataset.map(_traced_checks(num_classes, len(spec) if isinstance(spec, tuple) else 1))
+
+
+@functools.cache
+def _traced_checks(num_classes: int | None, parts: int) -> Callable[..., Any]:
+    """:func:`batch_checks` as one ``tf.function`` per class count and number of batch parts (2 or 3), shared by
+    every pipeline: a new dataset's ``map`` calls the traced checks instead of tracing them again."""
+    return tf.function(batch_checks(num_classes), reduce_retracing=True)
 
 
 def batch_checks(num_classes: int | None = None) -> Callable[..., Any]:
