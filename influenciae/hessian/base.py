@@ -111,14 +111,12 @@ class InverseHessianVectorProduct(abc.ABC):
         curvature_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
-        if self.options_class is None:
-            if options is not None or settings:
-                given = sorted(settings) + (["options"] if options is not None else [])
-                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {given}.")
-        else:
-            options = solver_options(self.options_class, options, settings)
-            if settings:
-                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(settings)}.")
+        if self.options_class is not None:
+            options = solver_options(self.options_class, options, settings)  # takes the settings it names
+        elif options is not None:
+            settings["options"] = options
+        if settings:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(settings)}.")
         self.options: Any = options
         self.model = model
         self._hessian_dataset = dataset
@@ -169,10 +167,14 @@ class InverseHessianVectorProduct(abc.ABC):
             dense = self.operator.passes_over_data and size <= DENSE_MAX_PARAMS and products >= size
         if not dense:
             return self.operator
-        with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
-            matrix = self.operator.to_dense()
-        self._dense_operator = as_row_operator((matrix + tf.transpose(matrix)) / 2.0)
+        self._dense_operator = as_row_operator(self._dense_matrix())
         return self._dense_operator
+
+    def _dense_matrix(self) -> tf.Tensor:
+        """``H + λI`` formed densely (``P`` products, in blocks) and symmetrized: ``[P, P]``."""
+        with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
+            dense = self.operator.to_dense()
+        return (dense + tf.transpose(dense)) / 2.0
 
     def _configure(self) -> None:  # noqa: B027  (a hook: solvers without settings have nothing to set up)
         """Set the solver up from :attr:`options` once the operator exists (``nb_params`` and ``dtype`` known)."""

@@ -110,9 +110,7 @@ class ExactIHVP(InverseHessianVectorProduct, name="exact"):
     def matrix(self) -> tf.Tensor:
         """The dense, symmetrized ``H + λI`` ``[P, P]``."""
         if self._matrix is None:
-            with self.pass_progress(f"dense {self.nb_params}x{self.nb_params} curvature"):
-                dense = self.operator.to_dense()
-            self._matrix = (dense + tf.transpose(dense)) / 2.0
+            self._matrix = self._dense_matrix()
         return self._matrix
 
     def _state_arrays(self) -> dict[str, np.ndarray]:

@@ -131,8 +131,9 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         start_norm = float(tf.reduce_max(tf.norm(vectors, axis=1))) or 1.0
         limit = 1e8 * start_norm * max(1.0, self.scale)
         bar = self.progress(self.depth, "LiSSA steps")
-        graph = operator is not None and operator.traceable and not self._graph_failed
-        if graph and operator is not None:
+        graph = False
+        if operator is not None and operator.traceable and not self._graph_failed:
+            graph = True
             try:
                 estimate, step, change, diverged = self._graph_function(operator)(
                     vectors,

@@ -140,7 +140,7 @@ def resolve_solver(
         dataset: The Hessian dataset ``tf.data.Dataset`` (may be None likewise).
         damping: λ ≥ 0 for a solver built by name (None: the solver's own default); with an instance, None or 0.
         curvature: For a name: the curvature to invert, one of :data:`CURVATURE_REGISTRY` (default the Hessian).
-            It is built here and handed to the solver as its ``operator``, so every solver takes it.
+            Every solver takes it (``InverseHessianVectorProduct``'s ``curvature=``).
         curvature_options: Options of that curvature operator (e.g. ``{"estimator": "sampled"}`` for the Fisher).
         **options: Other options of the solver's constructor (``tolerance``, ``subspace_dim``, ``operator``...).
 
@@ -176,14 +176,8 @@ def resolve_solver(
         solver_class = SOLVER_REGISTRY.get(spec)
         if damping is not None:
             options["damping"] = damping
-        if curvature != "hessian" or curvature_options:
-            if options.get("operator") is not None:
-                raise ValueError("Pass either operator=... or curvature=..., not both.")
-            if model is None or dataset is None:
-                raise ValueError(f"curvature={curvature!r} needs a model and a dataset.")
-            # through `operator`, so that every solver takes a curvature whatever its own signature
-            options["operator"] = curvature_operator(curvature, model, dataset, **(curvature_options or {}))
-        return solver_class(model, dataset, **options)
+        # every solver takes the curvature itself (InverseHessianVectorProduct's CurvatureRequest checks it)
+        return solver_class(model, dataset, curvature=curvature, curvature_options=curvature_options, **options)
     raise TypeError(
         f"ihvp_calculator must be a solver name {registered_solvers()} or an InverseHessianVectorProduct, "
         f"got {type(spec).__name__}."

@@ -72,7 +72,7 @@ class Streams:
         name = type(self).__name__
         return lambda items: tqdm(items, desc=f"{name}: {description}", unit="batch", dynamic_ncols=True)
 
-    def _stream(self, dataset: tf.data.Dataset | TensorBatches, name: str) -> Stream | TensorStream:
+    def _stream(self, dataset: tf.data.Dataset | TensorBatches, name: str) -> Stream:
         """Validate ``dataset`` once (structure, first batch against the model) and return its indexed stream."""
         check_dataset(dataset, name=name)
         if isinstance(dataset, TensorBatches):
