@@ -340,7 +340,8 @@ def test_first_order_and_arnoldi_pass_the_shared_engine_checks(logistic):
 
 
 def test_iterative_solvers_get_the_training_gradients_in_one_block_and_values_back_per_batch():
-    """CG is handed every training gradient at once (one solve, not one per batch); values stay per batch, in order."""
+    """CG is handed every training gradient at once (one solve, not one per batch); values stay per batch, in order.
+    A direct solver gets blocks of batches that end at the disk cache's shards."""
     influence_model, x, y, _, _ = logistic_problem(num_examples=60)
     train = dataset(x, y, batch_size=11)  # 6 batches, the last one partial
     exact = FirstOrderInfluenceCalculator(influence_model, train, "exact")
@@ -360,5 +361,10 @@ def test_iterative_solvers_get_the_training_gradients_in_one_block_and_values_ba
     exact_indices, exact_values = exact.most_influential(test, train, k=3)
     np.testing.assert_array_equal(indices, exact_indices)
     np.testing.assert_allclose(values, exact_values, rtol=1e-8)
-    # a direct solver keeps batch-by-batch calls (and their numerics)
-    assert exact._solve_block_rows() == 1 and cg._solve_block_rows() > 60
+    # a direct solver gets blocks too, which end at the disk cache's shards (cached vectors equal fresh ones)
+    sharded = FirstOrderInfluenceCalculator(influence_model, train, "exact", batches_per_shard=2)
+    calls.clear()
+    solve_exact = sharded.ihvp.solve
+    sharded.ihvp.solve = lambda vectors: calls.append(int(vectors.shape[0])) or solve_exact(vectors)
+    np.testing.assert_allclose(sharded.self_influence(train), exact.self_influence(train), rtol=1e-12)
+    assert calls == [22, 22, 16] and cg._blocks_cross_shards() and not sharded._blocks_cross_shards()

@@ -11,6 +11,7 @@ from helpers import classification_data, dataset, small_mlp, sparse_ce
 
 from influenciae import ExactIHVP, InfluenceModel
 from influenciae.hessian import HessianOperator
+from influenciae.hessian import operator as operator_module
 from influenciae.hessian.operator import HELD_DATA_BUDGET, hold_batches
 
 NUM_EXAMPLES, BATCH_SIZE = 76, 8  # 10 batches, the last one partial (4 examples: streamed, padded to 8 too)
@@ -63,12 +64,26 @@ def test_held_products_equal_the_streamed_ones(dtype, tolerance, counts):
     assert held.traceable and not streamed.traceable
     assert held.num_examples == streamed.num_examples == NUM_EXAMPLES  # N counted right: padding is not counted
     data_held = held.held_data()
-    assert data_held is not None and tuple(data_held.weights.shape) == (10, BATCH_SIZE)
+    # a small model's 10 batches of 8 (a few KiB) are held as one batch of 80
+    assert data_held is not None and tuple(data_held.weights.shape) == (1, 10 * BATCH_SIZE)
     assert np.all(data_held.weights.numpy().ravel()[NUM_EXAMPLES:] == 0)  # padding carries no weight
     np.testing.assert_array_equal(data_held.indices.numpy().ravel(), np.minimum(np.arange(80), NUM_EXAMPLES - 1))
 
 
+@pytest.mark.parametrize("max_params, batch_bytes, layout", [(0, 2**20, (10, 8)), (10**6, 1100, (5, 16))])
+def test_held_batches_are_merged_by_the_byte_budget_for_small_models(monkeypatch, max_params, batch_bytes, layout):
+    # a larger model keeps the batches of 8; 76 examples of 64 bytes (6 float64 features, a label, a weight) in
+    # 1,100-byte batches: two of the dataset's batches of 8 per held batch (a power of two), 5 of 16
+    monkeypatch.setattr(operator_module, "MERGE_MAX_PARAMS", max_params)
+    monkeypatch.setattr(operator_module, "HELD_BATCH_BYTES", batch_bytes)
+    im, data, vectors = _problem("float64")
+    held = HessianOperator(im, data)
+    assert tuple(held.held_data().weights.shape) == layout
+    np.testing.assert_allclose(held.matmul_rows(vectors[:20]).numpy(), _streamed("float64", 20), rtol=0, atol=1e-10)
+
+
 def test_a_product_is_one_dispatch_and_new_operators_do_not_trace_again(monkeypatch):
+    monkeypatch.setattr(operator_module, "HELD_BATCH_BYTES", 1100)  # batches of 16 for any N (see below)
     im, data, vectors = _problem()
     first = HessianOperator(im, data)
     first.matmul_rows(vectors)

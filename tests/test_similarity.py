@@ -110,8 +110,9 @@ def test_disk_cache_of_activations_is_reused_and_refused_for_other_settings(prob
         original = calculator._influence_vectors
 
         def wrapper(batch):
-            calls.append(1)
-            return original(batch)
+            values = original(batch)
+            calls.append(int(values.shape[0]))  # rows computed
+            return values
 
         calculator._influence_vectors = wrapper
         return calculator
@@ -119,7 +120,7 @@ def test_disk_cache_of_activations_is_reused_and_refused_for_other_settings(prob
     first = counting(SimilarityInfluence(model, 0, cache_dir=tmp_path / "activations"))
     vectors = np.concatenate([v.numpy() for _, v in first.compute_influence_vector(train)])  # path = cache_dir
     np.testing.assert_allclose(vectors, hidden[:20] / np.linalg.norm(hidden[:20], axis=1, keepdims=True))
-    assert len(calls) == 4  # 20 examples in batches of 6
+    assert sum(calls) == 20  # each of the 20 examples once (in blocks of batches of 6)
 
     calls.clear()
     second = counting(SimilarityInfluence(model, 0, cache_dir=tmp_path / "activations"))

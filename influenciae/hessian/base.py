@@ -155,6 +155,14 @@ class InverseHessianVectorProduct(abc.ABC):
             raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
         return damping
 
+    def _static_rows(self, rows: int) -> int | None:
+        """The static row count a block of ``rows`` vectors is solved as in a traced solve (padded with zero rows),
+        so that a model's vectorized product inside the loop has a static shape and pads no further; ``None``
+        (any count, one trace) without a model, where products are plain matmuls."""
+        if self.model is None:
+            return None
+        return self.model._static_length("solve_rows", rows, max(rows, 1 << max(rows - 1, 0).bit_length()))
+
     def _dense_when_cheaper(self, products: int, dense: bool | None) -> RowOperator:
         """The operator an iterative solve runs on: :attr:`operator`, or its dense matrix (formed once in blocks of
         products, then kept) when ``dense`` is True, or when it is None and the solve's ``products`` (rows times

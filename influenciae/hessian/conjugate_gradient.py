@@ -151,7 +151,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
             None if self._preconditioner_name is not None else preconditioner_of(preconditioner)
         )
         self.dense = options.dense
-        self._graph_solves: dict[int, Any] = {}
+        self._graph_solves: dict[tuple[int, int | None], Any] = {}
         self._graph_failed = False
         self.info: ConvergenceInfo | None = None
 
@@ -179,9 +179,14 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         bar = self.progress(self.max_iterations, "CG iterations")
         state = None
         if operator.traceable and preconditioner.traceable and not self._graph_failed:
+            rows = int(vectors.shape[0])
+            length = self._static_rows(rows)
+            padding = 0 if length is None else length - rows
             try:
-                state = self._graph_function(operator, preconditioner)(
-                    vectors, tf.constant(self.tolerance, self.dtype), tf.constant(self.max_iterations, tf.int32)
+                state = self._graph_function(operator, preconditioner, length)(
+                    tf.pad(vectors, [[0, padding], [0, 0]]),  # zero rows: converged from the start
+                    tf.constant(self.tolerance, self.dtype),
+                    tf.constant(self.max_iterations, tf.int32),
                 )
             except (ValueError, NotImplementedError, LookupError):
                 # the operator's product could not be built inside the loop's graph (e.g. pfor cannot convert an
@@ -189,6 +194,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
                 self._graph_failed = True
             else:
                 bar.update(int(state.iterations))
+                state = _first_rows(state, rows)
         if state is None:
             state = self._python_loop(operator, vectors, preconditioner, bar)
         iterations = int(state.iterations)
@@ -224,13 +230,14 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         """The operator CG iterates on for a block of ``rows`` right-hand sides (see :class:`CGOptions`)."""
         return self._dense_when_cheaper(rows * min(self.max_iterations, DENSE_ITERATION_ESTIMATE), self.dense)
 
-    def _graph_function(self, operator: RowOperator, preconditioner: Preconditioner) -> Any:
-        """The whole solve on ``operator`` as one ``tf.function`` (traced once per solver and operator, for any
-        number of rows)."""
-        if id(operator) not in self._graph_solves:
+    def _graph_function(self, operator: RowOperator, preconditioner: Preconditioner, length: int | None) -> Any:
+        """The whole solve on ``operator`` as one ``tf.function``, traced once per solver, operator and static
+        row count ``length`` (:meth:`_static_rows`): every iteration multiplies all ``length`` search directions
+        (converged rows too), so the operator's vectorized product has a static shape and pads no further."""
+        if (id(operator), length) not in self._graph_solves:
             product, apply = operator.matmul_rows, preconditioner.apply
             signature = [
-                tf.TensorSpec([None, self.nb_params], self.dtype),
+                tf.TensorSpec([length, self.nb_params], self.dtype),
                 tf.TensorSpec([], self.dtype),
                 tf.TensorSpec([], tf.int32),
             ]
@@ -246,13 +253,13 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
 
                 def iterate(state: _State) -> tuple[_State]:
                     rows = tf.where(state.active)[:, 0]
-                    return (_step(state, rows, product(tf.gather(state.search, rows)), apply, tolerance),)
+                    return (_step(state, rows, tf.gather(product(state.search), rows), apply, tolerance),)
 
                 (state,) = tf.while_loop(proceed, iterate, (state,))
                 return state
 
-            self._graph_solves[id(operator)] = tf.function(solve, input_signature=signature)
-        return self._graph_solves[id(operator)]
+            self._graph_solves[(id(operator), length)] = tf.function(solve, input_signature=signature)
+        return self._graph_solves[(id(operator), length)]
 
     def _python_loop(
         self, operator: RowOperator, vectors: tf.Tensor, preconditioner: Preconditioner, bar: Any
@@ -350,6 +357,21 @@ class _State(tf.experimental.ExtensionType):
     row_iterations: tf.Tensor
     iterations: tf.Tensor
     non_positive: tf.Tensor  # a direction of non-positive curvature was met
+
+
+def _first_rows(state: _State, rows: int) -> _State:
+    """The state of the first ``rows`` rows (dropping a block's zero padding)."""
+    return _State(
+        solution=state.solution[:rows],
+        residual=state.residual[:rows],
+        search=state.search[:rows],
+        residual_dot=state.residual_dot[:rows],
+        norms=state.norms[:rows],
+        active=state.active[:rows],
+        row_iterations=state.row_iterations[:rows],
+        iterations=state.iterations,
+        non_positive=state.non_positive,
+    )
 
 
 def _initial_state(right: tf.Tensor, precondition: Callable[[tf.Tensor], tf.Tensor], tolerance: tf.Tensor) -> _State:

@@ -95,7 +95,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         self.power_iterations = options.power_iterations
         self.seed = options.seed
         self.dense = options.dense
-        self._graph_recursions: dict[int, Any] = {}
+        self._graph_recursions: dict[tuple[int, int | None], Any] = {}
         self._graph_failed = False
         self.info: ConvergenceInfo | None = None
 
@@ -134,9 +134,12 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         graph = False
         if operator is not None and operator.traceable and not self._graph_failed:
             graph = True
+            rows = int(vectors.shape[0])
+            length = self._static_rows(rows)
+            padding = 0 if length is None else length - rows
             try:
-                estimate, step, change, diverged = self._graph_function(operator)(
-                    vectors,
+                estimate, step, change, diverged = self._graph_function(operator, length)(
+                    tf.pad(vectors, [[0, padding], [0, 0]]),  # zero rows stay zero
                     scale,
                     tf.constant(limit, tf.float64),
                     tf.constant(self.tolerance, tf.float64),
@@ -146,6 +149,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 # the product could not be built inside the loop's graph: step eagerly (the operator falls back)
                 self._graph_failed, graph = True, False
             else:
+                estimate = estimate[:rows]
                 step, change, diverged = int(step), float(change), bool(diverged)
                 bar.update(step)
         if not graph:
@@ -190,14 +194,14 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
             )
         return estimate / scale
 
-    def _graph_function(self, row_operator: RowOperator) -> Any:
+    def _graph_function(self, row_operator: RowOperator, length: int | None) -> Any:
         """The deterministic recursion over the whole block as one ``tf.function`` (a ``tf.while_loop``), for a
-        traceable operator; traced once per solver and operator for any number of rows, scale, tolerance and
-        depth."""
-        if id(row_operator) not in self._graph_recursions:
+        traceable operator; traced once per solver, operator and static row count ``length``
+        (:meth:`_static_rows`) for any scale, tolerance and depth."""
+        if (id(row_operator), length) not in self._graph_recursions:
             operator = row_operator.matmul_rows
             signature = [
-                tf.TensorSpec([None, self.nb_params], self.dtype),
+                tf.TensorSpec([length, self.nb_params], self.dtype),
                 tf.TensorSpec([], self.dtype),
                 tf.TensorSpec([], tf.float64),
                 tf.TensorSpec([], tf.float64),
@@ -222,8 +226,8 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 start = (vectors, tf.constant(0, tf.int32), tf.constant(np.inf, tf.float64), tf.constant(False))
                 return tf.while_loop(proceed, iterate, start)
 
-            self._graph_recursions[id(row_operator)] = tf.function(recursion, input_signature=signature)
-        return self._graph_recursions[id(row_operator)]
+            self._graph_recursions[(id(row_operator), length)] = tf.function(recursion, input_signature=signature)
+        return self._graph_recursions[(id(row_operator), length)]
 
 
 def _lissa_step(

@@ -105,6 +105,12 @@ HELD_DATA_BUDGET = 256 * 2**20
 first, checked pass), so that a product is one graph call instead of one dispatch per batch."""
 
 
+HELD_BATCH_BYTES, MERGE_MAX_PARAMS = 128 * 2**10, 65_536
+"""Models of at most ``MERGE_MAX_PARAMS`` parameters hold their data in batches of up to ``HELD_BATCH_BYTES`` (their
+products are many small ops, cheaper on more rows); larger ones keep the dataset's batches, which bound the
+intermediates of a vectorized product."""
+
+
 class HeldBatches(NamedTuple):
     """A curvature dataset held as tensors: its examples, in order, re-batched into ``num_batches`` equal batches.
 
@@ -136,9 +142,9 @@ class HeldBatches(NamedTuple):
 def hold_batches(model: InfluenceModel, batches: Iterable[Any], budget: int) -> HeldBatches | None:
     """Read ``batches`` once and hold them as :class:`HeldBatches`, or ``None`` when they do not fit.
 
-    They do not fit when their inputs, targets and weights take more than ``budget`` bytes (the pass stops
-    there), when batches differ in anything but their length (e.g. sequences padded per batch) or when they hold
-    ragged, sparse or string tensors. Each batch is validated as :meth:`InfluenceModel.batch_hvp_sum` validates it.
+    Not when inputs, targets and weights take more than ``budget`` bytes (the pass stops there), batches differ in
+    anything but their length (e.g. sequences padded per batch) or hold ragged, sparse or string tensors. Batches
+    are validated as by :meth:`InfluenceModel.batch_hvp_sum`, and merged for small models (:data:`MERGE_MAX_PARAMS`).
 
     Args:
         model: The wrapped model (validates the batches and gives the weights' dtype).
@@ -167,6 +173,9 @@ def hold_batches(model: InfluenceModel, batches: Iterable[Any], budget: int) -> 
     count = sum(int(tf.shape(part[2])[0]) for part in parts)
     if count == 0:
         return HeldBatches(None, None, tf.zeros([0, 0], model.dtype), tf.zeros([0, 0], tf.int64), 0)
+    if model.nb_params <= MERGE_MAX_PARAMS:  # small model: fewer, larger batches cost fewer small ops
+        fitting = max(1, HELD_BATCH_BYTES * count // (used * batch_size))  # the dataset's batches in the budget
+        batch_size *= min(len(parts), 1 << (fitting.bit_length() - 1))  # a power of two: one trace for any N
     num_batches = -(-count // batch_size)
     length = num_batches * batch_size
 

@@ -139,14 +139,18 @@ def chunks(items: Iterable[Pair], size: int | None) -> Iterator[list[Pair]]:
         yield group
 
 
-def row_groups(stream: Iterable[Pair], rows: int) -> Iterator[list[Pair]]:
-    """Consecutive ``(indices, batch)`` pairs grouped until a group holds at least ``rows`` examples (1: one each)."""
+def row_groups(stream: Iterable[Pair], rows: int, every: int | None = None) -> Iterator[list[Pair]]:
+    """Consecutive ``(indices, batch)`` pairs grouped until a group holds at least ``rows`` examples (1: one each).
+
+    With ``every``, a group also ends after each ``every``-th batch of the stream, so that grouping the stream's
+    runs of ``every`` batches separately (a disk cache's shards) gives the same groups.
+    """
     group: list[Pair] = []
     count = 0
-    for indices, batch in stream:
+    for position, (indices, batch) in enumerate(stream, start=1):
         group.append((indices, batch))
-        count += int(tf.shape(indices)[0])
-        if count >= rows:
+        count += int(indices.shape[0])
+        if count >= rows or (every is not None and position % every == 0):
             yield group
             group, count = [], 0
     if group:

@@ -50,6 +50,8 @@ from influenciae.types import CACHE, ORDER
 
 __all__ = ["BaseInfluenceCalculator"]
 
+_BLOCK_BYTES = 64 * 2**20  # per-example gradients one hook call takes (see _solve_block_rows)
+
 Block = tuple[tf.Tensor, tf.Tensor]  # (training indices [n] int64, vectors [n, D])
 Pair = tuple[tf.Tensor, Any]  # (indices [B] int64, batch)
 
@@ -114,13 +116,27 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         return {}
 
     def _solve_block_rows(self) -> int:
-        """How many examples the engine hands to one hook call (consecutive batches merged), or 1: batch by batch.
+        """How many examples the engine hands to one hook call (consecutive batches merged; 1: batch by batch).
 
-        Calculators whose per-call cost does not shrink with the block (an iterative solve: its passes over the
-        Hessian dataset cost the same for 50 right-hand sides as for 1,000) return a larger block. Results do not
-        depend on it: values are handed back per batch and in order.
+        Default: as many as ``_BLOCK_BYTES`` of ``[rows, P]`` per-example gradients allow (about five copies live
+        in a hook), so the Python engine dispatches one call per block, not per batch. Values are handed back per
+        batch and in order.
         """
-        return 1
+        return max(1, _BLOCK_BYTES // (5 * self.model.nb_params * self.model.dtype.size))
+
+    def _blocks_cross_shards(self) -> bool:
+        """Whether a block may span two disk-cache shards (``batches_per_shard`` batches).
+
+        ``False`` (default): blocks end at shard boundaries, so cached and freshly computed vectors come from the
+        same blocks and are equal to the bit. An iterative solve, whose passes over the Hessian data cost the same
+        for any block, returns ``True`` for fewer, larger blocks.
+        """
+        return False
+
+    def _groups(self, pairs: Iterable[Pair], *, whole: bool = False) -> Iterator[list[Pair]]:
+        """``pairs`` in consecutive blocks of ``_solve_block_rows()`` examples (see ``_blocks_cross_shards``)."""
+        every = None if whole or self._blocks_cross_shards() else self.batches_per_shard
+        return row_groups(pairs, self._solve_block_rows(), every)
 
     def _contexts(self) -> Contexts | None:
         """The contexts the scores sum over (checkpoints, ensemble members), or ``None`` (one model).
@@ -271,11 +287,15 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
             overwrite: Replace a cache made with other settings.
 
         Returns:
-            A dataset of ``(indices [B] int64, vectors [B, D])`` in training order.
+            A dataset of ``(indices [B] int64, vectors [B, D])`` in training order: one element per training batch,
+            or per shard when read from a disk cache.
         """
         path = self.cache_dir if save_influence_vector_ds_path is None else save_influence_vector_ds_path
-        mode = CACHE.NO_CACHE if path is None else CACHE.DISK
-        source = self._vector_source(self._stream(train_set, "train_set"), mode, path, overwrite=overwrite)
+        train = self._stream(train_set, "train_set")
+        if path is None:
+            source: Callable[[], Iterator[Block]] = lambda: self._compute_vectors(train, per_batch=True)  # noqa: E731
+        else:
+            source = self._vector_source(train, CACHE.DISK, path, overwrite=overwrite)
         signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, None], self.model.dtype))
         return stream_dataset(source, signature)
 
@@ -421,16 +441,20 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
                 yield group, context_values(self, [batch for _, batch in group], side)
             return
         hook = self._influence_vectors if side == VECTORS else self._transforms
-        for group in row_groups(pairs, self._solve_block_rows()):
+        for group in self._groups(pairs, whole=whole):
             yield group, hook(merged_batch(group))
 
     def _transform_stream(self, test: Stream) -> Iterator[Block]:
         for group, transforms in self._evaluate(test.batches(self._bar("test transforms")), TRANSFORMS):
             yield merged_indices(group), transforms
 
-    def _compute_vectors(self, train: Stream) -> Iterator[Block]:
+    def _compute_vectors(self, train: Stream, *, per_batch: bool = False) -> Iterator[Block]:
+        """The training vectors, per block of ``_groups`` (or handed back per batch)."""
         for group, vectors in self._evaluate(train.batches(self._bar("influence vectors")), VECTORS):
-            yield merged_indices(group), vectors
+            if not per_batch:
+                yield merged_indices(group), vectors
+                continue
+            yield from zip([indices for indices, _ in group], split_rows(vectors, group), strict=True)
 
     def _self_influence_stream(self, train: Stream) -> Iterator[tuple[tf.Tensor, Any, tf.Tensor]]:
         """``(indices [B], batch, self-influence [B])`` per batch of ``train``."""
@@ -438,7 +462,7 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         if contexts is not None and contexts.expensive:
             yield from context_self_influence(self, train, self._bar)
             return
-        for group in row_groups(train.batches(self._bar("self-influence")), self._solve_block_rows()):
+        for group in self._groups(train.batches(self._bar("self-influence"))):
             # one solve for the whole block (iterative solvers pay per call), values handed back per batch
             values = self._self_influence(merged_batch(group))
             for (indices, batch), part in zip(group, split_rows(values, group), strict=True):

@@ -18,8 +18,6 @@ from influenciae.influence.group import GroupInfluenceMixin
 from influenciae.language import Measurement, as_measurement, query_model
 from influenciae.model import InfluenceModel
 
-_SOLVE_BLOCK_BYTES = 64 * 2**20  # right-hand sides solved together (see _solve_block_rows)
-
 __all__ = ["FirstOrderInfluenceCalculator", "LowRankFactors", "build_ihvp", "compress_factors", "hessian_dataset"]
 
 
@@ -234,14 +232,9 @@ class FirstOrderInfluenceCalculator(GroupInfluenceMixin, BaseInfluenceCalculator
 
     # ------------------------------------------------------------------ hooks
 
-    def _solve_block_rows(self) -> int:
-        # An iterative solve costs the same passes over the Hessian dataset for 50 right-hand sides as for 1,000:
-        # hand it as many training (or test) gradients at once as _SOLVE_BLOCK_BYTES allows (about five [rows, P]
-        # copies live during a CG solve). Direct solvers gain nothing (one matmul either way) and keep their
-        # batch-by-batch numerics.
-        if not self.ihvp.iterative:
-            return 1
-        return max(1, _SOLVE_BLOCK_BYTES // (5 * self.model.nb_params * self.model.dtype.size))
+    def _blocks_cross_shards(self) -> bool:
+        # An iterative solve costs the same passes over the Hessian dataset for 50 right-hand sides as for 1,000.
+        return self.ihvp.iterative
 
     def _influence_vectors(self, batch: Any) -> tf.Tensor:
         return self._precondition(self.model.batch_jacobian_tensor(batch))

@@ -9,6 +9,7 @@ traced ``(inputs, targets, weights) -> (ã, g)`` of the fast TracIn variants.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import weakref
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from influenciae.cache.fingerprint import fingerprint_arrays
+from influenciae.cache.fingerprint import fingerprint_arrays, loss_identity
 from influenciae.model import InfluenceModel
 from influenciae.model._backend import tf, variable_tensor
 from influenciae.model.graph import layer_input_model
@@ -243,9 +244,9 @@ def reuse_or_wrap(item: Any, wrap: Wrap) -> InfluenceModel:
     return wrap(*keras_model_and_loss(item))
 
 
-_HEADS: weakref.WeakKeyDictionary[InfluenceModel, Callable[..., tuple[tf.Tensor, tf.Tensor]]] = (
+_HEADS: weakref.WeakKeyDictionary[Any, dict[str, Callable[..., tuple[tf.Tensor, tf.Tensor]]]] = (
     weakref.WeakKeyDictionary()
-)
+)  # Keras model -> {loss identity and dtype: traced head}
 
 
 def last_dense_head(model: InfluenceModel) -> Callable[..., tuple[tf.Tensor, tf.Tensor]]:
@@ -253,9 +254,13 @@ def last_dense_head(model: InfluenceModel) -> Callable[..., tuple[tf.Tensor, tf.
 
     One forward pass to the Dense input ``a`` and one batched backward pass through the Dense layer's activation
     and the loss to ``g = ∂(w ℓ)/∂z`` at the pre-activation ``z = aW + b``: each example's loss depends on its own
-    row of ``z`` only, so the gradient of the summed loss holds every per-example ``g``. Traced once per model.
+    row of ``z`` only, so the gradient of the summed loss holds every per-example ``g``. Traced once per Keras
+    model, loss (:func:`~influenciae.cache.fingerprint.loss_identity`) and dtype, so a new calculator on the same
+    checkpoints reuses the trace.
     """
-    cached = _HEADS.get(model)
+    key = json.dumps([loss_identity(model.loss_function), model.dtype.name])
+    heads = _HEADS.setdefault(model.model, {})
+    cached = heads.get(key)
     if cached is not None:
         return cached
     keras_model = model.model
@@ -285,5 +290,5 @@ def last_dense_head(model: InfluenceModel) -> Callable[..., tuple[tf.Tensor, tf.
         return features, gradients
 
     function = tf.function(head, reduce_retracing=True)
-    _HEADS[model] = function
+    heads[key] = function
     return function
