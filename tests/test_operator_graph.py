@@ -11,7 +11,7 @@ from helpers import classification_data, dataset, small_mlp, sparse_ce
 
 from influenciae import ExactIHVP, InfluenceModel
 from influenciae.hessian import HessianOperator
-from influenciae.hessian import operator as operator_module
+from influenciae.hessian import held as held_module
 from influenciae.hessian.operator import HELD_DATA_BUDGET, hold_batches
 
 NUM_EXAMPLES, BATCH_SIZE = 76, 8  # 10 batches, the last one partial (4 examples: streamed, padded to 8 too)
@@ -74,8 +74,8 @@ def test_held_products_equal_the_streamed_ones(dtype, tolerance, counts):
 def test_held_batches_are_merged_by_the_byte_budget_for_small_models(monkeypatch, max_params, batch_bytes, layout):
     # a larger model keeps the batches of 8; 76 examples of 64 bytes (6 float64 features, a label, a weight) in
     # 1,100-byte batches: two of the dataset's batches of 8 per held batch (a power of two), 5 of 16
-    monkeypatch.setattr(operator_module, "MERGE_MAX_PARAMS", max_params)
-    monkeypatch.setattr(operator_module, "HELD_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(held_module, "MERGE_MAX_PARAMS", max_params)
+    monkeypatch.setattr(held_module, "HELD_BATCH_BYTES", batch_bytes)
     im, data, vectors = _problem("float64")
     held = HessianOperator(im, data)
     assert tuple(held.held_data().weights.shape) == layout
@@ -83,7 +83,7 @@ def test_held_batches_are_merged_by_the_byte_budget_for_small_models(monkeypatch
 
 
 def test_a_product_is_one_dispatch_and_new_operators_do_not_trace_again(monkeypatch):
-    monkeypatch.setattr(operator_module, "HELD_BATCH_BYTES", 1100)  # batches of 16 for any N (see below)
+    monkeypatch.setattr(held_module, "HELD_BATCH_BYTES", 1100)  # batches of 16 for any N (see below)
     im, data, vectors = _problem()
     first = HessianOperator(im, data)
     first.matmul_rows(vectors)

@@ -125,12 +125,9 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         return max(1, _BLOCK_BYTES // (5 * self.model.nb_params * self.model.dtype.size))
 
     def _blocks_cross_shards(self) -> bool:
-        """Whether a block may span two disk-cache shards (``batches_per_shard`` batches).
-
-        ``False`` (default): blocks end at shard boundaries, so cached and freshly computed vectors come from the
-        same blocks and are equal to the bit. An iterative solve, whose passes over the Hessian data cost the same
-        for any block, returns ``True`` for fewer, larger blocks.
-        """
+        """Whether a block may span two disk-cache shards. ``False`` (default): blocks end at shard boundaries, so
+        cached and fresh vectors come from the same blocks and are equal to the bit (an iterative solve, whose
+        passes over the Hessian data cost the same for any block, returns ``True``: fewer, larger blocks)."""
         return False
 
     def _groups(self, pairs: Iterable[Pair], *, whole: bool = False) -> Iterator[list[Pair]]:

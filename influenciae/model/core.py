@@ -8,6 +8,7 @@ watched weights in ``selection.py``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,6 +105,7 @@ class InfluenceModel(_Autodiff, _Validation):
         self.gradient_dtype = resolve_gradient_dtype(gradient_dtype, self.dtype)
         self._checked_signatures: set[str] = set()
         self._shared_functions: dict[Any, Callable[..., Any]] = {}
+        self._shared_data: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
         self._build_functions()
 
     @property
@@ -352,6 +354,28 @@ class InfluenceModel(_Autodiff, _Validation):
         if key not in self._shared_functions:
             self._shared_functions[key] = build()
         return self._shared_functions[key]
+
+    def shared_data(self, dataset: Any, key: Any, build: Callable[[], Any]) -> Any:
+        """A value computed once from ``dataset`` for this model and reused while the dataset object lives.
+
+        For what only the dataset's content and the model's input preparation determine, e.g. a curvature
+        dataset held as tensors: a new operator (one per solver and calculator) on the same dataset object takes it
+        instead of reading the data again. Keyed weakly by the dataset object (it is not kept alive), so a new
+        dataset, even with the same content, is read again; a pipeline that changes on every pass (random
+        augmentation) is read once per model. An object that cannot be weakly referenced is not shared.
+
+        Args:
+            dataset: The dataset the value derives from.
+            key: A hashable description of everything else the value depends on.
+            build: Computes the value the first time (an exception propagates and nothing is kept).
+        """
+        try:
+            values = self._shared_data.setdefault(dataset, {})
+        except TypeError:  # not weakly referenceable or not hashable
+            return build()
+        if key not in values:
+            values[key] = build()
+        return values[key]
 
     @property
     def loss_family(self) -> str | None:
