@@ -114,18 +114,53 @@ CASES = {
 }
 
 
+LAYERED = {"dense", "conv2d", "subclassed"}  # every weight in a Dense or Conv layer: per_example_gradients="layers"
+
+
+@pytest.mark.parametrize("mode", ["auto", "vectorized", "layers"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_per_sample_gradients_equal_a_loop(case):
+def test_per_sample_gradients_equal_a_loop(case, mode):
     build_model, build_inputs = CASES[case]
     model = build_model()
     inputs = build_inputs()
     targets = np.random.default_rng(1).integers(0, 4, len(inputs))
-    influence_model = InfluenceModel(model, loss_function=sparse_ce(), max_chunk_size=4)  # 3 chunks, last partial
-    vectorized = influence_model.batch_jacobian_tensor((inputs, targets)).numpy()
+    if mode == "layers" and case not in LAYERED:
+        with pytest.raises(ValueError, match="per_example_gradients='layers' needs every watched weight"):
+            InfluenceModel(model, loss_function=sparse_ce(), per_example_gradients=mode)
+        return
+    # 3 chunks, the last one partial
+    influence_model = InfluenceModel(model, loss_function=sparse_ce(), max_chunk_size=4, per_example_gradients=mode)
+    layered = mode == "layers" or (mode == "auto" and case == "conv2d")  # auto: the layers where a conv is
+    assert (influence_model._layer_capture is not None) == layered
+    if case == "subclassed" and mode == "layers":  # the capture cannot patch this model's call: it says so
+        with pytest.warns(RuntimeWarning, match="using the vectorized map instead"):
+            vectorized = influence_model.batch_jacobian_tensor((inputs, targets)).numpy()
+        assert influence_model._layer_capture is None
+    else:
+        vectorized = influence_model.batch_jacobian_tensor((inputs, targets)).numpy()
     reference = loop_gradients(influence_model, inputs, targets)
     assert vectorized.shape == (9, influence_model.nb_params)
     assert np.abs(reference).max() > 1e-3
     np.testing.assert_allclose(vectorized, reference, rtol=0, atol=1e-10)
+
+
+def test_layer_gradients_weigh_examples_and_change_the_model_identity():
+    from influenciae.model.identity import model_identity
+
+    inputs, targets = _rng_inputs((9, 7, 7, 2)), np.random.default_rng(1).integers(0, 4, 9)
+    weights = np.linspace(0.0, 2.0, 9)
+    layered = InfluenceModel(_cnn(), loss_function=sparse_ce())
+    vectorized = InfluenceModel(_cnn(), loss_function=sparse_ce(), per_example_gradients="vectorized")
+    expected = loop_gradients(vectorized, inputs, targets, weights)
+    for influence_model in (layered, vectorized):
+        gradients = influence_model.batch_jacobian_tensor((inputs, targets, weights)).numpy()
+        np.testing.assert_allclose(gradients, expected, rtol=0, atol=1e-10)
+    assert not np.any(expected[0]) and np.abs(expected[1:]).max() > 1e-3  # weight 0: a zero row
+    # a disk cache records the method (rounding differs), and the vectorized map's identity is the earlier one
+    assert model_identity(layered) != model_identity(vectorized)
+    assert "per_example_gradients" not in model_identity(vectorized)
+    with pytest.raises(ValueError, match="per_example_gradients must be"):
+        InfluenceModel(_cnn(), loss_function=sparse_ce(), per_example_gradients="capture")
 
 
 def test_functional_two_input_model():

@@ -77,7 +77,7 @@ def test_held_batches_are_merged_by_the_byte_budget_for_small_models(monkeypatch
     monkeypatch.setattr(held_module, "MERGE_MAX_PARAMS", max_params)
     monkeypatch.setattr(held_module, "HELD_BATCH_BYTES", batch_bytes)
     im, data, vectors = _problem("float64")
-    held = HessianOperator(im, data)
+    held = HessianOperator(im, data.map(lambda *batch: batch))  # a new dataset object: its data is read again
     assert tuple(held.held_data().weights.shape) == layout
     np.testing.assert_allclose(held.matmul_rows(vectors[:20]).numpy(), _streamed("float64", 20), rtol=0, atol=1e-10)
 
@@ -218,3 +218,28 @@ def test_a_held_product_that_cannot_be_built_streams_with_a_warning(monkeypatch)
         product = operator.matmul_rows(vectors).numpy()
     np.testing.assert_allclose(product, _streamed("float64", 20), rtol=0, atol=1e-10)
     assert not operator.traceable  # streams from now on
+
+
+def test_operators_on_the_same_dataset_object_share_its_held_data(monkeypatch):
+    im, data, vectors = _problem()
+    reads = _count_calls(monkeypatch, held_module, "hold_batches")
+    monkeypatch.setattr("influenciae.hessian.operator.hold_batches", held_module.hold_batches)
+    fresh = dataset(*classification_data(40, seed=9), batch_size=BATCH_SIZE)
+    first, second = HessianOperator(im, fresh), HessianOperator(im, fresh)
+    np.testing.assert_array_equal(first.matmul_rows(vectors).numpy(), second.matmul_rows(vectors).numpy())
+    assert len(reads) == 1 and first.held_data() is second.held_data()
+    same_content = dataset(*classification_data(40, seed=9), batch_size=BATCH_SIZE)  # another object: read again
+    np.testing.assert_allclose(
+        HessianOperator(im, same_content).matmul_rows(vectors).numpy(),
+        first.matmul_rows(vectors).numpy(),
+        rtol=0,
+        atol=1e-12,
+    )
+    assert len(reads) == 2
+    assert HessianOperator(im, fresh, held_data_budget=0).held_data() is None and len(reads) == 2  # streams
+    entries = len(im._shared_data)
+    del first, second, fresh
+    import gc
+
+    gc.collect()
+    assert len(im._shared_data) == entries - 1  # the dataset is not kept alive by the model

@@ -289,10 +289,10 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         """
         path = self.cache_dir if save_influence_vector_ds_path is None else save_influence_vector_ds_path
         train = self._stream(train_set, "train_set")
-        if path is None:
-            source: Callable[[], Iterator[Block]] = lambda: self._compute_vectors(train, per_batch=True)  # noqa: E731
-        else:
-            source = self._vector_source(train, CACHE.DISK, path, overwrite=overwrite)
+        mode = CACHE.NO_CACHE if path is None else CACHE.DISK
+        source = self._vector_source(train, mode, path, overwrite=overwrite)  # (where pairwise methods are refused)
+        if path is None:  # computed as read, handed back per training batch rather than per block
+            source = lambda: self._compute_vectors(train, per_batch=True)  # noqa: E731
         signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, None], self.model.dtype))
         return stream_dataset(source, signature)
 

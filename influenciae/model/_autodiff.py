@@ -31,6 +31,7 @@ class _Autodiff:
         hvp_mode: str
         _watched: list[tf.Variable]
         _align_targets: bool
+        _layer_capture: Any  # a LayerCapture when per-sample gradients come from the layers (see core)
 
         def flatten(self, tensors: Sequence[Any]) -> tf.Tensor: ...
 
@@ -104,7 +105,43 @@ class _Autodiff:
             losses = tf.reduce_mean(losses, axis=list(range(1, rank)))
         return losses * weights
 
+    def _per_example_capture(self, mode: str) -> Any:
+        """The :class:`LayerCapture` that rebuilds per-example gradients, or ``None`` (vectorized map)."""
+        if mode not in ("auto", "vectorized", "layers"):
+            raise ValueError(f"per_example_gradients must be 'auto', 'vectorized' or 'layers', got {mode!r}.")
+        if mode == "vectorized":
+            return None
+        from influenciae.model.capture import LayerCapture  # capture builds on this class
+
+        capture = LayerCapture(self)  # type: ignore[arg-type]
+        # an Embedding's per-example gradient from the capture is a dense one-hot product: the tape is cheaper
+        missing = list(capture.uncovered_weight_names)
+        missing += [name for block in capture.layers if block.kind == "embedding" for name in block.weight_names]
+        if not missing:
+            # measured (docs/benchmarks.md §1): the capture wins where pfor loops over the examples (convolutions'
+            # filter gradients) and loses to the vectorized map's batched matmuls on Dense-only models
+            convolutional = any(block.kind.startswith("conv") for block in capture.layers)
+            return capture if mode == "layers" or convolutional else None
+        if mode == "layers":
+            raise ValueError(
+                "per_example_gradients='layers' needs every watched weight in a Dense, EinsumDense or Conv1D/2D "
+                f"layer (channels last, no groups); these are not: {missing}. Use per_example_gradients='auto'."
+            )
+        return None
+
     def _jacobian(self, inputs: Any, targets: Any, weights: tf.Tensor, vectorize: bool = True) -> tf.Tensor:
+        if vectorize and self._layer_capture is not None:
+            try:
+                return tf.cast(self._layer_capture.covered_gradients(inputs, targets, weights), self.gradient_dtype)
+            except (ValueError, TypeError, NotImplementedError) as error:  # raised while tracing the capture
+                self._layer_capture = None
+                warnings.warn(
+                    "InfluenceModel: per-sample gradients from the layer structure failed to build "
+                    f"({_first_line(error)}); using the vectorized map instead (per_example_gradients='vectorized').",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
         def one_example(example: tuple[Any, Any, tf.Tensor]) -> tf.Tensor:
             single = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), example)
             with tf.GradientTape() as tape:

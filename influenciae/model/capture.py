@@ -220,8 +220,27 @@ class LayerCapture:
         much cheaper than ``tape.jacobian`` because only ``a`` and ``g`` are back-propagated.
         """
         statistics, uncovered = self.capture(batch, fisher="empirical")
-        size = int(uncovered.shape[1])
-        parts = [uncovered[0]]
+        return self._flat_gradients(statistics, uncovered[0])
+
+    def covered_gradients(self, inputs: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        """:meth:`per_example_gradients` inside a caller's graph, for a model whose watched weights are all
+        captured (what :meth:`InfluenceModel.batch_jacobian_tensor` runs with ``per_example_gradients="layers"``).
+
+        Args:
+            inputs: The batch's inputs (``B`` examples).
+            targets: Its targets.
+            weights: ``[B]`` sample weights.
+
+        Returns:
+            ``[B, P]`` in the model's flattening order.
+        """
+        statistics, uncovered = self._capture(inputs, targets, weights, tf.zeros([2], tf.int32), "empirical")
+        return self._flat_gradients([LayerStatistics(a, g) for a, g in statistics], uncovered[0])
+
+    def _flat_gradients(self, statistics: list[LayerStatistics], uncovered: tf.Tensor) -> tf.Tensor:
+        """``[B, P]`` in the flattening order from the blocks' ``Σ_t a_t ⊗ g_t`` and the uncovered ``[B, U]``."""
+        size = tf.shape(uncovered)[0]
+        parts = [uncovered]
         order = [self.uncovered_parameter_indices]
         for block, stats in zip(self.layers, statistics, strict=True):
             parts.append(tf.reshape(block_gradients(block, stats)[0], [size, -1]))
@@ -301,10 +320,7 @@ class LayerCapture:
             parts = tf.split(values, sizes, axis=1)
             rebuilt = [tf.cast(tf.reshape(p, s), t.dtype) for p, s, t in zip(parts, shapes, outputs, strict=True)]
             structured = tf.nest.pack_sequence_as(predictions, rebuilt)
-            losses = tf.cast(tf.convert_to_tensor(self.model.loss_function(targets, structured)), self.model.dtype)
-            if losses.shape.rank is not None and losses.shape.rank > 1:  # as InfluenceModel: mean over non-batch axes
-                losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
-            return tf.reduce_sum(losses * weights)
+            return tf.reduce_sum(self.model._loss_from_outputs(structured, targets, weights))  # as InfluenceModel
 
         if fisher == "empirical":
             with tf.GradientTape() as tape:

@@ -55,6 +55,14 @@ class InfluenceModel(_Autodiff, _Validation):
             model's dtype. For low-precision arithmetic in the forward and backward passes too, build the model
             under a Keras mixed-precision policy (``"mixed_bfloat16"``); ``docs/theory.md`` (Mixed precision)
             measures the fidelity of both against float32.
+        per_example_gradients: How :meth:`batch_jacobian_tensor` forms per-sample gradients. ``"layers"``: from
+            the layer structure (:class:`~influenciae.model.capture.LayerCapture`: one batched forward and
+            backward pass records each layer's inputs ``a`` and output gradients ``g``, and each example's
+            gradient is ``Σ_t a_t ⊗ g_t``); every watched weight must belong to a Dense, EinsumDense or Conv1D/2D
+            layer (a ``ValueError`` names those that do not). ``"vectorized"``: one ``GradientTape`` per example
+            in ``tf.vectorized_map``. ``"auto"`` (default): the layers for a model with a convolution whose
+            watched weights are all covered (pfor loops over the examples for a convolution's filter gradient),
+            the vectorized map otherwise (faster on Dense layers). Both agree up to rounding.
 
     Example:
         >>> im = InfluenceModel(model, loss_function=keras.losses.SparseCategoricalCrossentropy(
@@ -75,6 +83,7 @@ class InfluenceModel(_Autodiff, _Validation):
         hvp_chunk_size: int | None = None,
         hvp_mode: str = "back_over_back",
         gradient_dtype: str | tf.DType | None = None,
+        per_example_gradients: str = "auto",
     ) -> None:
         check_model(model)
         self.model = model
@@ -107,6 +116,7 @@ class InfluenceModel(_Autodiff, _Validation):
         self._shared_functions: dict[Any, Callable[..., Any]] = {}
         self._shared_data: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
         self._build_functions()
+        self._layer_capture = self._per_example_capture(per_example_gradients)
 
     @property
     def weight_names(self) -> list[str]:
@@ -215,8 +225,9 @@ class InfluenceModel(_Autodiff, _Validation):
     def batch_jacobian_tensor(self, batch: Any) -> tf.Tensor:
         """Per-sample gradients ``∇_θ w_i ℓ(z_i; θ)`` of a batch, vectorized and chunked.
 
-        Computed with one ``GradientTape`` per example inside ``tf.vectorized_map``, ``chunk_size`` examples at a
-        time so memory stays ``O(chunk_size × nb_params)``. With ``gradient_dtype`` set, each gradient is rounded
+        Computed from the layer structure (``Σ_t a_t ⊗ g_t`` per layer, see ``per_example_gradients``) or with one
+        ``GradientTape`` per example inside ``tf.vectorized_map``, ``chunk_size`` examples at a time so memory stays
+        ``O(chunk_size × nb_params)``. With ``gradient_dtype`` set, each gradient is rounded
         to that dtype as it is produced and the result is returned in the model's dtype.
 
         Args:
@@ -233,9 +244,16 @@ class InfluenceModel(_Autodiff, _Validation):
             return tf.zeros([0, self.nb_params], self.dtype)
         chunks = []
         for start in range(0, size, self.chunk_size):
-            part = _slice((inputs, targets, weights), start, start + self.chunk_size)
             count = min(self.chunk_size, size - start)
+            part = (
+                (inputs, targets, weights)
+                if count == size
+                else _slice((inputs, targets, weights), start, start + count)
+            )
             length = self._static_length("examples", count, self.chunk_size)
+            if length == count:  # no eager slicing or padding ops for a block that is already static
+                chunks.append(self._call_vectorized("jacobian", *part))
+                continue
             padded = (*_pad_examples(part[:2], length), _pad_zeros(part[2], length))
             chunks.append(self._call_vectorized("jacobian", *padded)[:count])
         # chunks stay in gradient_dtype until here: the accumulation dtype is the model's

@@ -32,7 +32,8 @@ def watched_weight_positions(model: Any) -> list[int]:
 def model_identity(model: Any) -> dict[str, Any]:
     """What an ``InfluenceModel``'s per-sample gradients depend on besides the weights' values and the data.
 
-    Records the loss (:func:`loss_identity`), ``gradient_dtype``, the weights' dtype, the number of parameters and,
+    Records the loss (:func:`loss_identity`), ``gradient_dtype``, the per-example gradient method when it is the
+    layer structure, the weights' dtype, the number of parameters and,
     for each watched weight in flattening order, its position among ``model.model.weights``, its shape and a
     fingerprint of its values. Positions rather than names: Keras names layers per session (``dense_5``), so
     names would refuse a valid cache when the same model is rebuilt; the position and the values pin the weight.
@@ -52,8 +53,10 @@ def model_identity(model: Any) -> dict[str, Any]:
                 "fingerprint": fingerprint_arrays([tensor])[:32],
             }
         )
+    layered = {"per_example_gradients": "layers"} if getattr(model, "_layer_capture", None) is not None else {}
     return canonical_configuration(
         {
+            **layered,  # (recorded only when not the vectorized map, so earlier identities stay valid)
             "loss": loss_identity(model.loss_function)["loss"],
             "gradient_dtype": getattr(getattr(model, "gradient_dtype", None), "name", None),
             "dtype": getattr(model.dtype, "name", str(model.dtype)),
