@@ -186,7 +186,7 @@ def with_indices(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.scan(tf.constant(0, tf.int64), _attach_indices)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _attach_indices(start: tf.Tensor, batch: Any) -> tuple[tf.Tensor, tuple[tf.Tensor, Any]]:
     # one traced function for every pipeline: a new dataset's scan calls it instead of tracing its ops again
     count = tf.cast(batch_size_of(batch), tf.int64)
@@ -249,7 +249,7 @@ def with_checks(dataset: tf.data.Dataset, *, num_classes: int | None = None) -> 
 def _traced_checks(num_classes: int | None, parts: int) -> Callable[..., Any]:
     """:func:`batch_checks` as one ``tf.function`` per class count and number of batch parts (2 or 3), shared by
     every pipeline: a new dataset's ``map`` calls the traced checks instead of tracing them again."""
-    return tf.function(batch_checks(num_classes), reduce_retracing=True)
+    return tf.function(batch_checks(num_classes), reduce_retracing=True, autograph=False)
 
 
 def batch_checks(num_classes: int | None = None) -> Callable[..., Any]:

@@ -190,7 +190,7 @@ class DistributedHessianOperator(RowOperator):
                 packed = tf.concat([total, tf.fill([tf.shape(vectors)[0], 1], count)], axis=1)
                 return context.all_reduce(tf.distribute.ReduceOp.SUM, packed)  # the one all-reduce
 
-            @tf.function(input_signature=[tf.TensorSpec([None, self.num_params], self.dtype)])
+            @tf.function(input_signature=[tf.TensorSpec([None, self.num_params], self.dtype)])  # autograph: the loop
             def product(vectors: tf.Tensor) -> tf.Tensor:
                 reduced = strategy.run(local_sum, args=(vectors,))
                 return strategy.experimental_local_results(reduced)[0]  # identical on every replica

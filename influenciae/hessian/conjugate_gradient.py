@@ -258,7 +258,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
                 (state,) = tf.while_loop(proceed, iterate, (state,))
                 return state
 
-            self._graph_solves[(id(operator), length)] = tf.function(solve, input_signature=signature)
+            self._graph_solves[(id(operator), length)] = tf.function(solve, input_signature=signature, autograph=False)
         return self._graph_solves[(id(operator), length)]
 
     def _python_loop(
@@ -483,7 +483,8 @@ def _loop_functions(dtype: tf.DType, kind: str) -> _LoopFunctions:
             return state, _flags(state)
 
         _LOOP_FUNCTIONS[key] = _LoopFunctions(
-            tf.function(initial, reduce_retracing=True), tf.function(step, reduce_retracing=True)
+            tf.function(initial, reduce_retracing=True, autograph=False),
+            tf.function(step, reduce_retracing=True, autograph=False),
         )
     return _LOOP_FUNCTIONS[key]
 
@@ -499,6 +500,6 @@ def _halves() -> tuple[Any, Any]:
             state = _finish(state, rows, preconditioned, residual, tolerance)
             return state, _flags(state)
 
-        _HALVES["advance"] = tf.function(_advance, reduce_retracing=True)
-        _HALVES["finish"] = tf.function(finish, reduce_retracing=True)
+        _HALVES["advance"] = tf.function(_advance, reduce_retracing=True, autograph=False)
+        _HALVES["finish"] = tf.function(finish, reduce_retracing=True, autograph=False)
     return _HALVES["advance"], _HALVES["finish"]

@@ -141,7 +141,7 @@ class _OutputSpaceOperator(CurvatureOperator):
         # unknown dimension, and on few of them: a partial batch is padded with zero-weight copies of its last
         # example and a partial block of vectors with zeros (the model's own rule for static lengths)
         product = self.model.shared_function(
-            (type(self).__name__, *self._trace_key()), lambda: tf.function(self._batch_product)
+            (type(self).__name__, *self._trace_key()), lambda: tf.function(self._batch_product, autograph=False)
         )
         inputs, targets, weights = self.model._pad_batch(inputs, targets, weights)
         indices = _pad_indices(indices, int(tf.shape(weights)[0]))

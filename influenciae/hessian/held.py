@@ -195,7 +195,7 @@ def held_matmul(
             regularization = tf.map_fn(model.regularization_hvp, blocks, parallel_iterations=1)
             return summed / total + regularization
 
-        return tf.function(product, input_signature=list(specs))
+        return tf.function(product, input_signature=list(specs), autograph=False)
 
     function = model.shared_function(("held_matmul", *key, blocked, looped, repr(specs)), build)
     result = function(data, tuple(extra), blocks, tf.constant(held.num_examples, model.dtype))

@@ -443,7 +443,7 @@ def _apply_blocks(
             basis_specs += [tf.TensorSpec([block.columns] * 2, dtype)] if has_column else []
         scale_specs = [tf.TensorSpec([rows, columns], dtype) for _, rows, columns in layout]
         signature = [tf.TensorSpec([None, int(permutation.size)], dtype), basis_specs, scale_specs]
-        return tf.function(apply, input_signature=signature)
+        return tf.function(apply, input_signature=signature, autograph=False)
 
     return model.shared_function(key, build)
 

@@ -249,7 +249,7 @@ def _factor_update(model: InfluenceModel, layers: list[CapturedLayer], num_uncov
         return rows_out, columns_out, uncovered_sum + squares
 
     key = ("influenciae.kfac.factor_update", _layer_structure(layers, num_uncovered))
-    return model.shared_function(key, lambda: tf.function(update, reduce_retracing=True))
+    return model.shared_function(key, lambda: tf.function(update, reduce_retracing=True, autograph=False))
 
 
 def _correction_update(model: InfluenceModel, layers: list[CapturedLayer], num_uncovered: int) -> Any:
@@ -288,7 +288,7 @@ def _correction_update(model: InfluenceModel, layers: list[CapturedLayer], num_u
         return out, uncovered_sum + squares
 
     key = ("influenciae.kfac.correction_update", _layer_structure(layers, num_uncovered))
-    return model.shared_function(key, lambda: tf.function(update, reduce_retracing=True))
+    return model.shared_function(key, lambda: tf.function(update, reduce_retracing=True, autograph=False))
 
 
 def _dense_squares(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:

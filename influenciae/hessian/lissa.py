@@ -226,7 +226,9 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 start = (vectors, tf.constant(0, tf.int32), tf.constant(np.inf, tf.float64), tf.constant(False))
                 return tf.while_loop(proceed, iterate, start)
 
-            self._graph_recursions[(id(row_operator), length)] = tf.function(recursion, input_signature=signature)
+            self._graph_recursions[(id(row_operator), length)] = tf.function(
+                recursion, input_signature=signature, autograph=False
+            )
         return self._graph_recursions[(id(row_operator), length)]
 
 

@@ -66,8 +66,8 @@ class _LayerRegularizers(_Penalty):
         self.bias_regularizer = bias_regularizer
         self.kernel_shape = kernel_shape
         self.kernel_size = int(np.prod(kernel_shape))
-        self._value_and_gradient = tf.function(self._value_and_gradient_graph, reduce_retracing=True)
-        self._hvp = tf.function(self._hvp_graph, reduce_retracing=True)
+        self._value_and_gradient = tf.function(self._value_and_gradient_graph, reduce_retracing=True, autograph=False)
+        self._hvp = tf.function(self._hvp_graph, reduce_retracing=True, autograph=False)
 
     def value(self, theta: tf.Tensor) -> tf.Tensor:
         return self._value_and_gradient(theta)[0]
@@ -124,10 +124,10 @@ class _LastLayerObjective:
         self.activation = activation
         self.loss_function = loss_function
         self.penalty = penalty
-        self.logit_gradients = tf.function(self._logit_gradients, reduce_retracing=True)
-        self._loss_sum = tf.function(self._data_loss, reduce_retracing=True)
-        self._gradient_sum = tf.function(self._data_gradient, reduce_retracing=True)
-        self._hvp_sum = tf.function(self._data_hvp, reduce_retracing=True)
+        self.logit_gradients = tf.function(self._logit_gradients, reduce_retracing=True, autograph=False)
+        self._loss_sum = tf.function(self._data_loss, reduce_retracing=True, autograph=False)
+        self._gradient_sum = tf.function(self._data_gradient, reduce_retracing=True, autograph=False)
+        self._hvp_sum = tf.function(self._data_hvp, reduce_retracing=True, autograph=False)
 
     def value(self, theta: tf.Tensor) -> float:
         """``R(θ)``."""

@@ -92,7 +92,7 @@ class Streams:
         checks: dict[Any, Any] = self.__dict__.setdefault("_tensor_checks", {})
         if key not in checks:
             self._validate_first_batch(batches)
-            checks[key] = tf.function(batch_checks(key[1]), reduce_retracing=True)
+            checks[key] = tf.function(batch_checks(key[1]), reduce_retracing=True, autograph=False)
         return TensorStream(batches, checks[key], name)
 
     def _validate_first_batch(self, dataset: tf.data.Dataset) -> None:

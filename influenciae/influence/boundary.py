@@ -118,7 +118,7 @@ class DeepFool:
         """The class scores ``[B, C]`` (two columns for a single logit)."""
         if self._scores_function is None:
             signature = [_batch_spec(points), tuple(_batch_spec(part) for part in context)]
-            self._scores_function = tf.function(self._scores, input_signature=signature)
+            self._scores_function = tf.function(self._scores, input_signature=signature, autograph=False)
         return self._scores_function(points, context)
 
     def step(
@@ -127,7 +127,7 @@ class DeepFool:
         """One DeepFool step for the points still moving: ``(steps [b, D], still [b], reachable [b])``."""
         if self._step_function is None:  # traced once, for any number of points
             signature = [_batch_spec(points), tuple(_batch_spec(part) for part in context), _batch_spec(candidates)]
-            self._step_function = tf.function(self._step, input_signature=signature)
+            self._step_function = tf.function(self._step, input_signature=signature, autograph=False)
         return self._step_function(points, context, candidates)  # type: ignore[no-any-return]
 
     def _scores(self, points: tf.Tensor, context: tuple[tf.Tensor, ...]) -> tf.Tensor:
@@ -457,7 +457,7 @@ class WeightsBoundaryCalculator(BoundaryCalculator):
     def _build(self) -> None:
         self.head = DenseHead(self.model.model, purpose="WeightsBoundaryCalculator")
         self.layer = self.head.layer
-        self._features = tf.function(self._layer_inputs, reduce_retracing=True)
+        self._features = tf.function(self._layer_inputs, reduce_retracing=True, autograph=False)
         self._runner = self._deepfool(lambda offsets, logits: logits + offsets)
 
     def _batch_check(self) -> tuple[Callable[[Any], Any], str]:

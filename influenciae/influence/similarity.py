@@ -99,7 +99,7 @@ class SimilarityInfluence(BaseInfluenceCalculator):
         if not layer_list:
             raise ValueError("layers is empty: pass at least one layer index or name.")
         self._extractor, self.layer_indices = layer_outputs_model(self.model.model, layer_list)
-        self._extract = tf.function(self._extract_activations, reduce_retracing=True)
+        self._extract = tf.function(self._extract_activations, reduce_retracing=True, autograph=False)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
 
     @property

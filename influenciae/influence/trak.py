@@ -213,7 +213,7 @@ class TrakCalculator(ContextHooks, BaseInfluenceCalculator):
         self.kernel = self.options.kernel
         self.projection_block_size = self.options.projection_block_size
         self._factors: list[tf.Tensor] | None = None
-        self._project_fn = tf.function(self._blocked_projection, reduce_retracing=True)
+        self._project_fn = tf.function(self._blocked_projection, reduce_retracing=True)  # autograph: its tf.range loop
 
     # ------------------------------------------------------------------ public extras
 

@@ -40,10 +40,12 @@ class _Autodiff:
     def _build_functions(self) -> None:
         """Create the traced functions (called once, at the end of ``__init__``)."""
         # Functions without a vectorized map may relax their shapes (fewer traces, nothing to break).
-        self._loss_fn = tf.function(self._per_example_loss, reduce_retracing=True)
-        self._gradient_fn = tf.function(self._gradient_sum, reduce_retracing=True)
-        self._regularization_gradient_fn = tf.function(self._regularization_gradient, reduce_retracing=True)
-        self._outputs_fn = tf.function(self._outputs, reduce_retracing=True)
+        self._loss_fn = tf.function(self._per_example_loss, reduce_retracing=True, autograph=False)
+        self._gradient_fn = tf.function(self._gradient_sum, reduce_retracing=True, autograph=False)
+        self._regularization_gradient_fn = tf.function(
+            self._regularization_gradient, reduce_retracing=True, autograph=False
+        )
+        self._outputs_fn = tf.function(self._outputs, reduce_retracing=True, autograph=False)
         self._graphs: dict[str, Callable[..., Any]] = {
             "jacobian": self._jacobian,
             "hvp": self._hvp_sum,
@@ -54,8 +56,8 @@ class _Autodiff:
         }
         self._vectorized = {
             name: (
-                tf.function(functools.partial(graph, vectorize=True)),
-                tf.function(functools.partial(graph, vectorize=False)),
+                tf.function(functools.partial(graph, vectorize=True), autograph=False),
+                tf.function(functools.partial(graph, vectorize=False), autograph=False),
             )
             for name, graph in self._graphs.items()
         }

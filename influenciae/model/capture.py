@@ -158,7 +158,7 @@ class LayerCapture:
         self._tape: tf.GradientTape | None = None
         # traced per static chunk shape (no relaxed shapes), once per model: the captures of its solvers share it
         key = ("influenciae.model.capture", self.max_output_size, tuple((b.name, b.kind) for b in self.layers))
-        self._capture_fn = model.shared_function(key, lambda: tf.function(self._capture))
+        self._capture_fn = model.shared_function(key, lambda: tf.function(self._capture, autograph=False))
 
     # ------------------------------------------------------------------ public
 

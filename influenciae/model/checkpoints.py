@@ -289,6 +289,6 @@ def last_dense_head(model: InfluenceModel) -> Callable[..., tuple[tf.Tensor, tf.
             features = tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
         return features, gradients
 
-    function = tf.function(head, reduce_retracing=True)
+    function = tf.function(head, reduce_retracing=True, autograph=False)
     heads[key] = function
     return function

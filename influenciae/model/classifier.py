@@ -37,7 +37,7 @@ class ModelFront:
     _compiled: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", tf.function(self.graph_forward, reduce_retracing=True))
+        object.__setattr__(self, "_compiled", tf.function(self.graph_forward, reduce_retracing=True, autograph=False))
 
     def forward(self, inputs: Any) -> tf.Tensor:
         """The model's single output ``[B, C]`` in inference mode (compiled: one trace per input signature)."""

@@ -221,4 +221,4 @@ def token_loss_jvp(model: Any) -> Callable[..., tf.Tensor]:
             terms = tf.cast(token_losses(targets, outputs), model.dtype) * weights[:, None]
         return tf.cast(accumulator.jvp(terms, unconnected_gradients=tf.UnconnectedGradients.ZERO), model.dtype)
 
-    return model.shared_function(("influenciae.per_token_jvp", id(loss)), lambda: tf.function(jvp))
+    return model.shared_function(("influenciae.per_token_jvp", id(loss)), lambda: tf.function(jvp, autograph=False))

@@ -158,12 +158,12 @@ class FullBatchTrainer:
             gradients = tape.gradient(value, variables)
             return value, tf.concat([tf.reshape(gradient, [-1]) for gradient in gradients], 0)
 
-        @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float64), *signature])
+        @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float64), *signature], autograph=False)
         def objective(theta: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             assign(theta)
             return value_and_gradient(x, y)
 
-        @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float64)] * 2 + signature)
+        @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float64)] * 2 + signature, autograph=False)
         def hvp(theta: tf.Tensor, vector: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
             assign(theta)
             with tf.GradientTape() as tape:

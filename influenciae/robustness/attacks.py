@@ -74,8 +74,8 @@ class _GradientAttack:
         self.front: ModelFront = model_front(model, loss_function)
         self.loss_function = self.front.require_loss(type(self).__name__)
         self.lower_bound, self.upper_bound = check_bounds(lower_bound, upper_bound)
-        self._gradient_function = tf.function(self._loss_gradient, reduce_retracing=True)
-        self._attack_function = tf.function(self._attack, reduce_retracing=True)
+        self._gradient_function = tf.function(self._loss_gradient, reduce_retracing=True, autograph=False)
+        self._attack_function = tf.function(self._attack, reduce_retracing=True, autograph=False)
 
     def _attack(self, *arguments: Any) -> Any:
         """The attack's traced body (FGSM's step, PGD's steps); attacks without one never call it."""

@@ -17,7 +17,7 @@ def _default_device() -> str:
     return "/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _blocked_top_k(
     queries: tf.Tensor,
     indices: tf.Tensor,

@@ -67,14 +67,14 @@ class TopK:
         return self._best
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _merge(
     best_indices: tf.Tensor, best_values: tf.Tensor, indices: tf.Tensor, values: tf.Tensor, k: tf.Tensor, order: ORDER
 ) -> Block:
     return merge_top_k_unchecked(best_indices, best_values, indices, tf.cast(values, best_values.dtype), k, order)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _merge_block(
     best_indices: tf.Tensor,
     best_values: tf.Tensor,
