@@ -155,13 +155,17 @@ class InverseHessianVectorProduct(abc.ABC):
             raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
         return damping
 
-    def _static_rows(self, rows: int) -> int | None:
-        """The static row count a block of ``rows`` vectors is solved as in a traced solve (padded with zero rows),
-        so that a model's vectorized product inside the loop has a static shape and pads no further; ``None``
-        (any count, one trace) without a model, where products are plain matmuls."""
+    def _static_rows(self, vectors: tf.Tensor) -> tuple[tf.Tensor, int | None]:
+        """``vectors`` padded with zero rows to the static row count a traced solve takes, and that count.
+
+        With a model, one of :meth:`InfluenceModel._static_length`'s lengths (at most the next power of two): its
+        vectorized product inside the loop then pads no further. Without one, ``None`` (plain matmuls: no padding).
+        """
         if self.model is None:
-            return None
-        return self.model._static_length("solve_rows", rows, max(rows, 1 << max(rows - 1, 0).bit_length()))
+            return vectors, None
+        rows = int(vectors.shape[0])
+        length = self.model._static_length("solve_rows", rows, 1 << max(rows - 1, 0).bit_length())
+        return tf.pad(vectors, [[0, length - rows], [0, 0]]), length
 
     def _dense_when_cheaper(self, products: int, dense: bool | None) -> RowOperator:
         """The operator an iterative solve runs on: :attr:`operator`, or its dense matrix (formed once in blocks of

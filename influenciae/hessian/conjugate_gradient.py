@@ -179,12 +179,10 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
         bar = self.progress(self.max_iterations, "CG iterations")
         state = None
         if operator.traceable and preconditioner.traceable and not self._graph_failed:
-            rows = int(vectors.shape[0])
-            length = self._static_rows(rows)
-            padding = 0 if length is None else length - rows
+            padded, length = self._static_rows(vectors)
             try:
                 state = self._graph_function(operator, preconditioner, length)(
-                    tf.pad(vectors, [[0, padding], [0, 0]]),  # zero rows: converged from the start
+                    padded,  # zero rows: converged from the start
                     tf.constant(self.tolerance, self.dtype),
                     tf.constant(self.max_iterations, tf.int32),
                 )
@@ -194,7 +192,7 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct, name="cg"):
                 self._graph_failed = True
             else:
                 bar.update(int(state.iterations))
-                state = _first_rows(state, rows)
+                state = _first_rows(state, int(vectors.shape[0]))
         if state is None:
             state = self._python_loop(operator, vectors, preconditioner, bar)
         iterations = int(state.iterations)

@@ -134,12 +134,10 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
         graph = False
         if operator is not None and operator.traceable and not self._graph_failed:
             graph = True
-            rows = int(vectors.shape[0])
-            length = self._static_rows(rows)
-            padding = 0 if length is None else length - rows
+            padded, length = self._static_rows(vectors)
             try:
                 estimate, step, change, diverged = self._graph_function(operator, length)(
-                    tf.pad(vectors, [[0, padding], [0, 0]]),  # zero rows stay zero
+                    padded,  # zero rows stay zero
                     scale,
                     tf.constant(limit, tf.float64),
                     tf.constant(self.tolerance, tf.float64),
@@ -149,7 +147,7 @@ class LissaIHVP(InverseHessianVectorProduct, name="lissa"):
                 # the product could not be built inside the loop's graph: step eagerly (the operator falls back)
                 self._graph_failed, graph = True, False
             else:
-                estimate = estimate[:rows]
+                estimate = estimate[: int(vectors.shape[0])]
                 step, change, diverged = int(step), float(change), bool(diverged)
                 bar.update(step)
         if not graph:

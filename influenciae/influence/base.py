@@ -290,9 +290,7 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         path = self.cache_dir if save_influence_vector_ds_path is None else save_influence_vector_ds_path
         train = self._stream(train_set, "train_set")
         mode = CACHE.NO_CACHE if path is None else CACHE.DISK
-        source = self._vector_source(train, mode, path, overwrite=overwrite)  # (where pairwise methods are refused)
-        if path is None:  # computed as read, handed back per training batch rather than per block
-            source = lambda: self._compute_vectors(train, per_batch=True)  # noqa: E731
+        source = self._vector_source(train, mode, path, overwrite=overwrite, per_batch=True)
         signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, None], self.model.dtype))
         return stream_dataset(source, signature)
 
@@ -472,12 +470,16 @@ class BaseInfluenceCalculator(Streams, abc.ABC):
         path: str | None,
         *,
         overwrite: bool = False,
+        per_batch: bool = False,
     ) -> Callable[[], Iterator[Block]]:
-        """A re-iterable over the training vectors, per the cache mode (the work is done here, eagerly)."""
+        """A re-iterable over the training vectors, per the cache mode (the work is done here, eagerly).
+
+        Without a cache the vectors are computed as read, per block, or per training batch with ``per_batch``.
+        """
         if not isinstance(mode, CACHE):
             raise TypeError(f"influence_vector_in_cache must be a CACHE member, got {mode!r}.")
         if mode is CACHE.NO_CACHE:
-            return lambda: self._compute_vectors(train)
+            return lambda: self._compute_vectors(train, per_batch=per_batch)
         if mode is CACHE.MEMORY:
             blocks = list(self._compute_vectors(train))
             return lambda: iter(blocks)

@@ -273,7 +273,13 @@ class BoundaryCalculator(BaseInfluenceCalculator):
         raise self._pairwise_error()
 
     def _vector_source(
-        self, train_set: tf.data.Dataset, mode: CACHE, path: str | None, *, overwrite: bool = False
+        self,
+        train_set: tf.data.Dataset,
+        mode: CACHE,
+        path: str | None,
+        *,
+        overwrite: bool = False,
+        per_batch: bool = False,
     ) -> Callable[[], Iterator[Block]]:
         # Every pairwise method starts here: fail before any work, with the alternative.
         raise self._pairwise_error()
